@@ -1,0 +1,5 @@
+import sys
+
+from onpolicy_sft.cli import main
+
+sys.exit(main())

