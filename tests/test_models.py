@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from onpolicy_sft import models
+
+
+def test_missing_local_model_says_how_to_get_one(tmp_path):
+    with pytest.raises(models.ModelUnavailableError, match="smollm2-135m-instruct"):
+        models.load_model(str(tmp_path / "no-such-checkpoint"), device="cpu")
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_tokenizer):
+    """Weights load from safetensors only: a pytorch_model.bin checkpoint is not unpickled."""
+    from tiny import make_tiny_model
+
+    model = make_tiny_model(tiny_tokenizer)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(models.ModelUnavailableError):
+        models.load_model(str(tmp_path), device="cpu")
+
+
+def test_remote_code_is_off_by_default(tmp_path, tiny_tokenizer):
+    from tiny import make_tiny_model
+
+    make_tiny_model(tiny_tokenizer).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    model, _ = models.load_model(str(tmp_path), device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_local_checkpoint_round_trip_and_hidden_states(tmp_path, tiny_tokenizer, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = models.load_model(str(tmp_path), device="cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    ids = torch.tensor([tokenizer("2 + 2 = 4")["input_ids"]])
+    expected = tiny_model(ids).logits
+    hidden = models.decoder_hidden_states(model, ids)
+    assert torch.allclose(hidden @ models.lm_head_weight(model).T, expected, atol=1e-5)
+
+
+def test_default_dtype_is_float32_on_cpu():
+    assert models.default_dtype("cpu") == torch.float32
+    assert models.default_dtype("cuda") == torch.bfloat16
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_converted_checkpoint_reproduces_gguf_logits(embedded):
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    model, tokenizer = embedded
+    gguf = models.embedded_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([tokenizer("The capital of France is Paris. Twelve plus thirty is")["input_ids"]])
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, reference(ids).logits
+    assert ours.shape[-1] == 49152
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    assert theirs[0, -1].argmax() == ours[0, -1].argmax()
+
+
+@pytest.mark.embedded
+def test_embedded_model_answers_offline(embedded):
+    model, tokenizer = embedded
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 7 + 5? Put the final answer in \\boxed{}."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=48, do_sample=False)
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert any(ch.isdigit() for ch in answer), answer
