@@ -1,0 +1,147 @@
+"""The per-step math of Hinted Decoding: entropy-driven mixing, the nucleus, the draw.
+
+Zhang et al., "Towards On-Policy SFT" (arXiv 2602.12222), METHODS.md §5:
+    λ = clamp(β · H(p) / log V, 0, 1),   m = (1 − λ) log p + λ log q,
+nucleus of softmax(m) at top-p, then a draw from softmax(m / τ) inside it.
+Every backend calls these functions, so the formulas live only here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    # Masked (-inf) entries have p = 0 and contribute 0, not nan.
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(logp)).sum(-1)
+
+
+def combine(logp: torch.Tensor, logq: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """(1 − λ) log p + λ log q, taking a stream exactly where λ is 0 or 1 (no 0 · −inf)."""
+    lam = lam.unsqueeze(-1)
+    mixed = (1 - lam) * logp + lam * logq
+    return torch.where(lam == 0, logp, torch.where(lam == 1, logq, mixed))
+
+
+def mix_logprobs(
+    hinted_logits: torch.Tensor, student_logits: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mixed [B, V], λ [B]): the unnormalised log-mixture of the hinted and student streams.
+
+    Both inputs are raw logits at temperature 1 over the full vocabulary; statistics are
+    computed in float32 or wider.
+    """
+    if hinted_logits.shape != student_logits.shape or hinted_logits.dim() != 2:
+        raise ValueError(
+            f"mix_logprobs wants two [B, V] logits of the same shape, got "
+            f"{tuple(hinted_logits.shape)} and {tuple(student_logits.shape)}"
+        )
+    dtype = torch.promote_types(hinted_logits.dtype, torch.float32)
+    logp = torch.log_softmax(hinted_logits.to(dtype), dim=-1)
+    logq = torch.log_softmax(student_logits.to(dtype), dim=-1)
+    lam = (beta * _entropy(logp) / math.log(logp.shape[-1])).clamp(0.0, 1.0)
+    return combine(logp, logq, lam), lam
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The logits with everything outside the top-p nucleus of softmax(logits) set to −inf.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches top_p; the most
+    likely token is always kept.
+    """
+    if top_p >= 1.0:
+        return logits
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature); argmax when temperature is 0.
+
+    Row i draws its uniform from generators[i] and inverts the CDF, so a row's token does not
+    depend on which other rows share its batch (batched decoding equals one-by-one decoding).
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    if len(generators) != logits.shape[0]:
+        raise ValueError(f"draw needs one generator per row: {len(generators)} for {logits.shape[0]} rows")
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(cdf.device)
+    u = u * cdf[:, -1]
+    tokens = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
+    # Guard against landing on a zero-probability tail entry by rounding at the top end.
+    return torch.minimum(tokens, (probs > 0).cumsum(-1).argmax(-1))
+
+
+def hinted_step(
+    hinted_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    *,
+    beta: float,
+    top_p: float,
+    temperature: float,
+    generators: list[torch.Generator],
+    force_lam: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B], λ [B]) for one lock-step of the two streams.
+
+    force_lam holds, per row, 0 (hinted alone: the first token), 1 (student alone: after the
+    answer marker) or NaN (use the entropy rule).
+    """
+    mixed, lam = mix_logprobs(hinted_logits, student_logits, beta)
+    if force_lam is not None:
+        force_lam = force_lam.to(lam.device, lam.dtype)
+        forced = ~torch.isnan(force_lam)
+        if forced.any():
+            lam = torch.where(forced, force_lam, lam)
+            dtype = mixed.dtype
+            logp = torch.log_softmax(hinted_logits.to(dtype), -1)
+            logq = torch.log_softmax(student_logits.to(dtype), -1)
+            mixed = torch.where(forced.unsqueeze(-1), combine(logp, logq, lam), mixed)
+    tokens = draw(top_p_mask(mixed, top_p), temperature, generators)
+    return tokens, lam
+
+
+def plain_step(logits: torch.Tensor, *, top_p: float, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """Plain sampling: temperature first, then the top-p cut (transformers' and vLLM's order)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    scaled = logits.float() / temperature
+    return draw(top_p_mask(scaled, top_p), 1.0, generators)
+
+
+def stream_seeds(seed: int, count: int, seeds: list[int] | None = None, per_row: int = 1) -> list[int]:
+    """The generator seed of every stream: `per_row` consecutive streams per prompt.
+
+    With explicit `seeds` (one per prompt), prompt i's streams are seeds[i], seeds[i] + 1, …, so
+    a caller that derives seeds from row ids gets results independent of batching and order.
+    Without, stream k is seed·1_000_003 + k, so rows of one call never share a stream.
+    """
+    if seeds is None:
+        return [seed * 1_000_003 + k for k in range(count * per_row)]
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seeds for {count} prompts: pass one seed per prompt")
+    return [int(s) + j for s in seeds for j in range(per_row)]
+
+
+def generators_for(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per stream seed."""
+    gens = []
+    for s in seeds:
+        g = torch.Generator()
+        g.manual_seed(s % (1 << 63))
+        gens.append(g)
+    return gens
+
+
+def make_generators(seed: int, count: int, offset: int = 0) -> list[torch.Generator]:
+    """One CPU generator per row, seeded seed·1_000_003 + (offset + i) so rows never share a stream."""
+    return generators_for([seed * 1_000_003 + offset + i for i in range(count)])

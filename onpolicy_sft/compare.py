@@ -1,0 +1,395 @@
+"""The side-by-side comparison the two papers make (METHODS.md §6), on the same prompts and budget.
+
+Methods (each trained from the same base model with the same ``train`` settings, hence the same
+optimizer steps per example, unless ``train_overrides`` says otherwise):
+
+    base                        the starting model, evaluated once (greedy decoding is deterministic)
+    sft, dft, target_sft, idft  on the original demonstrations
+    hd_sft, hd_idft             on the Hinted-Decoding rewrite of the same prompts (decoding.rewrite)
+    dpo, simpo                  DPO@k / SimPO@k on pairs from k base-model samples per prompt
+
+The training corpora are built once, by the base model, so every seed of every method sees the
+same prompts and the same samples; the seeds vary the training run (data order) and the sampling
+seed of evaluation. Each (method, seed) cell writes ``cells/<method>/seed_<s>/result.json`` when
+it finishes; running the comparison again skips finished cells and finished corpus stages.
+
+Layout of out_dir: config.yaml, manifest.json (corpus stages and their wall times),
+base/{general_responses.json, metrics.json}, corpora/{original,hinted,pairs}/, cells/...,
+results.json, results.md, compare.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config, to_dict
+
+logger = logging.getLogger(__name__)
+
+# method -> (objective name, training corpus)
+METHODS: dict[str, tuple[str, str] | None] = {
+    "base": None,
+    "sft": ("sft", "original"),
+    "dft": ("dft", "original"),
+    "target_sft": ("target_sft", "original"),
+    "idft": ("idft", "original"),
+    "hd_sft": ("sft", "hinted"),
+    "hd_idft": ("idft", "hinted"),
+    "dpo": ("dpo", "pairs"),
+    "simpo": ("simpo", "pairs"),
+}
+DEMONSTRATION_COLUMNS = ("id", "prompt", "response", "answer", "system")
+
+
+@dataclass
+class PairsConfig:
+    """DPO@k / SimPO@k pair building (onpolicy_sft.preference.build_pairs)."""
+
+    k: int = 4
+    no_pair: str = "demonstration"  # or "drop"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+
+@dataclass
+class CompareConfig:
+    out_dir: str = "runs/compare_cpu"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    backend: str = "hf"  # generation backend of every stage ("hf" | "vllm"; vllm falls back to hf)
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewrite: dict[str, Any] = field(default_factory=dict)  # fields of decoding.rewrite.RewriteConfig
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the shared budget
+    hparams: dict[str, Any] = field(default_factory=dict)  # method -> objective hyperparameters
+    # method -> TrainConfig fields that differ for it; Target-SFT's teacher is the frozen base model
+    train_overrides: dict[str, Any] = field(default_factory=lambda: {"target_sft": {"teacher": "base"}})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    keep_checkpoints: bool = False  # False: delete each cell's weights once it is evaluated
+
+
+def load_compare_config(path=None, overrides: list[str] | None = None) -> CompareConfig:
+    from onpolicy_sft.config import load_config
+
+    return load_config(path, overrides, cls=CompareConfig)
+
+
+def _check(config: CompareConfig) -> None:
+    unknown = sorted(set(config.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; valid methods: {list(METHODS)}")
+    for where, table in (("hparams", config.hparams), ("train_overrides", config.train_overrides)):
+        bad = sorted(set(table) - set(METHODS))
+        if bad:
+            raise ValueError(f"{where}: unknown method(s) {bad}; valid methods: {list(METHODS)}")
+    if not config.seeds:
+        raise ValueError("seeds must list at least one seed")
+
+
+def _write_json(path: Path, value) -> None:
+    """Atomic, so a kill never leaves a half-written result that a resumed run would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _mean_phi(dataset) -> float:
+    values = dataset["ddt_phi_mean"]
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _train_config(config: CompareConfig, method: str, seed: int) -> TrainConfig:
+    objective_name, _ = METHODS[method]
+    objective = ObjectiveConfig(name=objective_name, hparams=dict(config.hparams.get(method, {})))
+    return dataclasses.replace(config.train, seed=seed, objective=objective, **config.train_overrides.get(method, {}))
+
+
+def run_comparison(config: CompareConfig) -> dict:
+    """Run (or resume) every (method, seed) cell; returns the summary (rows, markdown table, paths)."""
+    import datasets
+
+    from onpolicy_sft import ddt
+    from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
+    from onpolicy_sft.loop import Manifest, load_data, make_loop_backend
+    from onpolicy_sft.models import load_model, resolve_model_path
+
+    _check(config)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    manifest = Manifest(out / "manifest.json")
+    base_path = resolve_model_path(config.model.name)
+    base, tokenizer = load_model(base_path, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+    original, eval_sets, general = load_data(config)
+    backend, note = make_loop_backend(config.backend, base, tokenizer, config.backend_options)
+    manifest.data["backend"] = type(backend).__name__
+    if note:
+        manifest.data["backend_note"] = note
+    manifest.save()
+    corpora_dir = out / "corpora"
+    needed = {METHODS[m][1] for m in config.methods if METHODS[m] is not None}
+
+    def stage(name: str, fn) -> None:
+        if manifest.done(name):
+            logger.info("%s: finished earlier, skipping", name)
+            return
+        logger.info("%s: starting", name)
+        start = time.perf_counter()
+        extra = fn() or {}
+        manifest.finish(name, time.perf_counter() - start, **extra)
+
+    def general_responses():
+        responses = base_responses(base, tokenizer, general, max_new_tokens=config.eval.forgetting_max_new_tokens,
+                                   backend=backend)
+        _write_json(out / "base" / "general_responses.json", {"prompts": general, "responses": responses})
+
+    def evaluate_model(model, seed: int) -> dict:
+        eval_config = dataclasses.replace(config.eval, seed=seed)
+        metrics = {s: evaluate(model, tokenizer, d, eval_config, backend=backend) for s, d in eval_sets.items()}
+        responses = json.loads((out / "base" / "general_responses.json").read_text())["responses"]
+        metrics["forgetting"] = forgetting(base, model, tokenizer, general, responses=responses)
+        return metrics
+
+    def original_corpus():
+        scored = ddt.score(base, tokenizer, original, progress=False)
+        scored.save_to_disk(str(corpora_dir / "original"))
+        return {"rows": len(scored), "phi_mean": _mean_phi(scored)}
+
+    def hinted_corpus():
+        from onpolicy_sft.loop import rewrite_config
+        from decoding.rewrite import rewrite_corpus
+
+        corpus = rewrite_corpus(base, tokenizer, original, rewrite_config(config.rewrite),
+                                out_dir=corpora_dir / "hinted_shards", backend=backend)
+        if "ddt_phi_mean" not in corpus.column_names:
+            corpus = ddt.score(base, tokenizer, corpus, progress=False)
+        corpus.save_to_disk(str(corpora_dir / "hinted"))
+        sources = {s: corpus["source"].count(s) for s in ("self", "hinted", "original")} if "source" in corpus.column_names else {}
+        return {"rows": len(corpus), "phi_mean": _mean_phi(corpus), "sources": sources}
+
+    def pair_corpus():
+        from decoding.config import SamplingConfig
+        from onpolicy_sft.preference import add_reference_logps, build_pairs
+
+        p = config.pairs
+        sampling = SamplingConfig(temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
+        start = time.perf_counter()
+        pairs, counts = build_pairs(base, tokenizer, original, k=p.k, backend=backend, sampling=sampling,
+                                    no_pair=p.no_pair, seed=config.data.seed)
+        if len(pairs) == 0:
+            raise ValueError(f"no preference pairs could be built ({counts}); raise pairs.k or use no_pair=demonstration")
+        sample_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        pairs = add_reference_logps(base, tokenizer, pairs, max_length=config.train.max_length)
+        ref_seconds = time.perf_counter() - start
+        phi = {}
+        for side in ("chosen", "rejected"):
+            scored = ddt.score(base, tokenizer, pairs.select_columns(["prompt", "system", side]), progress=False,
+                               response_column=side)
+            phi[side] = _mean_phi(scored)
+        pairs.save_to_disk(str(corpora_dir / "pairs"))
+        return {"rows": len(pairs), "counts": counts, "phi_mean": phi["chosen"], "phi_rejected": phi["rejected"],
+                "sample_seconds": round(sample_seconds, 2), "ref_logps_seconds": round(ref_seconds, 2)}
+
+    try:
+        stage("base/general", general_responses)
+        if "base" in config.methods:
+            stage("base/eval", lambda: _write_json(out / "base" / "metrics.json", evaluate_model(base, config.seeds[0])))
+        stage("corpus/original", original_corpus)
+        if "hinted" in needed:
+            stage("corpus/hinted", hinted_corpus)
+        if "pairs" in needed:
+            stage("corpus/pairs", pair_corpus)
+        for method in config.methods:
+            if METHODS[method] is None:
+                continue
+            corpus = datasets.load_from_disk(str(corpora_dir / METHODS[method][1]))
+            if METHODS[method][1] != "pairs":
+                corpus = corpus.select_columns([c for c in DEMONSTRATION_COLUMNS if c in corpus.column_names])
+            for seed in config.seeds:
+                _run_cell(config, method, seed, out, base_path, tokenizer, corpus, backend, evaluate_model)
+    finally:
+        backend.close()
+    return summarize(out, config)
+
+
+def _run_cell(config, method, seed, out, base_path, tokenizer, corpus, backend, evaluate_model) -> None:
+    from onpolicy_sft.models import load_model
+    from onpolicy_sft.train import DONE_FILE, train
+
+    cell = out / "cells" / method / f"seed_{seed}"
+    if (cell / "result.json").exists():
+        logger.info("%s seed %d: finished earlier, skipping", method, seed)
+        return
+    checkpoint = cell / "checkpoint"
+    timing_file = cell / "train_seconds.json"
+    trained = (checkpoint / DONE_FILE).exists() and timing_file.exists() and any(checkpoint.glob("*.safetensors"))
+    if not trained:
+        logger.info("%s seed %d: training on %d rows", method, seed, len(corpus))
+        train_config = _train_config(config, method, seed)
+        trainee, _ = load_model(base_path, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+        start = time.perf_counter()
+        train(trainee, tokenizer, corpus, train_config, out_dir=checkpoint,
+              teacher=_teacher(train_config, base_path, config.model.dtype))
+        _write_json(timing_file, {"seconds": time.perf_counter() - start})
+        del trainee
+    tuned, _ = load_model(str(checkpoint), dtype=config.model.dtype)
+    backend.update_weights(tuned)
+    start = time.perf_counter()
+    metrics = evaluate_model(tuned, seed)
+    result = {"method": method, "seed": seed, "metrics": metrics, "train_rows": len(corpus),
+              "train_seconds": json.loads(timing_file.read_text())["seconds"], "eval_seconds": time.perf_counter() - start}
+    _write_json(cell / "result.json", result)
+    if not config.keep_checkpoints:
+        for weights in checkpoint.glob("*.safetensors"):
+            weights.unlink()
+
+
+def _teacher(train_config: TrainConfig, base_path: str, dtype):
+    """The frozen teacher of an objective that can use one (Target-SFT) when the config names it.
+
+    Loaded here because the trainer loads teachers only for objectives that cannot run without
+    one, and Target-SFT without a teacher is DFT (METHODS.md §2).
+    """
+    from onpolicy_sft.models import load_model
+    from onpolicy_sft.objectives import build
+
+    objective = build(train_config.objective.name, **train_config.objective.hparams)
+    if train_config.teacher is None or "teacher" not in objective.accepts:
+        return None
+    path = base_path if train_config.teacher == "base" else train_config.teacher
+    teacher, _ = load_model(path, dtype=dtype)
+    return teacher.eval().requires_grad_(False)
+
+
+def _corpus_seconds(method: str, corpus: str, stage: dict) -> float:
+    """What building the method's corpus cost: nothing for the original demonstrations; the whole
+    rewrite for Hinted Decoding; sampling (+ the cached reference log-probs, for DPO) for pairs,
+    leaving out the DDT scoring that is there only for the report."""
+    if corpus == "original" or not stage:
+        return 0.0
+    if corpus == "pairs":
+        return stage["sample_seconds"] + (stage["ref_logps_seconds"] if method == "dpo" else 0.0)
+    return stage["seconds"]
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summarize(out: str | Path, config: CompareConfig) -> dict:
+    """One row per method from the finished cells; writes results.json, results.md and compare.png."""
+    from onpolicy_sft.evaluate import mean_and_se
+    from onpolicy_sft.loop import Manifest
+
+    out = Path(out)
+    manifest = Manifest(out / "manifest.json")
+    splits = list(config.data.eval_splits)
+    rows = []
+    for method in config.methods:
+        row: dict[str, Any] = {"method": method}
+        if METHODS[method] is None:
+            metrics = _read_json(out / "base" / "metrics.json")
+            if metrics is None:
+                continue
+            cells = [{"metrics": metrics}]
+            row["seeds"] = 0  # evaluated once: its ± is the standard error over examples
+        else:
+            objective, corpus = METHODS[method]
+            row.update(objective=objective, corpus=corpus)
+            cells = [c for s in config.seeds if (c := _read_json(out / "cells" / method / f"seed_{s}" / "result.json"))]
+            if not cells:
+                continue
+            row["seeds"] = len(cells)
+            stage = manifest.data["stages"].get(f"corpus/{corpus}", {})
+            row["phi_corpus"] = stage.get("phi_mean")
+            row["corpus_seconds"] = _corpus_seconds(method, corpus, stage)
+            train_seconds, _ = mean_and_se([c["train_seconds"] for c in cells])
+            row.update(train_seconds=train_seconds, total_seconds=row["corpus_seconds"] + train_seconds)
+        for split in splits:
+            values = [c["metrics"][split]["accuracy"] for c in cells]
+            if row["seeds"] == 0:
+                row[f"acc_{split}"], row[f"acc_{split}_se"] = values[0], cells[0]["metrics"][split]["accuracy_se"]
+            else:
+                row[f"acc_{split}"], row[f"acc_{split}_se"] = mean_and_se(values)
+        kl = [c["metrics"]["forgetting"]["kl"] for c in cells]
+        row["forgetting_kl"], row["forgetting_kl_se"] = mean_and_se(kl)
+        rows.append(row)
+    pairs_stage = manifest.data["stages"].get("corpus/pairs", {})
+    hinted_stage = manifest.data["stages"].get("corpus/hinted", {})
+    table = markdown_table(rows, splits)
+    notes = []
+    if pairs_stage.get("counts"):
+        notes.append(f"Preference pairs (k = {config.pairs.k}, no_pair = {config.pairs.no_pair}): {pairs_stage['counts']}; "
+                     f"mean φ of the rejected samples {pairs_stage.get('phi_rejected', float('nan')):.3f}.")
+    if hinted_stage.get("sources"):
+        notes.append(f"Hinted-Decoding corpus sources: {hinted_stage['sources']}.")
+    summary = {"out_dir": str(out), "rows": rows, "table": table, "notes": notes,
+               "backend": manifest.data.get("backend"), "backend_note": manifest.data.get("backend_note"),
+               "config": to_dict(config)}
+    _write_json(out / "results.json", summary)
+    (out / "results.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    if rows:
+        plot(rows, splits, out / "compare.png")
+    return summary
+
+
+def _pm(value, se, digits=3) -> str:
+    return "–" if value is None else f"{value:.{digits}f} ± {se:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], splits: list[str]) -> str:
+    """Accuracy ± SE over seeds (base: over examples), forgetting, corpus φ under the base model, seconds."""
+    head = ["method", "corpus", "seeds"] + [f"acc {s}" for s in splits]
+    head += ["forgetting KL", "φ corpus", "corpus s", "train s", "total s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["method"], row.get("corpus", "–"), str(row["seeds"])]
+        cells += [_pm(row.get(f"acc_{s}"), row.get(f"acc_{s}_se", 0.0)) for s in splits]
+        cells.append(_pm(row.get("forgetting_kl"), row.get("forgetting_kl_se", 0.0), 4))
+        phi = row.get("phi_corpus")
+        cells.append("–" if phi is None else f"{phi:.3f}")
+        cells += ["–" if row.get(k) is None else f"{row[k]:.0f}" for k in ("corpus_seconds", "train_seconds", "total_seconds")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], splits: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["method"] for row in rows]
+    x = list(range(len(rows)))
+    panels = [(f"acc_{s}", f"greedy accuracy: {s}") for s in splits] + [("forgetting_kl", "forgetting: KL(base ‖ tuned)")]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.8))
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(x, [row.get(key, 0.0) for row in rows], yerr=[row.get(f"{key}_se", 0.0) for row in rows], capsize=3,
+               color="tab:blue")
+        ax.set_title(title)
+    ax = axes[-1]
+    corpus = [row.get("corpus_seconds", 0.0) for row in rows]
+    trained = [row.get("train_seconds", 0.0) for row in rows]
+    ax.bar(x, corpus, label="corpus", color="tab:orange")
+    ax.bar(x, trained, bottom=corpus, label="training (mean over seeds)", color="tab:green")
+    ax.set_title("compute time per method (s)")
+    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

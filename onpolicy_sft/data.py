@@ -1,0 +1,536 @@
+"""Demonstration data: one normalised schema, chat-template tokenisation with response-only labels.
+
+Every loader returns a ``datasets.Dataset`` with the columns ``id, prompt, response, answer, system``
+(preferences: ``id, prompt, chosen, rejected, answer, system``), whatever shape the rows came in.
+Tokenisation renders the prompt with the model's own chat template and appends the response
+tokens plus the end-of-turn token, so that the model learns to stop; only those tokens carry
+labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from onpolicy_sft.ops import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def encode_prompt(tokenizer, prompt: str, system: str = "") -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant header (generation prompt)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding; older versions a plain list
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return list(ids)
+
+
+def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_length: int | None = None) -> dict:
+    """``input_ids`` = prompt + response + eos; UNSHIFTED ``labels`` with IGNORE_INDEX over the prompt.
+
+    The eos token is the chat template's end-of-turn token (``<|im_end|>`` for ChatML models), so
+    the concatenation equals the template's rendering of the whole conversation up to the
+    newline the template writes after it. (Only the token split can differ, and only when the
+    response starts with a blank line: a byte-level BPE then merges newlines across the prompt
+    boundary; the text is the same.) ``max_length`` cuts the end (the response side).
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt, system)
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(rows: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad ``input_ids``/``labels`` rows into long tensors; padding gets IGNORE_INDEX and mask 0."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        span = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        input_ids[i, span] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        labels[i, span] = torch.as_tensor(row["labels"], dtype=torch.long)
+        mask[i, span] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising a dataset
+
+
+@dataclass
+class TokenizeReport:
+    """What ``tokenize_dataset`` did with rows longer than ``max_length``."""
+
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    skipped_overlong: int = 0
+    skipped_prompt_too_long: int = 0  # no room for a single response token: nothing to learn from
+
+
+def tokenize_with_report(ds, tokenizer, *, max_length: int, overlong: str = "truncate"):
+    """``tokenize_dataset`` that also returns its ``TokenizeReport``."""
+    if overlong not in ("truncate", "skip"):
+        raise ValueError(f"overlong must be 'truncate' or 'skip', not {overlong!r}")
+    missing = {"prompt", "response"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"tokenize_dataset needs columns prompt and response; missing {sorted(missing)}")
+
+    def encode(row):
+        enc = encode_example(tokenizer, row["prompt"], row["response"], row.get("system") or "")
+        n_prompt = sum(1 for x in enc["labels"] if x == IGNORE_INDEX)
+        return {**enc, "_n_prompt": n_prompt, "_n": len(enc["input_ids"])}
+
+    encoded = ds.map(encode, desc="tokenizing")
+    report = TokenizeReport(rows=len(encoded))
+    keep = []
+    for i, (n, n_prompt) in enumerate(zip(encoded["_n"], encoded["_n_prompt"])):
+        if n <= max_length:
+            keep.append(i)
+        elif n_prompt >= max_length:
+            report.skipped_prompt_too_long += 1
+        elif overlong == "skip":
+            report.skipped_overlong += 1
+        else:
+            report.truncated += 1
+            keep.append(i)
+    out = encoded.select(keep).remove_columns(["_n", "_n_prompt"])
+    if report.truncated:
+        out = out.map(lambda r: {"input_ids": r["input_ids"][:max_length], "labels": r["labels"][:max_length]},
+                      desc="truncating")
+    report.kept = len(out)
+    log.info("tokenized %d rows (max_length %d): kept %d, truncated %d, skipped %d overlong and %d whose prompt "
+             "alone fills max_length", report.rows, max_length, report.kept, report.truncated,
+             report.skipped_overlong, report.skipped_prompt_too_long)
+    return out, report
+
+
+def tokenize_dataset(ds, tokenizer, *, max_length: int, overlong: str = "truncate"):
+    """Add ``input_ids``/``labels`` (response-only) to every row; over-long rows are truncated or
+    skipped by ``overlong`` and counted in the log either way. A row whose prompt alone reaches
+    ``max_length`` is always skipped (and counted): it would carry no label."""
+    return tokenize_with_report(ds, tokenizer, max_length=max_length, overlong=overlong)[0]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, *, group_factor: int = 50) -> list[list[int]]:
+    """Batches of row indices of similar length (less padding), in a seeded random order.
+
+    Indices are shuffled, cut into groups of ``group_factor`` batches, sorted by length inside each
+    group and then cut into batches; the batch order is shuffled again so that long batches do
+    not all come first. Every index appears exactly once.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    group = batch_size * group_factor
+    batches = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading demonstrations in the shapes users have
+
+
+class DataError(ValueError):
+    """Bad input, located: ``source``, ``where`` ("line 3" / "row 2") and ``field``."""
+
+    def __init__(self, reason: str, *, source: str = "<data>", where: str | None = None, field: str | None = None,
+                 kind: str = "invalid"):
+        self.reason, self.source, self.where, self.field, self.kind = reason, source, where, field, kind
+        parts = [source] + ([where] if where else []) + ([f"field {field!r}"] if field else [])
+        super().__init__(f"{': '.join(parts)}: {reason}")
+
+
+@dataclass
+class LoadReport:
+    """Rows kept and rows skipped (``on_error="skip"``), by kind of problem, with the first messages."""
+
+    source: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def add(self, error: DataError) -> None:
+        self.skipped[error.kind] += 1
+        if len(self.messages) < 20:
+            self.messages.append(str(error))
+
+
+DEMONSTRATION_COLUMNS = ("id", "prompt", "response", "answer", "system")
+PREFERENCE_COLUMNS = ("id", "prompt", "chosen", "rejected", "answer", "system")
+FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def stable_id(*parts: str) -> str:
+    """Content hash of a row, so that the same row has the same id in every run and format."""
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, nested braces included."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None  # unbalanced: no answer rather than half of one
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The number after GSM8K's final ``#### `` marker, without thousands separators."""
+    if "####" not in text:
+        return None
+    return text.rsplit("####", 1)[1].strip().replace(",", "") or None
+
+
+def _raw_rows(source, split: str):
+    """(where, record) pairs from any supported source, plus the source's display name.
+
+    Text is decoded with ``surrogateescape`` so that an undecodable byte becomes a marker that the
+    row check reports with its line and field, instead of failing the whole file.
+    """
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise DataError(f"no split {split!r}; available: {sorted(source)}", source="DatasetDict")
+        source = source[split]
+    if isinstance(source, datasets.Dataset):
+        return f"Dataset[{split}]", ((f"row {i}", r) for i, r in enumerate(source))
+    if isinstance(source, (list, tuple)):
+        return "list", ((f"row {i}", r) for i, r in enumerate(source))
+    path = Path(source)
+    name = str(source)
+    if path.is_dir():
+        return name, _raw_rows(datasets.load_from_disk(str(path)), split)[1]
+    if path.is_file():
+        fmt = FILE_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise DataError(f"unknown file type {path.suffix!r}; use one of {sorted(FILE_FORMATS)}", source=name)
+        return name, _FILE_READERS[fmt](path, name)
+    if any(name.endswith(ext) for ext in FILE_FORMATS) or "/" not in name and "." in name:
+        raise DataError("no such file", source=name)
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown name, gated, ...: one clear message
+        raise DataError(f"not a local file or directory, and loading it from the hub failed ({type(exc).__name__}: "
+                        f"{exc}); offline, pass a local JSONL/JSON/parquet/CSV file or a saved dataset directory",
+                        source=name, kind="unreadable") from exc
+    return name, ((f"row {i}", r) for i, r in enumerate(loaded))
+
+
+def _read_jsonl(path: Path, name: str):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            text = raw.decode("utf-8", "surrogateescape").strip()
+            if not text:  # a blank line is no row (a trailing newline, a separator)
+                continue
+            try:
+                yield f"line {lineno}", json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield f"line {lineno}", DataError(f"malformed JSON ({exc.msg} at column {exc.colno})", source=name,
+                                                  where=f"line {lineno}", kind="malformed")
+
+
+def _read_json(path: Path, name: str):
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno})", source=name, where=f"line {exc.lineno}",
+                        kind="malformed") from exc
+    if isinstance(data, dict):  # {"data": [...]} and other single-list wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError("expected a list of records or an object holding one list of records", source=name,
+                            kind="malformed")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"expected a list of records, got {type(data).__name__}", source=name, kind="malformed")
+    return ((f"row {i}", r) for i, r in enumerate(data))
+
+
+def _read_parquet(path: Path, name: str):
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:
+        raise DataError(f"unreadable parquet ({exc})", source=name, kind="unreadable") from exc
+    return ((f"row {i}", r) for i, r in enumerate(rows))
+
+
+def _read_csv(path: Path, name: str):
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8", "surrogateescape"), newline=""))
+    for row in reader:
+        where = f"line {reader.line_num}"
+        if None in row:  # more cells than header columns
+            yield where, DataError(f"{len(row[None])} cells more than the header has", source=name, where=where,
+                                   kind="malformed")
+        else:
+            yield where, row
+
+
+_FILE_READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv}
+
+
+def _text(record: dict, key: str, ctx: dict, *, required: bool = True, allow_empty: bool = False) -> str:
+    """``record[key]`` as a checked string: present, a string, decodable, and (unless allowed) non-empty."""
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise DataError("missing", field=key, kind="missing_field", **ctx)
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
+            not isinstance(value, str) and key not in ("answer", "id")):
+        raise DataError(f"expected a string, got {type(value).__name__}", field=key, kind="wrong_type", **ctx)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    value = str(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError("undecodable bytes (not UTF-8)", field=key, kind="undecodable", **ctx) from None
+    if required and not allow_empty and not value.strip():
+        raise DataError("empty", field=key, kind="empty_field", **ctx)
+    return value
+
+
+def _rename(record: dict, columns: dict | None, ctx: dict) -> dict:
+    """Apply ``columns`` ({our name: their column}) to one record."""
+    if not columns:
+        return record
+    out = dict(record)
+    for ours, theirs in columns.items():
+        if theirs not in record:
+            raise DataError(f"mapped column {theirs!r} is missing", field=theirs, kind="missing_field", **ctx)
+        out[ours] = record[theirs]
+    return out
+
+
+def _chat(messages, ctx: dict, key: str = "messages") -> tuple[str, str, str]:
+    """(system, prompt, response) of a single-turn chat; the last assistant message is the response."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise DataError("expected a list of {role, content} messages", field=key, kind="wrong_type", **ctx)
+    roles = {"human": "user", "gpt": "assistant"}  # ShareGPT spelling
+    turns = [(roles.get(m.get("role", m.get("from")), m.get("role", m.get("from"))), m.get("content", m.get("value")))
+             for m in messages]
+    for role, content in turns:
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise DataError(f"bad message (role {role!r}, content {type(content).__name__})", field=key,
+                            kind="wrong_type", **ctx)
+    system = "\n".join(c for r, c in turns if r == "system")
+    dialog = [(r, c) for r, c in turns if r != "system"]
+    if not dialog or dialog[-1][0] != "assistant":
+        raise DataError("the last message is not an assistant message", field=key, kind="missing_field", **ctx)
+    *before, (_, response) = dialog
+    users = [c for r, c in before if r == "user"]
+    if len(before) != 1 or len(users) != 1:
+        raise DataError(f"expected one user message then one assistant message, got {[r for r, _ in dialog]} "
+                        "(multi-turn chats are not supported)", field=key, kind="malformed", **ctx)
+    return system, users[0], response
+
+
+def _demonstration(record: dict, ctx: dict) -> dict:
+    """One raw record in any supported shape -> the normalised demonstration row."""
+    answer = None
+    if "messages" in record or "conversations" in record:
+        key = "messages" if "messages" in record else "conversations"
+        system, prompt, response = _chat(record[key], ctx, key)
+        record = {**record, "prompt": prompt, "response": response, "system": system}
+    elif "problem" in record and "solution" in record and "prompt" not in record:  # MATH / NuminaMath
+        record = {**record, "prompt": record["problem"], "response": record["solution"]}
+        solution = _text(record, "solution", ctx)
+        answer = _text(record, "answer", ctx, required=False) or last_boxed(solution)
+    elif "question" in record and "prompt" not in record:  # GSM8K: the answer field is the solution
+        solution = _text(record, "answer", ctx)
+        answer = gsm8k_answer(solution)
+        if answer is None:
+            raise DataError("GSM8K-style answer without a final '#### N'", field="answer", kind="malformed", **ctx)
+        record = {**record, "prompt": record["question"], "response": solution}
+    elif "response" not in record and "completion" in record:
+        record = {**record, "response": record["completion"]}
+    prompt = _text(record, "prompt", ctx)
+    response = _text(record, "response", ctx)
+    system = _text(record, "system", ctx, required=False)
+    if answer is None:
+        answer = _text(record, "answer", ctx, required=False)
+    row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, response)
+    return {"id": row_id, "prompt": prompt, "response": response, "answer": answer or "", "system": system}
+
+
+def _side(value, ctx: dict, key: str) -> str:
+    """A preference side: a string, or a message list whose last assistant message is the text."""
+    if isinstance(value, list):
+        texts = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "assistant"]
+        if not texts:
+            raise DataError("no assistant message", field=key, kind="malformed", **ctx)
+        value = texts[-1]
+    return _text({key: value}, key, ctx)
+
+
+def _preference(record: dict, ctx: dict) -> dict:
+    system = _text(record, "system", ctx, required=False)
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):  # conversational prompt: system and the last user message
+        if not all(isinstance(m, dict) for m in prompt):
+            raise DataError("expected a string or a list of messages", field="prompt", kind="wrong_type", **ctx)
+        system = "\n".join(m.get("content", "") for m in prompt if m.get("role") == "system") or system
+        users = [m.get("content") for m in prompt if m.get("role") == "user"]
+        prompt = users[-1] if users else None
+    prompt = _text({"prompt": prompt}, "prompt", ctx)
+    chosen = _side(record.get("chosen"), ctx, "chosen") if record.get("chosen") is not None else _text(record, "chosen", ctx)
+    rejected = (_side(record.get("rejected"), ctx, "rejected") if record.get("rejected") is not None
+                else _text(record, "rejected", ctx))
+    answer = _text(record, "answer", ctx, required=False)
+    row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, chosen, rejected)
+    return {"id": row_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "answer": answer, "system": system}
+
+
+def _read(source, normalise, names, *, split, columns, on_error, limit):
+    import datasets
+
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    name, rows = _raw_rows(source, split)
+    report = LoadReport(source=name)
+    out, seen = [], Counter()
+    for where, record in rows:
+        if limit is not None and len(out) >= limit:
+            break
+        ctx = {"source": name, "where": where}
+        try:
+            if isinstance(record, DataError):
+                raise record
+            if not isinstance(record, dict):
+                raise DataError(f"expected an object, got {type(record).__name__}", kind="wrong_type", **ctx)
+            row = normalise(_rename(record, columns, ctx), ctx)
+        except DataError as exc:
+            if on_error == "raise":
+                raise
+            report.add(exc)
+            continue
+        seen[row["id"]] += 1
+        if seen[row["id"]] > 1:  # duplicate rows: the n-th copy gets a stable suffix
+            row["id"] = f"{row['id']}-{seen[row['id']] - 1}"
+        out.append(row)
+    report.kept = len(out)
+    if report.n_skipped:
+        log.warning("%s: kept %d rows, skipped %d (%s); first: %s", name, report.kept, report.n_skipped,
+                    ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())), report.messages[0])
+    else:
+        log.info("%s: loaded %d rows", name, report.kept)
+    features = datasets.Features({k: datasets.Value("string") for k in names})
+    return datasets.Dataset.from_list(out, features=features), report
+
+
+def read_demonstrations(source, *, split: str = "train", columns: dict | None = None, on_error: str = "raise",
+                        limit: int | None = None):
+    """``load_demonstrations`` that also returns the ``LoadReport`` (rows kept, skips by reason)."""
+    return _read(source, _demonstration, DEMONSTRATION_COLUMNS, split=split, columns=columns, on_error=on_error,
+                 limit=limit)
+
+
+def load_demonstrations(source, *, split: str = "train", columns: dict | None = None, on_error: str = "raise",
+                        limit: int | None = None):
+    """Demonstrations from a file (.jsonl/.json/.parquet/.csv), a saved dataset directory, a
+    ``datasets.Dataset``/``DatasetDict``, a list of dicts, or a hub dataset name, as a Dataset
+    with the columns ``id, prompt, response, answer, system``.
+
+    Shapes: ``{prompt, response|completion}`` (+ ``answer``, ``system``, ``id``); chat
+    ``{messages: [...]}`` (system messages -> ``system``, the last assistant message is the
+    response); GSM8K ``{question, answer: "... #### N"}`` (the answer text is the response, N
+    the answer); MATH/NuminaMath ``{problem, solution}`` (answer from the last ``\\boxed{}``).
+    ``columns`` maps our names to yours, e.g. ``{"prompt": "instruction", "response": "output"}``.
+
+    Bad rows raise ``DataError`` naming the file, the line or row and the field; with
+    ``on_error="skip"`` they are skipped, counted by reason and logged.
+    """
+    return read_demonstrations(source, split=split, columns=columns, on_error=on_error, limit=limit)[0]
+
+
+def read_preferences(source, *, split: str = "train", columns: dict | None = None, on_error: str = "raise",
+                     limit: int | None = None):
+    """``load_preferences`` that also returns the ``LoadReport``."""
+    return _read(source, _preference, PREFERENCE_COLUMNS, split=split, columns=columns, on_error=on_error, limit=limit)
+
+
+def load_preferences(source, *, split: str = "train", columns: dict | None = None, on_error: str = "raise",
+                     limit: int | None = None):
+    """Preference pairs ``{prompt, chosen, rejected}`` (strings or message lists) as a Dataset with
+    the columns ``id, prompt, chosen, rejected, answer, system``; sources and bad-input handling as
+    in ``load_demonstrations``."""
+    return read_preferences(source, split=split, columns=columns, on_error=on_error, limit=limit)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspecting and writing
+
+
+def token_statistics(ds, tokenizer, *, max_length: int | None = None) -> dict:
+    """Prompt/response token counts (chat template included in the prompt) as plain numbers."""
+
+    def summary(xs: list[int]) -> dict:
+        xs = sorted(xs)
+        if not xs:
+            return {"mean": 0.0, "median": 0, "max": 0}
+        return {"mean": round(sum(xs) / len(xs), 1), "median": xs[len(xs) // 2], "max": xs[-1]}
+
+    prompt_lens, response_lens = [], []
+    for row in ds:
+        enc = encode_example(tokenizer, row["prompt"], row["response"], row.get("system") or "")
+        n_prompt = sum(1 for x in enc["labels"] if x == IGNORE_INDEX)
+        prompt_lens.append(n_prompt)
+        response_lens.append(len(enc["labels"]) - n_prompt)
+    stats = {"rows": len(prompt_lens), "prompt_tokens": summary(prompt_lens), "response_tokens": summary(response_lens),
+             "total_tokens": summary([p + r for p, r in zip(prompt_lens, response_lens)])}
+    if max_length is not None:
+        stats["over_max_length"] = sum(p + r > max_length for p, r in zip(prompt_lens, response_lens))
+    return stats
+
+
+def save_dataset(ds, path) -> Path:
+    """Write a dataset as JSONL (.jsonl) or parquet (.parquet); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        with open(path, "w", encoding="utf-8") as f:
+            for row in ds:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    elif path.suffix == ".parquet":
+        ds.to_parquet(str(path))
+    else:
+        raise ValueError(f"write .jsonl or .parquet, not {path.suffix!r}")
+    return path

@@ -1,0 +1,148 @@
+"""Preference pairs from the model's own samples, for the DPO@k and SimPO@k baselines (METHODS.md §6).
+
+For each prompt the model draws k answers at temperature 1; each is verified against the
+reference answer. A prompt with at least one correct and one incorrect sample gives the pair
+(first correct, first incorrect): the samples are i.i.d., so "first" is a uniformly random
+choice that needs no extra random state. A prompt whose k samples are all incorrect has no
+on-policy pair; by the ``no_pair`` setting it either takes the demonstration as the chosen side
+(against the first incorrect sample) or is dropped. A prompt whose samples are all correct has
+nothing to reject and is always dropped. Every case is counted.
+
+DPO's reference log-probs r(y) = Σ_t log π_ref(y_t | x, y_<t) are computed once for the whole
+pair set with the fused path (``add_reference_logps``), stored in the columns
+``ref_chosen_logp`` / ``ref_rejected_logp`` beside the token ids they were computed on, and
+saved with the pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+NO_PAIR_CHOICES = ("demonstration", "drop")
+PAIR_SOURCES = ("samples", "demonstration")
+
+
+def build_pairs(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    k: int = 8,
+    backend=None,
+    sampling=None,
+    no_pair: str = "demonstration",
+    seed: int = 0,
+):
+    """(pairs, counts) from ``k`` temperature-1 samples per prompt of ``dataset``.
+
+    ``dataset`` has columns prompt and answer (and response, the demonstration, when
+    ``no_pair == "demonstration"``; optional id and system). ``sampling`` is a
+    ``decoding.config.SamplingConfig`` for everything but n and seed, which are always ``k``
+    and ``seed``; by default temperature 1, top-p 1, 256 new tokens. ``backend`` must serve
+    ``model``'s weights; without one an hf backend is made for this call.
+
+    pairs: a Dataset with id, prompt, system, chosen, rejected, answer, pair_source ("samples" |
+    "demonstration") and n_correct (correct samples of the prompt). counts: prompts, samples,
+    correct_samples, mixed, all_incorrect, all_correct, kept, dropped.
+    """
+    import datasets
+
+    from decoding import make_backend
+    from decoding.config import SamplingConfig
+    from decoding.verify import is_correct
+    from onpolicy_sft.data import encode_prompt
+
+    if no_pair not in NO_PAIR_CHOICES:
+        raise ValueError(f"no_pair must be one of {NO_PAIR_CHOICES}, got {no_pair!r}")
+    if k < 2:
+        raise ValueError(f"k must be >= 2 to find a correct and an incorrect sample, got {k}")
+    needed = {"prompt", "answer"} | ({"response"} if no_pair == "demonstration" else set())
+    missing = needed - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"build_pairs needs columns {sorted(needed)}; the dataset lacks {sorted(missing)}")
+    sampling = sampling or SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=256)
+    sampling = dataclasses.replace(sampling, n=k, seed=seed)
+
+    n = len(dataset)
+    systems = dataset["system"] if "system" in dataset.column_names else [""] * n
+    ids = dataset["id"] if "id" in dataset.column_names else [str(i) for i in range(n)]
+    prompts = [encode_prompt(tokenizer, p, s or "") for p, s in zip(dataset["prompt"], systems)]
+    own_backend = backend is None
+    if own_backend:
+        backend = make_backend("hf", model, tokenizer)
+    try:
+        samples = backend.sample(prompts, sampling)
+    finally:
+        if own_backend:
+            backend.close()
+
+    counts = {"prompts": n, "samples": 0, "correct_samples": 0, "mixed": 0, "all_incorrect": 0, "all_correct": 0,
+              "kept": 0, "dropped": 0}
+    rows = []
+    for i, row in enumerate(dataset):
+        texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples[i]]
+        verdicts = [bool(is_correct(t, row["answer"])) for t in texts]
+        correct = [t for t, ok in zip(texts, verdicts) if ok]
+        wrong = [t for t, ok in zip(texts, verdicts) if not ok]
+        counts["samples"] += len(texts)
+        counts["correct_samples"] += len(correct)
+        if correct and wrong:
+            counts["mixed"] += 1
+            chosen, source = correct[0], "samples"
+        elif wrong:
+            counts["all_incorrect"] += 1
+            chosen, source = (row["response"], "demonstration") if no_pair == "demonstration" else (None, None)
+        else:
+            counts["all_correct"] += 1
+            chosen, source = None, None
+        if chosen is None:
+            counts["dropped"] += 1
+            continue
+        counts["kept"] += 1
+        rows.append({"id": ids[i], "prompt": row["prompt"], "system": systems[i] or "", "chosen": chosen,
+                     "rejected": wrong[0], "answer": str(row["answer"]), "pair_source": source,
+                     "n_correct": len(correct)})
+    logger.info("preference pairs: %s", counts)
+    columns = ["id", "prompt", "system", "chosen", "rejected", "answer", "pair_source", "n_correct"]
+    if not rows:
+        return datasets.Dataset.from_dict({c: [] for c in columns}), counts
+    return datasets.Dataset.from_list(rows), counts
+
+
+@torch.no_grad()
+def add_reference_logps(ref_model, tokenizer, pairs, *, max_length: int, batch_size: int = 8):
+    """``pairs`` tokenized as the trainer tokenizes them, plus ref_chosen_logp / ref_rejected_logp.
+
+    The token columns (chosen_/rejected_ input_ids and labels) are kept so that the trainer
+    reuses exactly the tokens the reference log-probs were computed on. Sums are float32 from
+    ``objectives.adapters.sequence_logps`` (chunked over tokens, no full [B, T, V] logits).
+    """
+    from onpolicy_sft.data import collate
+    from onpolicy_sft.objectives.adapters import sequence_logps
+    from onpolicy_sft.train import tokenize_for_objective
+
+    pairs = tokenize_for_objective(pairs, tokenizer, max_length=max_length, pairwise=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(ref_model.parameters()).device
+    was_training = ref_model.training
+    ref_model.eval()
+    out = {"chosen": [], "rejected": []}
+    for side in out:
+        ids, labels = pairs[f"{side}_input_ids"], pairs[f"{side}_labels"]
+        for start in range(0, len(pairs), batch_size):
+            rows = [{"input_ids": i, "labels": lab} for i, lab in zip(ids[start : start + batch_size],
+                                                                      labels[start : start + batch_size])]
+            batch = {key: value.to(device) for key, value in collate(rows, pad).items()}
+            out[side].extend(float(v) for v in sequence_logps(ref_model, batch).float().cpu())
+    ref_model.train(was_training)
+    for side, values in out.items():
+        name = f"ref_{side}_logp"
+        if name in pairs.column_names:
+            pairs = pairs.remove_columns(name)
+        pairs = pairs.add_column(name, values)
+    return pairs

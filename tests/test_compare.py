@@ -1,0 +1,131 @@
+"""The comparison runner end to end on a tiny model (one seed), its resumption per cell, configs and CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from onpolicy_sft.compare import METHODS, CompareConfig, PairsConfig, load_compare_config, run_comparison
+from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    from tiny import make_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    make_tiny_model(tiny_tokenizer, seed=0).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(tiny_dir, out_dir) -> CompareConfig:
+    return CompareConfig(
+        out_dir=str(out_dir), seeds=[0], backend="hf",
+        model=ModelConfig(name=str(tiny_dir)),
+        data=DataConfig(n_train=4, n_test=2, n_test_hard=2, n_general=2),
+        rewrite={"k_self": 1, "m_hinted": 1, "sampling": {"max_new_tokens": 4}, "hinted": {"max_new_tokens": 4},
+                 "progress": False},
+        pairs=PairsConfig(k=2, max_new_tokens=4),
+        train=TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=2, max_length=256, trackers=["jsonl"],
+                          progress=False, mixed_precision="no"),
+        eval=EvalConfig(max_new_tokens=4, forgetting_max_new_tokens=4),
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    return out, run_comparison(_config(tiny_dir, out))
+
+
+def test_comparison_end_to_end(finished):
+    out, summary = finished
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert list(rows) == list(METHODS)
+    for method, row in rows.items():
+        for split in ("test", "test_hard"):
+            assert 0.0 <= row[f"acc_{split}"] <= 1.0 and row[f"acc_{split}_se"] >= 0.0
+        if method == "base":
+            assert row["seeds"] == 0 and row["forgetting_kl"] == pytest.approx(0.0, abs=1e-6)
+            continue
+        assert row["seeds"] == 1 and row["corpus"] == METHODS[method][1]
+        assert row["forgetting_kl"] > 0.0  # every method moved the weights
+        assert math.isfinite(row["phi_corpus"]) and row["train_seconds"] > 0.0
+        cell = out / "cells" / method / "seed_0"
+        result = json.loads((cell / "result.json").read_text())
+        assert result["train_rows"] >= 1 and not list((cell / "checkpoint").glob("*.safetensors"))
+    # corpora: DPO/SimPO train on the same prompts as the demonstration methods
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["stages"]["corpus/pairs"]["counts"]
+    assert counts["prompts"] == 4 and counts["kept"] + counts["dropped"] == 4
+    dpo_cell = json.loads((out / "cells" / "dpo" / "seed_0" / "result.json").read_text())
+    assert dpo_cell["train_rows"] == counts["kept"]
+    pairs_stage = manifest["stages"]["corpus/pairs"]
+    assert rows["dpo"]["corpus_seconds"] == pytest.approx(pairs_stage["sample_seconds"] + pairs_stage["ref_logps_seconds"])
+    assert rows["simpo"]["corpus_seconds"] == pytest.approx(pairs_stage["sample_seconds"])
+    assert rows["sft"]["corpus_seconds"] == 0.0
+    for name in ("results.json", "results.md", "compare.png"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in METHODS)
+
+
+def test_comparison_resumes_per_cell(finished, tiny_dir, monkeypatch):
+    import onpolicy_sft.train as train_module
+
+    out, summary = finished
+    calls = []
+    real_train = train_module.train
+
+    def counting_train(*args, **kwargs):
+        calls.append(kwargs["out_dir"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", counting_train)
+    again = run_comparison(_config(tiny_dir, out))
+    assert calls == [] and again["rows"] == summary["rows"]  # nothing rerun, the same table
+
+    (out / "cells" / "simpo" / "seed_0" / "result.json").unlink()
+    kept = (out / "cells" / "sft" / "seed_0" / "result.json").read_text()
+    third = run_comparison(_config(tiny_dir, out))
+    assert [Path(c).parent.parent.name for c in calls] == ["simpo"]
+    assert (out / "cells" / "sft" / "seed_0" / "result.json").read_text() == kept
+    assert [r["method"] for r in third["rows"]] == list(METHODS)
+
+
+def test_cpu_config_loads_and_covers_every_method_with_three_seeds():
+    config = load_compare_config(REPO / "experiments" / "configs" / "compare_cpu.yaml")
+    assert config.methods == list(METHODS) and len(config.seeds) >= 3
+    assert config.model.name == "smollm2-135m-instruct"
+    assert set(config.hparams) <= set(METHODS)
+
+
+def test_unknown_methods_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="valid methods"):
+        run_comparison(CompareConfig(out_dir=str(tmp_path), methods=["sft", "ppo"]))
+    with pytest.raises(ValueError, match="unknown key"):
+        load_compare_config(None, ["pairs.kk=3"])
+
+
+def test_cli_compare_is_wired(tmp_path, monkeypatch):
+    from onpolicy_sft import cli
+    import onpolicy_sft.compare as compare
+
+    seen = {}
+
+    def fake_run(config):
+        seen["config"] = config
+        return {"table": "| m |", "notes": [], "out_dir": config.out_dir}
+
+    monkeypatch.setattr(compare, "run_comparison", fake_run)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("seeds: [5]\nmethods: [base, sft]\n")
+    assert cli.main(["compare", "--config", str(config_file), "--set", f"out_dir={tmp_path}"]) == 0
+    assert seen["config"].seeds == [5] and seen["config"].methods == ["base", "sft"]
+    assert seen["config"].out_dir == str(tmp_path)

@@ -1,0 +1,308 @@
+"""DDT scoring (METHODS.md §1): exact statistics, the N(0, 1) calibration on the model's own
+samples, rejection of off-policy text, batch/padding invariance, the report and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from onpolicy_sft import ddt, ddt_report
+from onpolicy_sft.data import collate, encode_example, encode_prompt
+from onpolicy_sft.ops import IGNORE_INDEX
+from tiny import make_tiny_model
+
+# A random tiny model's next-token distributions are nearly uniform (entropy ≈ log V), so its
+# samples and random text look alike. Scaling the final norm sharpens every distribution
+# (logits ∝ the norm's weight) to an entropy of a couple of nats, so φ carries real signal.
+SHARPEN = 6.0
+
+
+def peaked_model(tokenizer, seed: int = 0):
+    model = make_tiny_model(tokenizer, seed=seed)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(SHARPEN)
+    return model
+
+
+def direct_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+    """Row by row in float64 numpy, with the textbook formulas (variance as E[x²] − E[x]²)."""
+    out = {k: [] for k in ("logp", "entropy", "phi", "varentropy")}
+    for z, y in zip(logits.double().numpy(), labels.tolist()):
+        logq = z - (z.max() + math.log(np.exp(z - z.max()).sum()))
+        p = np.exp(logq)
+        entropy = -(p * logq).sum()
+        out["entropy"].append(entropy)
+        out["varentropy"].append((p * logq**2).sum() - entropy**2)
+        out["logp"].append(0.0 if y == IGNORE_INDEX else logq[y])
+        out["phi"].append(0.0 if y == IGNORE_INDEX else logq[y] + entropy)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def direct_sequence_scores(model, input_ids, labels, attention_mask) -> dict[str, np.ndarray]:
+    """Full logits from the model's own forward, shifted by hand, statistics in float64."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    out = {k: [] for k in ddt.SCORE_KEYS}
+    for row_logits, row_labels in zip(logits, labels[:, 1:]):
+        keep = row_labels != IGNORE_INDEX
+        s = direct_token_stats(row_logits[keep], row_labels[keep])
+        phi, n = s["phi"], int(keep.sum())
+        z = phi.sum() / math.sqrt(s["varentropy"].sum())
+        values = dict(phi_mean=phi.mean(), phi_sum=phi.sum(), z=z, pvalue=stats.norm.cdf(z),
+                      frac_below_1=(phi < -1).mean(), frac_below_3=(phi < -3).mean(),
+                      frac_below_5=(phi < -5).mean(), frac_positive=(phi > 0).mean(), n_tokens=n)
+        for k, v in values.items():
+            out[k].append(v)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+EXAMPLES = [
+    ("What is 2 + 3?", "2 + 3 = 5. #### 5"),
+    ("Say hi.", "hi"),
+    ("Count to four, please, and explain nothing else.", "1 2 3 4, done; that is all there is to say."),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_token_stats_match_direct_float64(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 40, generator=g) * 3).to(dtype)
+    logits[3, 5:] = -30.0  # a nearly one-hot row
+    labels = torch.randint(0, 40, (16,), generator=g)
+    labels[[2, 9]] = IGNORE_INDEX
+    got = ddt.token_stats(logits, labels)
+    want = direct_token_stats(logits, labels)
+    for field in ("logp", "entropy", "phi", "varentropy"):
+        value = getattr(got, field)
+        assert value.dtype in (torch.float32, torch.float64)
+        np.testing.assert_allclose(value.double().numpy(), want[field], rtol=1e-5, atol=2e-5, err_msg=field)
+
+
+def test_sequence_scores_match_full_logits(tiny_tokenizer):
+    model = peaked_model(tiny_tokenizer)
+    batch = collate([encode_example(tiny_tokenizer, p, r) for p, r in EXAMPLES], tiny_tokenizer.pad_token_id)
+    # chunk_tokens=7 splits the response positions across several lm_head chunks.
+    got = ddt.sequence_scores(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_tokens=7)
+    want = direct_sequence_scores(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    assert got["n_tokens"].tolist() == want["n_tokens"].tolist()
+    assert got["pvalue"].dtype == torch.float64
+    for key in ddt.SCORE_KEYS:
+        np.testing.assert_allclose(got[key].double().numpy(), want[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_no_response_tokens_gives_nan(tiny_tokenizer, tiny_model):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    got = ddt.sequence_scores(tiny_model, ids, torch.full_like(ids, IGNORE_INDEX))
+    assert got["n_tokens"].item() == 0 and math.isnan(got["phi_mean"].item()) and math.isnan(got["z"].item())
+
+
+def _sample(model, prompt_ids: list[int], n_rows: int, n_new: int, seed: int) -> torch.Tensor:
+    """Pure temperature-1 ancestral sampling over the full vocabulary (no top-k, no top-p)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prompt_ids] * n_rows)
+    with torch.no_grad():
+        for _ in range(n_new):
+            probs = torch.softmax(model(input_ids=ids).logits[:, -1].double(), dim=-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], dim=1)
+    return ids
+
+
+def _score_continuations(model, ids: torch.Tensor, prompt_len: int) -> dict[str, torch.Tensor]:
+    labels = ids.clone()
+    labels[:, :prompt_len] = IGNORE_INDEX
+    return ddt.sequence_scores(model, ids, labels)
+
+
+@pytest.fixture(scope="module")
+def own_and_foreign(tiny_tokenizer):
+    model = peaked_model(tiny_tokenizer, seed=0)
+    prompt = encode_prompt(tiny_tokenizer, "Tell me something.")
+    n_rows, n_new = 200, 24
+    own = _sample(model, prompt, n_rows, n_new, seed=1)
+    other = _sample(peaked_model(tiny_tokenizer, seed=1), prompt, n_rows, n_new, seed=2)
+    g = torch.Generator().manual_seed(3)
+    printable = torch.tensor(tiny_tokenizer.convert_tokens_to_ids(list("abcdefghijklmnopqrstuvwxyz 0123456789.,")))
+    noise = torch.cat([own[:, : len(prompt)], printable[torch.randint(len(printable), (n_rows, n_new), generator=g)]], 1)
+    return model, len(prompt), {"own": own, "other_model": other, "random": noise}
+
+
+def test_own_samples_are_calibrated(own_and_foreign):
+    model, prompt_len, texts = own_and_foreign
+    own = texts["own"]
+    # The samples must be genuinely random, not one memorised string: otherwise the test is void.
+    assert len({tuple(r) for r in own[:, prompt_len:].tolist()}) == len(own)
+    assert len(set(own[:, prompt_len:].flatten().tolist())) > 20
+    scores = _score_continuations(model, own, prompt_len)
+    with torch.no_grad():
+        logits = model(input_ids=own).logits[:, prompt_len - 1 : -1].reshape(-1, model.config.vocab_size)
+    entropy = ddt.token_stats(logits, own[:, prompt_len:].reshape(-1)).entropy
+    assert 0.5 < entropy.mean().item() < 0.8 * math.log(model.config.vocab_size)
+
+    z = scores["z"].double().numpy()
+    assert stats.kstest(z, "norm").pvalue > 0.01
+    phi_mean = scores["phi_mean"].double().numpy()
+    # Equal lengths: the corpus mean is the mean of row means; E[φ] = 0 exactly for own samples.
+    assert abs(phi_mean.mean()) < 4 * phi_mean.std(ddof=1) / math.sqrt(len(phi_mean))
+    assert abs(phi_mean.mean()) < 0.05
+    reject = (scores["pvalue"] < 0.01).double().mean().item()
+    assert reject < 0.05
+
+
+@pytest.mark.parametrize("kind, max_phi, min_reject", [("random", -1.0, 0.9), ("other_model", -0.2, 0.1)])
+def test_off_policy_text_scores_negative_and_is_rejected(own_and_foreign, kind, max_phi, min_reject):
+    """Random characters are far off; another random model's samples are subtler (tied embeddings
+    give both tiny models a shared bias towards repeating the last token) but still rejected as a
+    corpus: Z's distribution is nowhere near N(0, 1), and rows are rejected far above the 1% rate."""
+    model, prompt_len, texts = own_and_foreign
+    scores = _score_continuations(model, texts[kind], prompt_len)
+    own = _score_continuations(model, texts["own"], prompt_len)
+    assert scores["phi_mean"].mean().item() < max_phi
+    assert scores["phi_mean"].mean().item() < own["phi_mean"].mean().item() + max_phi
+    assert (scores["pvalue"] < 0.01).double().mean().item() > min_reject
+    assert stats.kstest(scores["z"].double().numpy(), "norm").pvalue < 1e-6
+
+
+def test_scores_independent_of_batch_mates_and_padding(tiny_tokenizer):
+    model = peaked_model(tiny_tokenizer)
+    rows = [encode_example(tiny_tokenizer, p, r) for p, r in EXAMPLES]
+    pad = tiny_tokenizer.pad_token_id
+
+    def run(batch_rows, side):
+        b = collate(batch_rows, pad, padding_side=side)
+        return ddt.sequence_scores(model, b["input_ids"], b["labels"], b["attention_mask"], chunk_tokens=5)
+
+    alone = [run([r], "right") for r in rows]
+    long_mate = encode_example(tiny_tokenizer, "x" * 60, "y" * 40)
+    for side in ("right", "left"):
+        together = run(rows, side)
+        shuffled = run([rows[2], long_mate, rows[0], rows[1]], side)
+        for i, j in ((0, 2), (1, 3), (2, 0)):
+            for key in ddt.SCORE_KEYS:
+                a = alone[i][key].double()
+                torch.testing.assert_close(together[key][i].double(), a[0], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(shuffled[key][j].double(), a[0], rtol=1e-4, atol=1e-5)
+
+
+def test_plan_batches_covers_rows_within_budget():
+    lengths = [5, 40, 12, 12, 3, 100, 7, 40]
+    batches = ddt.plan_batches(lengths, batch_tokens=48)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 48
+    assert batches[0] == [5]  # the over-long row alone, first
+
+
+def _dataset(examples):
+    import datasets
+
+    return datasets.Dataset.from_dict({
+        "id": [f"r{i}" for i in range(len(examples))],
+        "prompt": [p for p, _ in examples],
+        "response": [r for _, r in examples],
+    })
+
+
+def test_score_keeps_order_and_matches_sequence_scores(tiny_tokenizer):
+    model = peaked_model(tiny_tokenizer)
+    examples = EXAMPLES + [("Another one?", "Yes, " * k) for k in (1, 6, 3)]
+    dataset = _dataset(examples)
+    small = ddt.score(model, tiny_tokenizer, dataset, batch_tokens=64, per_token=True, progress=False)
+    large = ddt.score(model, tiny_tokenizer, dataset, batch_tokens=10_000, progress=False)
+    assert small["id"] == dataset["id"]
+    for i, (p, r) in enumerate(examples):
+        b = collate([encode_example(tiny_tokenizer, p, r)], tiny_tokenizer.pad_token_id)
+        want = ddt.sequence_scores(model, b["input_ids"], b["labels"])
+        for key in ddt.SCORE_KEYS:
+            assert small[i]["ddt_" + key] == pytest.approx(want[key].item(), rel=1e-4, abs=1e-5)
+            assert large[i]["ddt_" + key] == pytest.approx(want[key].item(), rel=1e-4, abs=1e-5)
+        assert len(small[i]["ddt_phi"]) == small[i]["ddt_n_tokens"]
+        assert np.mean(small[i]["ddt_phi"]) == pytest.approx(small[i]["ddt_phi_mean"], rel=1e-5, abs=1e-6)
+    again = ddt.score(model, tiny_tokenizer, small, progress=False)  # rescoring replaces the columns
+    assert again["ddt_z"] == pytest.approx(large["ddt_z"], rel=1e-5)
+    assert "ddt_phi" not in again.column_names
+
+
+def _scored(phi_mean, n_tokens, z, frac_below_1=None):
+    import datasets
+
+    n = len(phi_mean)
+    zero = [0.0] * n
+    return datasets.Dataset.from_dict({
+        "ddt_phi_mean": phi_mean, "ddt_phi_sum": [m * k for m, k in zip(phi_mean, n_tokens)],
+        "ddt_z": z, "ddt_pvalue": stats.norm.cdf(z).tolist(), "ddt_n_tokens": n_tokens,
+        "ddt_frac_below_1": frac_below_1 or zero, "ddt_frac_below_3": zero, "ddt_frac_below_5": zero,
+        "ddt_frac_positive": zero,
+    })
+
+
+def test_summarize():
+    scored = _scored([0.1, -0.5, -2.0, 0.0], [10, 30, 20, 40], [0.5, -3.0, -1.0, 0.0], [0.0, 0.5, 0.25, 0.0])
+    s = ddt.summarize(scored)
+    assert s["n"] == 4 and s["n_tokens"] == 100
+    assert s["phi_mean"] == pytest.approx(-0.6)
+    assert s["phi_median"] == pytest.approx(-0.25)
+    assert s["phi_token_mean"] == pytest.approx((1 - 15 - 40 + 0) / 100)
+    assert s["frac_below_1"] == pytest.approx((15 + 5) / 100)
+    assert s["reject_rate_1pct"] == pytest.approx(0.25)  # only Z = −3 has Φ(Z) < 0.01
+    assert all(isinstance(v, (int, float)) for v in s.values())
+    json.dumps(s)
+
+
+def test_write_report(tmp_path):
+    rng = np.random.default_rng(0)
+    original = _scored(rng.normal(-0.6, 0.2, 50).tolist(), [30] * 50, rng.normal(-6, 2, 50).tolist())
+    rewritten = _scored(rng.normal(-0.03, 0.05, 40).tolist(), [30] * 40, rng.normal(0, 1, 40).tolist())
+    path = ddt_report.write_report(tmp_path / "r", {"original": original, "rewritten": rewritten})
+    text = path.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| statistic"))
+    assert header.split("|")[2:4] == [" original ", " rewritten "]
+    assert f"{ddt.summarize(original)['phi_mean']:+.4f}" in text
+    for png in (ddt_report.PHI_HIST, ddt_report.Z_PLOT):
+        assert f"]({png})" in text
+        assert (path.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_score(tmp_path, tiny_tokenizer, capsys):
+    from onpolicy_sft import cli
+
+    model_dir = tmp_path / "tiny"
+    peaked_model(tiny_tokenizer).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "scored"
+    rc = cli.main(["score", "--model", str(model_dir), "--data", "arithmetic", "--compare", "arithmetic",
+                   "--split", "test", "--limit", "4", "--out", str(out), "--batch-tokens", "512"])
+    assert rc == 0
+    import datasets
+
+    scored = datasets.Dataset.from_parquet(str(out / "scored.parquet"))
+    assert len(scored) == 4 and "ddt_phi_mean" in scored.column_names
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["arithmetic/test", "arithmetic/test (compare)"]
+    assert summary["arithmetic/test"]["phi_mean"] == pytest.approx(float(np.mean(scored["ddt_phi_mean"])))
+    assert (out / "scored_compare.parquet").exists() and (out / "report.md").exists()
+    assert "mean φ" in capsys.readouterr().out
+
+
+@pytest.mark.embedded
+def test_embedded_prefers_its_own_greedy_answers(embedded):
+    from onpolicy_sft.arith import arithmetic_splits
+
+    model, tokenizer = embedded
+    rows = arithmetic_splits(n_train=4, n_test=1, n_test_hard=1)["train"]
+    prompts = [encode_prompt(tokenizer, p) for p in rows["prompt"]]
+    # One left-padded batch of greedy answers.
+    batch = collate([{"input_ids": p, "labels": p} for p in prompts], tokenizer.pad_token_id, padding_side="left")
+    mask = batch["attention_mask"]
+    out = model.generate(input_ids=batch["input_ids"], attention_mask=mask, max_new_tokens=48, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    greedy = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    references = ddt.score(model, tokenizer, rows, progress=False)
+    own = ddt.score(model, tokenizer, rows.remove_columns("response").add_column("response", greedy), progress=False)
+    for ref_phi, own_phi in zip(references["ddt_phi_mean"], own["ddt_phi_mean"]):
+        assert own_phi > ref_phi
+    assert np.mean(references["ddt_phi_mean"]) < -0.1

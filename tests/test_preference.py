@@ -1,0 +1,159 @@
+"""Preference pairs: the pair-building rules on scripted samples, the cached reference log-probs
+against full float64 logits, and DPO/SimPO training on a tiny model widening the margin."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+
+from decoding.backend import Backend
+from onpolicy_sft.config import ObjectiveConfig, TrainConfig
+from onpolicy_sft.data import encode_example
+from onpolicy_sft.preference import add_reference_logps, build_pairs
+
+
+class ScriptedBackend(Backend):
+    """Returns fixed completions per prompt (by position), and records the sampling config it got."""
+
+    name = "scripted"
+
+    def __init__(self, tokenizer, completions: list[list[str]]):
+        self.tokenizer, self.completions, self.configs = tokenizer, completions, []
+
+    def sample(self, prompt_ids, config):
+        self.configs.append(config)
+        assert len(prompt_ids) == len(self.completions)
+        eos = self.tokenizer.eos_token_id
+        return [[self.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts[: config.n]]
+                for texts in self.completions]
+
+    def two_stream(self, hinted_ids, student_ids, config, tokenizer=None):
+        raise NotImplementedError
+
+    def update_weights(self, model):
+        raise NotImplementedError
+
+
+def _prompts():
+    return datasets.Dataset.from_list([
+        {"id": "mixed", "prompt": "2+3?", "response": "2+3=5 \\boxed{5}", "answer": "5", "system": ""},
+        {"id": "wrong", "prompt": "4+4?", "response": "4+4=8 \\boxed{8}", "answer": "8", "system": ""},
+        {"id": "right", "prompt": "1+1?", "response": "1+1=2 \\boxed{2}", "answer": "2", "system": ""},
+        {"id": "mixed2", "prompt": "3*3?", "response": "3*3=9 \\boxed{9}", "answer": "9", "system": ""},
+    ])
+
+
+SAMPLES = [
+    ["I think \\boxed{6}", "so \\boxed{5}", "\\boxed{5} again", "no answer"],
+    ["\\boxed{7}", "maybe \\boxed{9}", "nothing", "\\boxed{88}"],
+    ["\\boxed{2}", "it is \\boxed{2}", "\\boxed{2} done", "\\boxed{2}"],
+    ["\\boxed{9}", "\\boxed{10}", "\\boxed{9}", "\\boxed{9}"],
+]
+
+
+def test_pairs_follow_the_rules_with_demonstration_fallback(tiny_tokenizer):
+    backend = ScriptedBackend(tiny_tokenizer, SAMPLES)
+    pairs, counts = build_pairs(None, tiny_tokenizer, _prompts(), k=4, backend=backend, seed=7)
+    (config,) = backend.configs
+    assert (config.n, config.temperature, config.top_p, config.seed) == (4, 1.0, 1.0, 7)
+    rows = {r["id"]: r for r in pairs}
+    assert list(rows) == ["mixed", "wrong", "mixed2"]  # all-correct prompt has nothing to reject
+    assert rows["mixed"]["chosen"] == "so \\boxed{5}" and rows["mixed"]["rejected"] == "I think \\boxed{6}"
+    assert rows["mixed"]["pair_source"] == "samples" and rows["mixed"]["n_correct"] == 2
+    assert rows["wrong"]["chosen"] == "4+4=8 \\boxed{8}" and rows["wrong"]["rejected"] == "\\boxed{7}"
+    assert rows["wrong"]["pair_source"] == "demonstration" and rows["wrong"]["n_correct"] == 0
+    assert rows["mixed2"]["chosen"] == "\\boxed{9}" and rows["mixed2"]["rejected"] == "\\boxed{10}"
+    assert all(r["answer"] == p["answer"] and r["prompt"] == p["prompt"] for r in pairs for p in _prompts() if p["id"] == r["id"])
+    assert counts == {"prompts": 4, "samples": 16, "correct_samples": 2 + 0 + 4 + 3, "mixed": 2, "all_incorrect": 1,
+                      "all_correct": 1, "kept": 3, "dropped": 1}
+
+
+def test_pairs_drop_prompts_without_a_mixed_pair(tiny_tokenizer):
+    data = _prompts().remove_columns("response")  # dropping needs no demonstrations
+    pairs, counts = build_pairs(None, tiny_tokenizer, data, k=4, backend=ScriptedBackend(tiny_tokenizer, SAMPLES),
+                                no_pair="drop")
+    assert pairs["id"] == ["mixed", "mixed2"] and set(pairs["pair_source"]) == {"samples"}
+    assert (counts["kept"], counts["dropped"], counts["all_incorrect"], counts["all_correct"]) == (2, 2, 1, 1)
+
+
+def test_pairs_use_only_k_samples_and_reject_bad_settings(tiny_tokenizer):
+    # with k = 2 the first prompt sees "\boxed{6}" and "\boxed{5}" (mixed); the last sees 9, 10 (mixed)
+    pairs, counts = build_pairs(None, tiny_tokenizer, _prompts(), k=2, backend=ScriptedBackend(tiny_tokenizer, SAMPLES))
+    assert counts["samples"] == 8 and counts["mixed"] == 2
+    with pytest.raises(ValueError, match="no_pair"):
+        build_pairs(None, tiny_tokenizer, _prompts(), k=4, backend=ScriptedBackend(tiny_tokenizer, SAMPLES), no_pair="x")
+    with pytest.raises(ValueError, match="response"):
+        build_pairs(None, tiny_tokenizer, _prompts().remove_columns("response"), k=4,
+                    backend=ScriptedBackend(tiny_tokenizer, SAMPLES))
+    with pytest.raises(ValueError, match="k must be"):
+        build_pairs(None, tiny_tokenizer, _prompts(), k=1, backend=ScriptedBackend(tiny_tokenizer, SAMPLES))
+
+
+def test_pairs_from_real_sampling_on_a_tiny_model(tiny_model, tiny_tokenizer):
+    """The hf backend end to end: a random model never answers, so every prompt falls back."""
+    from decoding.config import SamplingConfig
+
+    pairs, counts = build_pairs(tiny_model, tiny_tokenizer, _prompts(), k=2,
+                                sampling=SamplingConfig(max_new_tokens=5))
+    assert counts["samples"] == 8 and counts["kept"] + counts["dropped"] == 4
+    assert set(pairs["pair_source"]) <= {"samples", "demonstration"}
+
+
+def _independent_logp(model, tokenizer, prompt, response, max_length):
+    enc = encode_example(tokenizer, prompt, response, max_length=max_length)
+    ids = torch.tensor([enc["input_ids"]])
+    labels = torch.tensor(enc["labels"][1:])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+    keep = labels != -100
+    return float(logp[keep].gather(-1, labels[keep].unsqueeze(-1)).sum())
+
+
+def test_reference_logps_match_full_logits_in_float64(tiny_tokenizer):
+    from tiny import make_tiny_model
+
+    model = make_tiny_model(tiny_tokenizer, seed=3, dtype=torch.float64)
+    pairs = datasets.Dataset.from_list([
+        {"prompt": "2+3?", "system": "", "chosen": "\\boxed{5}", "rejected": "I think it is \\boxed{6}"},
+        {"prompt": "a much longer prompt here?", "system": "", "chosen": "yes", "rejected": "n"},
+        {"prompt": "x", "system": "", "chosen": "a fairly long chosen answer to be truncated", "rejected": "b"},
+    ])
+    out = add_reference_logps(model, tiny_tokenizer, pairs, max_length=40, batch_size=2)
+    for row in out:
+        for side in ("chosen", "rejected"):
+            expected = _independent_logp(model, tiny_tokenizer, row["prompt"], row[side], 40)
+            assert row[f"ref_{side}_logp"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        assert len(row["chosen_input_ids"]) <= 40
+    again = add_reference_logps(model, tiny_tokenizer, out, max_length=40)  # recomputing replaces the columns
+    assert again["ref_chosen_logp"] == pytest.approx(out["ref_chosen_logp"], rel=1e-9)
+
+
+def _margin(model, tokenizer, pairs, max_length=64) -> float:
+    """Mean s(chosen) − s(rejected) over the pairs, from full logits."""
+    values = [_independent_logp(model, tokenizer, r["prompt"], r["chosen"], max_length)
+              - _independent_logp(model, tokenizer, r["prompt"], r["rejected"], max_length) for r in pairs]
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_pairwise_training_widens_the_margin(objective, tiny_tokenizer, tmp_path):
+    from tiny import make_tiny_model
+
+    from onpolicy_sft.train import train
+
+    rows = []
+    for a in range(2, 10):
+        b = a + 3
+        rows.append({"prompt": f"{a}+3?", "system": "", "chosen": f"\\boxed{{{b}}}", "rejected": f"it is {b + 1}"})
+    pairs = datasets.Dataset.from_list(rows)
+    model = make_tiny_model(tiny_tokenizer, seed=1)
+    before = _margin(model, tiny_tokenizer, pairs)
+    if objective == "dpo":  # the cached reference columns travel with the data
+        pairs = add_reference_logps(model, tiny_tokenizer, pairs, max_length=64)
+    config = TrainConfig(objective=ObjectiveConfig(name=objective), lr=3e-3, batch_size=4, micro_batch_size=2,
+                         epochs=4.0, max_length=64, warmup_ratio=0.0, trackers=["jsonl"], progress=False,
+                         mixed_precision="no")
+    train(model, tiny_tokenizer, pairs, config, out_dir=tmp_path / objective)
+    after = _margin(model, tiny_tokenizer, pairs)
+    assert after > before + 1.0, (before, after)

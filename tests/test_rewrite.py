@@ -1,0 +1,185 @@
+"""The corpus rewrite: answer guard, repetition stop, fallback, resumption, batching independence."""
+
+import json
+
+import pytest
+from datasets import Dataset
+
+import decoding.rewrite as rw
+from decoding import HintedDecodingConfig, SamplingConfig, make_backend
+from decoding.rewrite import RewriteConfig, rewrite_corpus, rewrite_with_stats, row_seed
+from test_two_stream import ScriptedLM
+
+import torch
+
+
+def _corpus(n):
+    return Dataset.from_list([
+        {"id": f"q{i}", "prompt": f"What is {i}+{i}?", "response": f"{i}+{i}={2 * i}\n#### {2 * i}",
+         "answer": str(2 * i), "system": ""}
+        for i in range(n)
+    ])
+
+
+def _config(**overrides):
+    base = dict(
+        k_self=2, m_hinted=2, shard_size=3, seed=5, progress=False,
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=6),
+        hinted=HintedDecodingConfig(temperature=1.0, max_new_tokens=6),
+    )
+    return RewriteConfig(**{**base, **overrides})
+
+
+def _scripted_chat(tok, hinted_text, student_text):
+    """A scripted LM on chat-template prompts: the hinted stream (its prompt holds the reference
+    solution) greedily writes `hinted_text`, the student stream `student_text`, then eos."""
+    start, eos = tok.convert_tokens_to_ids("<|im_start|>"), tok.eos_token_id
+
+    def script(context):
+        last = len(context) - 1 - context[::-1].index(start)
+        generated = tok.decode(context[last + 1 :])[len("assistant\n"):]
+        text = hinted_text if "Reference solution" in tok.decode(context[:last]) else student_text
+        nxt = eos
+        for k in range(len(generated), -1, -1):  # continue after the part of the text already written
+            if text.startswith(generated[len(generated) - k :]):
+                nxt = tok.convert_tokens_to_ids(text[k]) if k < len(text) else eos
+                break
+        logits = torch.zeros(len(tok))
+        logits[nxt] = 30.0
+        return logits
+
+    return ScriptedLM(script, len(tok), eos)
+
+
+def _one_question():
+    return Dataset.from_list([{"id": "a", "prompt": "What is 6*7?", "response": "6*7=42. \\boxed{42}",
+                               "answer": "42", "system": ""}])
+
+
+def test_answer_guard_keeps_the_hint_from_writing_the_answer(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _scripted_chat(tok, "so \\boxed{42}", "so \\boxed{7}")
+    cfg = _config(score=False, sampling=SamplingConfig(temperature=0.0, max_new_tokens=30),
+                  hinted=HintedDecodingConfig(temperature=0.0, beta=0.0, max_new_tokens=30))
+    got = rewrite_corpus(model, tok, _one_question(), cfg)[0]
+    # The student writes 7 on its own and, after "\boxed{", in the hinted attempts too.
+    assert got["source"] == "original" and got["n_self_correct"] == 0 and got["n_hinted_correct"] == 0
+    assert got["response"] == "6*7=42. \\boxed{42}" and got["attempts"] == 4
+    # Without the guard the hinted stream would have copied the reference answer.
+    free = _config(score=False, sampling=cfg.sampling,
+                   hinted=HintedDecodingConfig(temperature=0.0, beta=0.0, max_new_tokens=30, answer_marker=""))
+    got = rewrite_corpus(model, tok, _one_question(), free)[0]
+    assert got["source"] == "hinted" and got["response"] == "so \\boxed{42}" and got["verified"]
+
+
+def test_self_answer_is_kept_first(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _scripted_chat(tok, "copy \\boxed{42}", "mine \\boxed{42}")
+    cfg = _config(score=False, sampling=SamplingConfig(temperature=0.0, max_new_tokens=30))
+    ds, stats = rewrite_with_stats(model, tok, _one_question(), cfg)
+    assert ds[0]["source"] == "self" and ds[0]["response"] == "mine \\boxed{42}" and ds[0]["attempts"] == 2
+    assert stats["per_source"] == {"self": 1, "hinted": 0, "original": 0} and stats["acceptance_rate"] == 1.0
+
+
+class _Recording:
+    """A backend wrapper that records what two_stream returned, or fails on its n-th sample call."""
+
+    def __init__(self, inner, fail_on_sample=None):
+        self.inner, self.fail_on_sample, self.calls, self.hinted = inner, fail_on_sample, 0, []
+
+    def sample(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_on_sample:
+            raise KeyboardInterrupt("killed")
+        return self.inner.sample(*args, **kwargs)
+
+    def two_stream(self, *args, **kwargs):
+        out = self.inner.two_stream(*args, **kwargs)
+        self.hinted += out
+        return out
+
+    def close(self):
+        pass
+
+
+def test_repetition_stop_ends_hinted_attempts(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _scripted_chat(tok, "abc" * 300, "abc" * 300)
+    cfg = _config(score=False, m_hinted=1, sampling=SamplingConfig(temperature=0.0, max_new_tokens=20),
+                  hinted=HintedDecodingConfig(temperature=0.0, max_new_tokens=500, repeat_window=6, repeat_count=4))
+    backend = _Recording(make_backend("hf", model, tok))
+    got = rewrite_corpus(model, tok, _one_question(), cfg, backend=backend)[0]
+    assert [tok.decode(h) for h in backend.hinted] == ["abc" * 5]  # the 4th "abcabc" ends at token 15
+    assert got["source"] == "original"
+
+
+def _accept_some(text, reference, timeout=5.0):
+    # A deterministic stand-in verdict, so that a random tiny model yields every source.
+    return sum(map(ord, text or "")) % 3 == 0
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_rows(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(rw, "is_correct", _accept_some)
+    data, cfg = _corpus(8), _config()
+    whole, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, cfg, out_dir=tmp_path / "a")
+    assert set(whole["source"]) == {"self", "hinted", "original"}  # the comparison below covers all paths
+
+    out = tmp_path / "b"
+    killed = _Recording(make_backend("hf", tiny_model, tiny_tokenizer), fail_on_sample=2)
+    with pytest.raises(KeyboardInterrupt):
+        rewrite_corpus(tiny_model, tiny_tokenizer, data, cfg, out_dir=out, backend=killed)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000.jsonl"]  # no temp files left
+    resumed, resumed_stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, cfg, out_dir=out)
+    assert resumed.to_list() == whole.to_list() and resumed_stats == stats
+    assert len(set(resumed["id"])) == len(data)
+    assert json.loads((out / "stats.json").read_text()) == stats
+    saved = [json.loads(line) for line in (out / "rewritten.jsonl").read_text().splitlines()]
+    assert saved == whole.to_list()
+    # A finished run restarted again only reads its shards back.
+    assert rewrite_corpus(tiny_model, tiny_tokenizer, data, cfg, out_dir=out,
+                          backend=_Recording(None, fail_on_sample=1)).to_list() == whole.to_list()
+    with pytest.raises(ValueError, match="different config_hash"):
+        rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(seed=6), out_dir=out)
+
+
+def test_rows_do_not_depend_on_batching(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(rw, "is_correct", _accept_some)
+    data = _corpus(5)
+    a = rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(shard_size=5))
+    b = rewrite_corpus(tiny_model, tiny_tokenizer, data.select([4, 3, 2, 1, 0]), _config(shard_size=2))
+    rows_b = {r["id"]: r for r in b}
+    for row in a:
+        other = rows_b[row["id"]]
+        for key, value in row.items():
+            if key.startswith("ddt_"):
+                assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+            elif key != "config_hash":
+                assert other[key] == value, key
+    assert row_seed(5, "q1", "self") != row_seed(5, "q2", "self") != row_seed(6, "q1", "self")
+
+
+def test_fallback_original_and_drop(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(rw, "is_correct", lambda text, ref, timeout=5.0: False)
+    data = _corpus(3)
+    kept, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, _config())
+    assert kept["source"] == ["original"] * 3 and kept["response"] == data["response"]
+    assert kept["ddt_phi_mean"] == kept["ddt_original_phi_mean"]  # the same text scored twice
+    assert {"model", "config_hash", "seed", "ddt_z", "ddt_original_n_tokens"} <= set(kept.column_names)
+    assert stats["acceptance_rate"] == 0.0 and stats["phi_before"] == pytest.approx(stats["phi_after"])
+    dropped, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, _config(fallback="drop"))
+    assert len(dropped) == 0 and stats["dropped"] == 3 and stats["per_source"]["original"] == 3
+    with pytest.raises(ValueError, match="fallback"):
+        RewriteConfig(fallback="keep")
+
+
+def test_stage_one_analysis_prefixes_the_hinted_stream(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _scripted_chat(tok, "idea. My solution:\nso \\boxed{42}", "so \\boxed{7}")
+    hinted = HintedDecodingConfig(temperature=0.0, beta=0.0, max_new_tokens=40, answer_marker="")
+    cfg = _config(score=False, k_self=1, m_hinted=1, sampling=SamplingConfig(temperature=0.0, max_new_tokens=30),
+                  hinted=hinted)
+    # Without stage 1 the hinted stream writes its analysis into the response.
+    assert rewrite_corpus(model, tok, _one_question(), cfg)[0]["response"] == "idea. My solution:\nso \\boxed{42}"
+    # With it, the analysis (cut at the marker) sits in the hinted prompt; the response starts after it.
+    got = rewrite_corpus(model, tok, _one_question(), _config(**{**cfg.__dict__, "analysis": True}))[0]
+    assert got["source"] == "hinted" and got["response"] == "so \\boxed{42}"
