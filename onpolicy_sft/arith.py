@@ -138,7 +138,7 @@ class Level:
 
 
 LEVELS = {
-    "easy": Level((1, 2, 3), (0.45, 0.4, 0.15), (3, 30), (2, 9), (2, 20), (2, 6), (2, 9)),
+    "easy": Level((1, 2, 3), (0.55, 0.35, 0.1), (3, 20), (2, 6), (2, 10), (2, 5), (2, 5)),
     "hard": Level((3, 4), (0.5, 0.5), (20, 300), (6, 25), (10, 150), (3, 12), (3, 25)),
 }
 
@@ -167,11 +167,13 @@ def _problem(rng: random.Random, template: int, n_ops: int, level: Level) -> Pro
     """One problem with exactly ``n_ops`` operations, or None when the draw breaks a constraint."""
     story = STORIES[template]
     name = rng.choice(NAMES)
-    # the opening sentence names the actor; later sentences refer back with "She"
-    fill = lambda phrase, n: phrase.format(n=n, name=name, they="She")  # noqa: E731
+
+    def fill(phrase: str, n: int) -> str:  # the opening names the actor; later sentences say "She"
+        return phrase.format(n=n, name=name, they="She")
+
     sentences, lines = [], []
     # the shape: [group start] (+|-)* [share|price], exactly n_ops operations
-    use_group = n_ops >= 1 and rng.random() < 0.35
+    use_group = rng.random() < 0.35
     end = rng.choice(["none", "share", "price"]) if n_ops - use_group >= 1 else "none"
     n_middle = n_ops - use_group - (end != "none")
     if use_group:

@@ -235,12 +235,10 @@ def _score_source(source: str, split: str, limit: int | None):
 def run_score(args) -> int:
     from pathlib import Path
 
-    from accelerate import PartialState
-
     from onpolicy_sft import ddt, ddt_report
     from onpolicy_sft.models import load_model
 
-    state = PartialState()
+    state = ddt.process_state()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=state.device)
     sources = {f"{Path(args.data).name}/{args.split}": (args.data, "scored.parquet")}
     if args.compare:

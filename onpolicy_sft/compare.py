@@ -105,7 +105,7 @@ def _write_json(path: Path, value) -> None:
 
 
 def _mean_phi(dataset) -> float:
-    values = dataset["ddt_phi_mean"]
+    values = list(dataset["ddt_phi_mean"])
     return float(sum(values) / len(values)) if values else float("nan")
 
 

@@ -123,6 +123,13 @@ def plan_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def process_state():
+    """accelerate's view of the launched processes; without a GPU it joins them over gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _encode(tokenizer, dataset, response_column: str, max_length: int | None) -> list[dict]:
     from onpolicy_sft.data import encode_example
 
@@ -148,17 +155,17 @@ def score(
     """``dataset`` with the ``ddt_`` columns of each response, scored after its prompt in the
     plain chat template (the student context). Rows keep their input order.
 
-    Under ``accelerate launch`` with several processes, batches are dealt round-robin to the
-    processes and the scores gathered back, so every process returns the complete dataset.
+    Launched with several processes (``accelerate launch``, or ``torchrun`` on CPU-only
+    machines), batches are dealt round-robin to the processes and the scores gathered back,
+    so every process returns the complete dataset.
     ``per_token`` adds ``ddt_phi`` (a list of φ_t per row) for inspection.
     """
-    from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from onpolicy_sft.data import collate
 
-    state = PartialState()
+    state = process_state()
     encoded = _encode(tokenizer, dataset, response_column, max_length)
     batches = plan_batches([len(e["input_ids"]) for e in encoded], batch_tokens)
     mine = batches[state.process_index :: state.num_processes]
@@ -197,12 +204,17 @@ def summarize(dataset) -> dict:
     ``phi_mean``/``phi_median``: over rows of each row's mean φ (the authors' corpus score);
     ``phi_token_mean`` and the tail fractions pool all response tokens; ``reject_rate_1pct``
     is the share of rows whose p-value rejects "written by this model" at the 1% level.
+    Short rows give each row's test little power, so the corpus as a whole is also tested:
+    ``corpus_z`` = Σ_i Z_i / sqrt(n) (Stouffer), N(0, 1) when every row is the model's own
+    sample (rows are independent), with one-sided p-value ``corpus_pvalue`` = Φ(corpus_z).
     """
     phi_mean = np.asarray(dataset[PREFIX + "phi_mean"], dtype=np.float64)
     n_tokens = np.asarray(dataset[PREFIX + "n_tokens"], dtype=np.float64)
     z = np.asarray(dataset[PREFIX + "z"], dtype=np.float64)
     pvalue = np.asarray(dataset[PREFIX + "pvalue"], dtype=np.float64)
     total = float(n_tokens.sum())
+    finite_z = z[np.isfinite(z)]
+    corpus_z = float(finite_z.sum() / np.sqrt(len(finite_z))) if len(finite_z) else float("nan")
 
     def pooled(name: str) -> float:
         values = np.asarray(dataset[PREFIX + name], dtype=np.float64)
@@ -221,4 +233,6 @@ def summarize(dataset) -> dict:
         "frac_below_5": pooled("frac_below_5"),
         "frac_positive": pooled("frac_positive"),
         "reject_rate_1pct": float(np.mean(pvalue < REJECT_LEVEL)) if len(pvalue) else float("nan"),
+        "corpus_z": corpus_z,
+        "corpus_pvalue": float(norm.cdf(corpus_z)),
     }

@@ -31,6 +31,8 @@ _ROWS = (
     ("frac_below_5", "tokens with φ < −5", "{:.2%}"),
     ("frac_positive", "tokens with φ > 0", "{:.2%}"),
     ("reject_rate_1pct", f"rows rejected at {REJECT_LEVEL:.0%} (p = Φ(Z) < {REJECT_LEVEL})", "{:.1%}"),
+    ("corpus_z", "corpus Z (Stouffer: ΣZ / sqrt(rows))", "{:+.2f}"),
+    ("corpus_pvalue", "corpus p-value Φ(corpus Z)", "{:.2e}"),
 )
 
 

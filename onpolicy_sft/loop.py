@@ -172,6 +172,9 @@ def run_loop(config: LoopConfig) -> dict:
     original, eval_sets, general = load_data(config)
     backend, note = make_loop_backend(config.backend, base, tokenizer, config.backend_options)
     manifest.data["backend"] = type(backend).__name__
+    # Measured (experiments/benchmarks/vllm_weight_swap.py): updating the running engine in place
+    # beats starting a new engine on the checkpoint, so each round's weights go in that way.
+    manifest.data["weight_update"] = "in place: Backend.update_weights(model)"
     if note:
         manifest.data["backend_note"] = note
     manifest.save()
@@ -182,9 +185,10 @@ def run_loop(config: LoopConfig) -> dict:
             logger.info("%s: finished earlier, skipping", name)
             return
         logger.info("%s: starting", name)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         extra = fn() or {}
-        manifest.finish(name, time.perf_counter() - start, **extra)
+        # CPU seconds too: on a shared machine the wall time says more about the neighbours
+        manifest.finish(name, time.perf_counter() - start, cpu_seconds=round(time.process_time() - cpu_start, 1), **extra)
 
     general_file = out / "base" / "general_responses.json"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -249,6 +250,8 @@ def test_summarize():
     assert s["phi_token_mean"] == pytest.approx((1 - 15 - 40 + 0) / 100)
     assert s["frac_below_1"] == pytest.approx((15 + 5) / 100)
     assert s["reject_rate_1pct"] == pytest.approx(0.25)  # only Z = −3 has Φ(Z) < 0.01
+    assert s["corpus_z"] == pytest.approx(-3.5 / 2)
+    assert s["corpus_pvalue"] == pytest.approx(stats.norm.cdf(-1.75))
     assert all(isinstance(v, (int, float)) for v in s.values())
     json.dumps(s)
 
@@ -286,6 +289,39 @@ def test_cli_score(tmp_path, tiny_tokenizer, capsys):
     assert summary["arithmetic/test"]["phi_mean"] == pytest.approx(float(np.mean(scored["ddt_phi_mean"])))
     assert (out / "scored_compare.parquet").exists() and (out / "report.md").exists()
     assert "mean φ" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_merge_in_input_order(tmp_path, tiny_tokenizer):
+    """torchrun with 2 CPU processes (gloo): each scores its share, the result equals one process's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import datasets
+
+    model_dir = tmp_path / "tiny"
+    peaked_model(tiny_tokenizer).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    args = ["score", "--model", str(model_dir), "--data", "arithmetic", "--limit", "10", "--batch-tokens", "256"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two_run = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "onpolicy_sft", *args,
+                              "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True, text=True,
+                             timeout=300)
+    one_run = subprocess.run([sys.executable, "-m", "onpolicy_sft", *args, "--out", str(tmp_path / "one")],
+                             check=True, env=env, capture_output=True, text=True, timeout=300)
+
+    def tokens_on_rank0(stderr: str) -> int:  # the progress bar's total: rank 0's share of the tokens
+        return int(re.findall(r"DDT scoring: 100%.*?\| \d+/(\d+)", stderr)[-1])
+
+    assert 0 < tokens_on_rank0(two_run.stderr) < tokens_on_rank0(one_run.stderr)
+    one = datasets.Dataset.from_parquet(str(tmp_path / "one" / "scored.parquet"))
+    two = datasets.Dataset.from_parquet(str(tmp_path / "two" / "scored.parquet"))
+    assert two["id"] == one["id"]
+    for key in ddt.SCORE_KEYS:
+        assert two["ddt_" + key] == pytest.approx(one["ddt_" + key], rel=1e-6, abs=1e-7)
 
 
 @pytest.mark.embedded

@@ -176,3 +176,17 @@ def test_cli_loop_prints_the_table(tiny_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| round |" in printed and "| 1 |" in printed
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"][0]["round"] == 1
+
+
+def test_cli_train_then_eval(tiny_dir, tmp_path, capsys):
+    from onpolicy_sft.cli import main
+
+    config_file = save_config(_loop_config(tiny_dir, tmp_path / "unused"), tmp_path / "c.yaml")
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--config", str(config_file), "--out", str(ckpt), "--set", "data.n_train=4"]) == 0
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "training_complete.json").exists()
+    assert main(["eval", "--config", str(config_file), "--model", str(ckpt), "--base", str(tiny_dir),
+                 "--out", str(tmp_path / "eval"), "--set", "data.n_test=2", "--set", "data.n_test_hard=2"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["test"]["n_examples"] == 2 and metrics["forgetting"]["kl"] > 0
+    assert len((tmp_path / "eval" / "test_hard" / "results.jsonl").read_text().splitlines()) == 2

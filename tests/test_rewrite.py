@@ -3,14 +3,13 @@
 import json
 
 import pytest
+import torch
 from datasets import Dataset
 
 import decoding.rewrite as rw
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend
 from decoding.rewrite import RewriteConfig, rewrite_corpus, rewrite_with_stats, row_seed
 from test_two_stream import ScriptedLM
-
-import torch
 
 
 def _corpus(n):

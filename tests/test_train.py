@@ -101,6 +101,53 @@ def test_normalisation_is_invariant_to_micro_batching_float64(tiny_tokenizer):
             torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-10, atol=1e-13, msg=name)
 
 
+class _FakeProcessGroup:
+    """What step_gradients asks of accelerate, for ``num_processes`` processes simulated one after another."""
+
+    def __init__(self, num_processes, local_units_of_all):
+        self.num_processes, self.device, self.totals = num_processes, torch.device("cpu"), local_units_of_all
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        return torch.tensor(float(sum(self.totals)))
+
+    def no_sync(self, module):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_normalisation_is_invariant_to_process_count_float64(tiny_tokenizer):
+    """Two simulated data-parallel processes: each scales by the GLOBAL token count, DDP averages the
+    two gradients, and the result is the single-process token-mean gradient."""
+    from onpolicy_sft.data import collate
+    from onpolicy_sft.objectives import build
+    from onpolicy_sft.train import count_units
+    from tiny import make_tiny_model
+
+    ds = _rows(tiny_tokenizer, 7, seed=3)
+    model = make_tiny_model(tiny_tokenizer, seed=1, dtype=torch.float64)
+    pad = tiny_tokenizer.pad_token_id
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ds]
+    _, ref_grads = _full_batch_token_mean_grads(model, collate(rows, pad))
+    (step,) = plan_steps([len(r["input_ids"]) for r in rows], batch_size=7, micro_batch_size=2, num_processes=2)
+    per_process = [[collate([rows[i] for i in mb], pad) if mb else None for mb in proc] for proc in step]
+    units = [sum(count_units(b, False) for b in proc if b is not None) for proc in per_process]
+    assert all(units) and units[0] != units[1]  # uneven shares: a per-process mean would be wrong
+    wrapped = ObjectiveModel(model, build("sft"))
+    summed = None
+    for batches in per_process:
+        model.zero_grad()
+        step_gradients(wrapped, batches, pairwise=False, progress=0.0, accelerator=_FakeProcessGroup(2, units))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        summed = grads if summed is None else {n: summed[n] + g for n, g in grads.items()}
+    for name, g in summed.items():
+        torch.testing.assert_close(g / 2, ref_grads[name], rtol=1e-10, atol=1e-13, msg=name)  # DDP's mean
+
+
 def test_train_1x8_equals_4x2_float64(tiny_tokenizer, tmp_path):
     from tiny import make_tiny_model
 
@@ -195,42 +242,42 @@ def test_loss_falls_on_tiny_overfit_set(name, tiny_tokenizer, tmp_path):
         assert after < before - 0.05, (before, after)
 
 
-RESUME_SCRIPT = textwrap.dedent(
-    """
-    import sys, torch
-    sys.path.insert(0, {tests!r})
-    from test_train import _rows, _config
+def _resume_run(out_dir):
+    """The run the resume test kills and repeats: 5 steps, state saved every 2, warmup and clipping on."""
     from tiny import make_tiny_model, make_tiny_tokenizer
-    from onpolicy_sft.train import train
+
     tok = make_tiny_tokenizer()
     model = make_tiny_model(tok, seed=4)
     train(model, tok, _rows(tok, 20), _config(batch_size=4, micro_batch_size=2, lr=1e-2, warmup_ratio=0.2,
-          max_grad_norm=1.0, save_every=2), out_dir=sys.argv[1])
+          max_grad_norm=1.0, save_every=2), out_dir=out_dir)
+
+
+KILLED_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_train import _resume_run
+    _resume_run(sys.argv[1])
     """
 )
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
-    """Kill (SIGKILL) after step 3 of 5, with state saved at step 2: the rerun replays step 3."""
+    """SIGKILL after step 3 of 5 (state saved at step 2) in a child process; resuming here replays
+    step 3 and must end with the weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
     script = tmp_path / "run.py"
-    script.write_text(RESUME_SCRIPT.format(tests=str(TESTS)))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-
-    def run(out, kill=None):
-        e = dict(env)
-        if kill:
-            e[KILL_AFTER_STEP_ENV] = str(kill)
-        return subprocess.run([sys.executable, str(script), str(out)], env=e, capture_output=True, text=True)
-
-    killed = run(tmp_path / "resumed", kill=3)
+    script.write_text(KILLED_SCRIPT.format(tests=str(TESTS)))
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", KILL_AFTER_STEP_ENV: "3"}
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env,
+                            capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert (tmp_path / "resumed" / "trainer_state" / "latest.json").exists()
+    assert json.loads((tmp_path / "resumed" / "trainer_state" / "latest.json").read_text())["step"] == 2
     assert not (tmp_path / "resumed" / DONE_FILE).exists()
     for out in ("resumed", "straight"):
-        done = run(tmp_path / out)
-        assert done.returncode == 0, done.stderr[-2000:]
+        _resume_run(tmp_path / out)
     a = load_file(tmp_path / "resumed" / "model.safetensors")
     b = load_file(tmp_path / "straight" / "model.safetensors")
     assert a.keys() == b.keys()
