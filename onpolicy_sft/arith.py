@@ -7,12 +7,15 @@ Numbers are drawn so that every intermediate result is a positive integer.
 
 The reference solution is deliberately terse and unlike an instruct model's own prose: one
 calculator line per operation and a final ``#### N`` (the GSM8K convention), e.g.
-``6*4=24\\n24-5=19\\n#### 19``. The question asks for the answer in ``\\boxed{}``.
+``6*4=24\\n24-5=19\\n#### 19``. The question asks for the answer in ``\\boxed{}``, "with the
+number only": of the phrasings tried, the one under which the embedded model most often ended
+with a checkable correct answer.
 
-Splits: ``train`` and ``test`` share the templates and the difficulty (mostly 1-2 small
-operations) with fresh numbers; ``test_hard`` uses 3-4 operations and larger numbers. Each split
-has its own random stream, so the first k rows of a split do not depend on the other sizes;
-rows are disjoint across splits by question text.
+Splits: ``train`` and ``test`` share the templates and the difficulty (mostly 1-2 operations on
+small numbers: the embedded model solves only a few percent even so) with fresh numbers;
+``test_hard`` uses 3-4 operations and larger numbers. Each split has its own random stream, so
+the first k rows of a split do not depend on the other sizes; rows are disjoint across splits
+by question text.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-BOXED_INSTRUCTION = "Put the final answer in \\boxed{}."
+BOXED_INSTRUCTION = "Answer with the number only, in \\boxed{}."
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ class Level:
 
 
 LEVELS = {
-    "easy": Level((1, 2, 3), (0.55, 0.35, 0.1), (3, 20), (2, 6), (2, 10), (2, 5), (2, 5)),
+    "easy": Level((1, 2, 3), (0.6, 0.3, 0.1), (2, 12), (2, 5), (2, 9), (2, 4), (2, 4)),
     "hard": Level((3, 4), (0.5, 0.5), (20, 300), (6, 25), (10, 150), (3, 12), (3, 25)),
 }
 
@@ -173,8 +176,8 @@ def _problem(rng: random.Random, template: int, n_ops: int, level: Level) -> Pro
 
     sentences, lines = [], []
     # the shape: [group start] (+|-)* [share|price], exactly n_ops operations
-    use_group = rng.random() < 0.35
-    end = rng.choice(["none", "share", "price"]) if n_ops - use_group >= 1 else "none"
+    use_group = rng.random() < 0.25
+    end = rng.choices(["none", "share", "price"], [0.5, 0.25, 0.25])[0] if n_ops - use_group >= 1 else "none"
     n_middle = n_ops - use_group - (end != "none")
     if use_group:
         a, b = rng.randint(*level.group), rng.randint(*level.group)

@@ -69,7 +69,7 @@ def sequence_scores(
 
     hidden = _hidden_states(model, input_ids, attention_mask)[:, :-1]
     targets = labels[:, 1:]
-    counted = targets != IGNORE_INDEX
+    counted = (targets != IGNORE_INDEX) & attention_mask[:, 1:].bool()
     # Only response positions reach the lm_head: prompt and padding logits are never formed.
     stats = chunked_token_stats(hidden[counted], lm_head_weight(model), targets[counted], chunk_tokens)
     rows = counted.nonzero()[:, 0]

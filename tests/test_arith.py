@@ -51,7 +51,7 @@ def test_schema_and_answers_recomputed_from_solution_lines(splits):
         for row in ds:
             value, given = evaluate_solution(row["response"])
             assert row["answer"] == str(value)
-            assert row["prompt"].endswith("Put the final answer in \\boxed{}.")
+            assert row["prompt"].endswith(" " + arith.BOXED_INSTRUCTION) and "\\boxed{}" in row["prompt"]
             numbers = [int(x) for x in re.findall(r"\d+", row["prompt"])]
             assert sorted(given) == sorted(numbers), row["prompt"]  # every operand is stated, nothing else
             assert row["system"] == ""

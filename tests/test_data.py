@@ -280,8 +280,10 @@ def test_on_error_value_checked():
 
 
 @pytest.mark.embedded
-def test_encoding_matches_embedded_chat_template(embedded):
-    _, tok = embedded
+def test_encoding_matches_embedded_chat_template():
+    from onpolicy_sft.models import EMBEDDED_MODEL, load_tokenizer
+
+    tok = load_tokenizer(EMBEDDED_MODEL)  # the tokenizer only: no need to load the weights
     for system in ("", "Be terse."):
         for response in ("12+3=15\n#### 15", " lead", "\nnewline", "The answer is \\boxed{7}."):
             enc = encode_example(tok, "What is 12+3?", response, system)

@@ -106,10 +106,13 @@ def _sample(model, prompt_ids: list[int], n_rows: int, n_new: int, seed: int) ->
     """Pure temperature-1 ancestral sampling over the full vocabulary (no top-k, no top-p)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.tensor([prompt_ids] * n_rows)
+    step_input, cache = ids, None
     with torch.no_grad():
         for _ in range(n_new):
-            probs = torch.softmax(model(input_ids=ids).logits[:, -1].double(), dim=-1)
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], dim=1)
+            out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            step_input = torch.multinomial(torch.softmax(out.logits[:, -1].double(), dim=-1), 1, generator=g)
+            ids = torch.cat([ids, step_input], dim=1)
     return ids
 
 

@@ -45,7 +45,7 @@ def make_rows(tokenizer, n_rows: int, length: int, prompt_len: int, seed: int = 
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n_rows):
-        ids = torch.randint(100, tokenizer.vocab_size - 100, (length,), generator=g).tolist()
+        ids = torch.randint(len(tokenizer) // 10, len(tokenizer), (length,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * prompt_len + ids[prompt_len:]})
     return rows
 
