@@ -230,8 +230,8 @@ def rewrite_with_stats(model, tokenizer, dataset, config: RewriteConfig | None =
             if bar is not None:
                 bar.update(len(shard))
                 counts = {s: sum(r["source"] == s for r in done) for s in SOURCES}
-                bar.set_postfix(self=counts["self"], hinted=counts["hinted"], original=counts["original"],
-                                accepted=f"{(counts['self'] + counts['hinted']) / len(done):.0%}")
+                accepted = (counts["self"] + counts["hinted"]) / len(done)
+                bar.set_postfix({**counts, "accepted": f"{accepted:.0%}"})
     finally:
         if bar is not None:
             bar.close()

@@ -160,7 +160,7 @@ def test_rows_do_not_depend_on_batching(tiny_model, tiny_tokenizer, monkeypatch)
 def test_fallback_original_and_drop(tiny_model, tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(rw, "is_correct", lambda text, ref, timeout=5.0: False)
     data = _corpus(3)
-    kept, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, _config())
+    kept, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, _config(progress=True))
     assert kept["source"] == ["original"] * 3 and kept["response"] == data["response"]
     assert kept["ddt_phi_mean"] == kept["ddt_original_phi_mean"]  # the same text scored twice
     assert {"model", "config_hash", "seed", "ddt_z", "ddt_original_n_tokens"} <= set(kept.column_names)

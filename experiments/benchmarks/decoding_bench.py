@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--vllm-batch", type=int, default=8)
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (a smoke test writes elsewhere)")
     parser.add_argument("--vllm-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.vllm_only:  # child process: one vLLM engine per process
@@ -155,10 +156,10 @@ def main() -> None:
                               capture_output=True, text=True, env=dict(os.environ))
         found = [line[5:] for line in proc.stdout.splitlines() if line.startswith("VLLM ")]
         result["vllm"] = json.loads(found[-1]) if found else f"failed: {proc.stderr[-1500:]}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "decoding_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_md(result, RESULTS / "decoding_bench.md")
-    print((RESULTS / "decoding_bench.md").read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decoding_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_md(result, args.out / "decoding_bench.md")
+    print((args.out / "decoding_bench.md").read_text())
 
 
 if __name__ == "__main__":
