@@ -108,8 +108,8 @@ class ObjectiveModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 0.0):
         teacher, ref = self._frozen["teacher"], self._frozen["ref"]
-        ref_logps = None
-        if "ref_logps" in self.objective.needs:
+        ref_logps = batch.get("ref_logps")  # cached with the pairs (preference.add_reference_logps)
+        if ref_logps is None and "ref_logps" in self.objective.needs:
             from onpolicy_sft.objectives.adapters import sequence_logps
 
             with torch.no_grad():
@@ -130,7 +130,7 @@ class ObjectiveModel(nn.Module):
 
         context = {"progress": progress}
         with torch.no_grad():
-            if "teacher" in self.objective.needs:
+            if teacher is not None:
                 context["teacher_logits"] = logits_of(teacher)
             if "ref" in self.objective.needs:
                 context["ref_logits"] = logits_of(ref)
@@ -230,7 +230,14 @@ def collate_rows(dataset, indices: list[int], pad_token_id: int, pairwise: bool,
     else:
         flat = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
     batch = collate(flat, pad_token_id)
+    if pairwise and has_cached_ref_logps(dataset):
+        batch["ref_logps"] = torch.tensor(list(rows["ref_chosen_logp"]) + list(rows["ref_rejected_logp"]), dtype=torch.float32)
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def has_cached_ref_logps(dataset) -> bool:
+    """Pairs carrying the reference's summed log-probs, computed once (preference.add_reference_logps)."""
+    return {"ref_chosen_logp", "ref_rejected_logp"} <= set(dataset.column_names)
 
 
 def _row_lengths(dataset, pairwise: bool) -> list[int]:
@@ -383,14 +390,16 @@ def train(
     needs = set(objective.needs)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    if "teacher" in needs and teacher is None:
+    wants_teacher = "teacher" in needs or ("teacher" in objective.accepts and config.teacher is not None)
+    if wants_teacher and teacher is None:
         if config.teacher is None:
             raise ValueError(
                 f"objective {objective.name!r} needs a teacher: pass teacher= or set train.teacher "
                 "(a model path/name, or 'base' for the frozen starting model)"
             )
         teacher = _load_frozen(config.teacher, model, "teacher", device, dtype)
-    if needs & {"ref", "ref_logps"} and ref is None:
+    cached_ref = (needs & {"ref", "ref_logps"}) == {"ref_logps"} and has_cached_ref_logps(dataset)
+    if needs & {"ref", "ref_logps"} and ref is None and not cached_ref:
         ref = _load_frozen(config.ref or "base", model, "reference", device, dtype)
     pairwise = bool(objective.pairwise)
 
