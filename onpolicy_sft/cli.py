@@ -9,14 +9,6 @@ import sys
 from onpolicy_sft.models import EMBEDDED_MODEL
 
 
-def _not_implemented(stage: str):
-    def run(args) -> int:
-        print(f"onpolicy-sft {stage}: not implemented yet", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def add_model(sub) -> None:
     p = sub.add_parser("model", help="fetch, convert or inspect a model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("action", choices=["fetch", "info", "ask"], help="fetch: download and convert; info: shapes; ask: answer a question")
@@ -111,11 +103,6 @@ def run_data(args) -> int:
     else:
         print(json.dumps({"rows": len(dataset)}))
     return 0
-
-
-def add_stage(sub, name: str, help: str) -> None:
-    p = sub.add_parser(name, help=help)
-    p.set_defaults(run=_not_implemented(name))
 
 
 def _add_config_args(p) -> None:
@@ -220,7 +207,8 @@ def add_score(sub) -> None:
     p.set_defaults(run=run_score)
 
 
-def _score_source(source: str, split: str, limit: int | None):
+def _demonstrations(source: str, split: str, limit: int | None):
+    """The built-in arithmetic split, or demonstrations loaded from a file or hub name; the first `limit` rows."""
     if source == "arithmetic":
         from onpolicy_sft.arith import arithmetic_splits
 
@@ -247,7 +235,7 @@ def run_score(args) -> int:
     options = {"per_token": args.per_token}
     if args.batch_tokens:
         options["batch_tokens"] = args.batch_tokens
-    corpora = {name: ddt.score(model, tokenizer, _score_source(src, args.split, args.limit), **options)
+    corpora = {name: ddt.score(model, tokenizer, _demonstrations(src, args.split, args.limit), **options)
                for name, (src, _) in sources.items()}
     if not state.is_main_process:
         return 0
@@ -314,16 +302,7 @@ def run_rewrite(args) -> int:
     from decoding.rewrite import RewriteConfig, rewrite_with_stats
     from onpolicy_sft.models import load_model, resolve_model_path
 
-    if args.data == "arithmetic":
-        from onpolicy_sft.arith import arithmetic_splits
-
-        dataset = arithmetic_splits()[args.split]
-    else:
-        from onpolicy_sft.data import load_demonstrations
-
-        dataset = load_demonstrations(args.data, split=args.split)
-    if args.limit is not None:
-        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    dataset = _demonstrations(args.data, args.split, args.limit)
     config = RewriteConfig(
         k_self=args.k_self, m_hinted=args.m_hinted, fallback=args.fallback, analysis=args.analysis,
         shard_size=args.shard_size, seed=args.seed, model_name=args.model,

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
+from onpolicy_sft.models import decoder_hidden_states, lm_head_weight
 from onpolicy_sft.ops import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, TokenStats, chunked_token_stats, token_stats
-from onpolicy_sft.models import lm_head_weight
 
 __all__ = ["SCORE_KEYS", "TokenStats", "token_stats", "sequence_scores", "score", "summarize"]
 
@@ -29,19 +29,6 @@ SCORE_KEYS = (
 PREFIX = "ddt_"
 DEFAULT_BATCH_TOKENS = 8192
 REJECT_LEVEL = 0.01
-
-
-def _hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states with positions counted from each row's first real token.
-
-    Explicit position ids make a left-padded row see exactly the positions it would see
-    unpadded; models that only use relative positions (RoPE) would get away without them,
-    models with absolute position embeddings would not.
-    """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    body = model.get_decoder()
-    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state
 
 
 @torch.no_grad()
@@ -67,7 +54,7 @@ def sequence_scores(
     attention_mask = attention_mask.to(device)
     batch = input_ids.shape[0]
 
-    hidden = _hidden_states(model, input_ids, attention_mask)[:, :-1]
+    hidden = decoder_hidden_states(model, input_ids, attention_mask)[:, :-1]
     targets = labels[:, 1:]
     counted = (targets != IGNORE_INDEX) & attention_mask[:, 1:].bool()
     # Only response positions reach the lm_head: prompt and padding logits are never formed.

@@ -12,10 +12,10 @@ M_r is evaluated (accuracy on every eval split, forgetting against M_0). Layout:
 
 A killed loop is resumed by running it again: finished stages are skipped, their artefacts read
 back. One generation backend lives for the whole loop; after training it is switched to the new
-weights in place (``Backend.update_weights``). On this 2-core CPU an in-place vLLM update took
-≈ 0.5 s (≈ 0.6 s from the saved checkpoint) where a new engine on the checkpoint took ≈ 5 s plus
-the checkpoint's load (experiments/benchmarks/vllm_weight_swap.py measures all three); every
-switch's time is in the manifest under ``weight_updates``.
+weights in place (``Backend.update_weights``). On this 2-core CPU that took 1.3 s from the
+in-memory model (0.8 s from the saved checkpoint) against 9.5 s for a new engine on the
+checkpoint (experiments/benchmarks/vllm_weight_swap.py); either in-place way is negligible next
+to a stage, and every switch's time is in the manifest under ``weight_updates``.
 """
 
 from __future__ import annotations

@@ -168,10 +168,16 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.
     """Last hidden states [B, T, H] after the final norm: what the lm_head would multiply.
 
     Running the decoder body alone is what lets the losses and DDT work from hidden states in
-    chunks without ever forming the [B, T, V] logits.
+    chunks without ever forming the [B, T, V] logits. Positions count from each row's first real
+    token, so a left-padded row sees the positions it would see unpadded (models with absolute
+    position embeddings depend on it; rotary ones would only differ by rounding).
     """
+    position_ids = None
+    if attention_mask is not None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     body = model.get_decoder()
-    return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
 
 
 def lm_head_weight(model) -> torch.Tensor:

@@ -29,3 +29,21 @@ def embedded():
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny model and tokenizer saved as a checkpoint directory, for code that loads by path."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    make_tiny_model(tiny_tokenizer, seed=0).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

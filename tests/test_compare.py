@@ -14,16 +14,6 @@ from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 REPO = Path(__file__).parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    from tiny import make_tiny_model
-
-    path = tmp_path_factory.mktemp("tiny_model")
-    make_tiny_model(tiny_tokenizer, seed=0).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def _config(tiny_dir, out_dir) -> CompareConfig:
     return CompareConfig(
         out_dir=str(out_dir), seeds=[0], backend="hf",

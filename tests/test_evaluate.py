@@ -14,13 +14,7 @@ from onpolicy_sft.config import EvalConfig
 from onpolicy_sft.evaluate import forgetting, mean_and_se, pass_at_k
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 16, 64])

@@ -15,23 +15,7 @@ from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig
 REPO = Path(__file__).parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    from tiny import make_tiny_model
-
-    path = tmp_path_factory.mktemp("tiny_model")
-    make_tiny_model(tiny_tokenizer, seed=0).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loop_config(tiny_dir, out_dir) -> LoopConfig:

@@ -19,13 +19,7 @@ from onpolicy_sft.train import DONE_FILE, KILL_AFTER_STEP_ENV, plan_steps, step_
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(tokenizer, n, seed=0):
