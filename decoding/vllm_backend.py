@@ -340,7 +340,12 @@ class VLLMBackend(Backend):
             engine = getattr(llm, "llm_engine", None)
             shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
             if shutdown is not None:
-                shutdown()
+                try:
+                    shutdown()
+                except Exception as err:
+                    # After training in the same process, the engine's shutdown can trip over a
+                    # torch.distributed process group that is no longer its own; nothing is lost.
+                    logger.warning("vLLM engine shutdown failed (%s); the engine is released anyway", err)
             del llm
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)

@@ -256,10 +256,7 @@ def run_loop(config: LoopConfig) -> dict:
             stage(f"round_{r}/eval", eval_stage(r, tuned))
             current, current_path = tuned, str(ckpt_dir)
     finally:
-        try:
-            backend.close()
-        except Exception as err:  # vLLM's shutdown can trip over a process group it no longer owns
-            logger.warning("closing the %s backend failed (%s); the results are saved", type(backend).__name__, err)
+        backend.close()
 
     manifest.data["total_seconds_this_run"] = round(time.perf_counter() - loop_start, 1)
     manifest.save()
