@@ -11,5 +11,7 @@ run: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
+BENCHMARKS = objectives_bench ddt_bench train_bench vllm_weight_swap decoding_bench arith_baseline
+
 bench: setup
-	$(VENV)/bin/python experiments/benchmarks/run_all.py
+	for b in $(BENCHMARKS); do $(VENV)/bin/python experiments/benchmarks/$$b.py || exit 1; done
