@@ -23,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config, to_dict
+from onpolicy_sft.loop import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +96,6 @@ def _check(config: CompareConfig) -> None:
         raise ValueError("seeds must list at least one seed")
 
 
-def _write_json(path: Path, value) -> None:
-    """Atomic, so a kill never leaves a half-written result that a resumed run would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=float))
-    os.replace(tmp, path)
-
-
 def _mean_phi(dataset) -> float:
     values = list(dataset["ddt_phi_mean"])
     return float(sum(values) / len(values)) if values else float("nan")
@@ -152,7 +144,7 @@ def run_comparison(config: CompareConfig) -> dict:
     def general_responses():
         responses = base_responses(base, tokenizer, general, max_new_tokens=config.eval.forgetting_max_new_tokens,
                                    backend=backend)
-        _write_json(out / "base" / "general_responses.json", {"prompts": general, "responses": responses})
+        write_json(out / "base" / "general_responses.json", {"prompts": general, "responses": responses})
 
     def evaluate_model(model, seed: int) -> dict:
         eval_config = dataclasses.replace(config.eval, seed=seed)
@@ -205,7 +197,7 @@ def run_comparison(config: CompareConfig) -> dict:
     try:
         stage("base/general", general_responses)
         if "base" in config.methods:
-            stage("base/eval", lambda: _write_json(out / "base" / "metrics.json", evaluate_model(base, config.seeds[0])))
+            stage("base/eval", lambda: write_json(out / "base" / "metrics.json", evaluate_model(base, config.seeds[0])))
         stage("corpus/original", original_corpus)
         if "hinted" in needed:
             stage("corpus/hinted", hinted_corpus)
@@ -242,7 +234,7 @@ def _run_cell(config, method, seed, out, base_path, tokenizer, corpus, backend, 
         start = time.perf_counter()
         train(trainee, tokenizer, corpus, train_config, out_dir=checkpoint,
               teacher=_teacher(train_config, base_path, config.model.dtype))
-        _write_json(timing_file, {"seconds": time.perf_counter() - start})
+        write_json(timing_file, {"seconds": time.perf_counter() - start})
         del trainee
     tuned, _ = load_model(str(checkpoint), dtype=config.model.dtype)
     backend.update_weights(tuned)
@@ -250,7 +242,7 @@ def _run_cell(config, method, seed, out, base_path, tokenizer, corpus, backend, 
     metrics = evaluate_model(tuned, seed)
     result = {"method": method, "seed": seed, "metrics": metrics, "train_rows": len(corpus),
               "train_seconds": json.loads(timing_file.read_text())["seconds"], "eval_seconds": time.perf_counter() - start}
-    _write_json(cell / "result.json", result)
+    write_json(cell / "result.json", result)
     if not config.keep_checkpoints:
         for weights in checkpoint.glob("*.safetensors"):
             weights.unlink()
@@ -284,10 +276,6 @@ def _corpus_seconds(method: str, corpus: str, stage: dict) -> float:
     return stage["seconds"]
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def summarize(out: str | Path, config: CompareConfig) -> dict:
     """One row per method from the finished cells; writes results.json, results.md and compare.png."""
     from onpolicy_sft.evaluate import mean_and_se
@@ -300,7 +288,7 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
     for method in config.methods:
         row: dict[str, Any] = {"method": method}
         if METHODS[method] is None:
-            metrics = _read_json(out / "base" / "metrics.json")
+            metrics = read_json(out / "base" / "metrics.json")
             if metrics is None:
                 continue
             cells = [{"metrics": metrics}]
@@ -308,7 +296,7 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
         else:
             objective, corpus = METHODS[method]
             row.update(objective=objective, corpus=corpus)
-            cells = [c for s in config.seeds if (c := _read_json(out / "cells" / method / f"seed_{s}" / "result.json"))]
+            cells = [c for s in config.seeds if (c := read_json(out / "cells" / method / f"seed_{s}" / "result.json"))]
             if not cells:
                 continue
             row["seeds"] = len(cells)
@@ -338,7 +326,7 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
     summary = {"out_dir": str(out), "rows": rows, "table": table, "notes": notes,
                "backend": manifest.data.get("backend"), "backend_note": manifest.data.get("backend_note"),
                "config": to_dict(config)}
-    _write_json(out / "results.json", summary)
+    write_json(out / "results.json", summary)
     (out / "results.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     if rows:
         plot(rows, splits, out / "compare.png")

@@ -55,9 +55,7 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data)
 
 
 def load_data(config: LoopConfig):
@@ -263,8 +261,16 @@ def run_loop(config: LoopConfig) -> dict:
     return summarize_loop(out, config, manifest)
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, value) -> None:
+    """Atomic, so a kill never leaves a half-written file that a resumed run would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=float))
+    os.replace(tmp, path)
 
 
 def summarize_loop(out: Path, config: LoopConfig, manifest: Manifest | None = None) -> dict:
@@ -272,8 +278,8 @@ def summarize_loop(out: Path, config: LoopConfig, manifest: Manifest | None = No
     manifest = manifest or Manifest(out / "manifest.json")
     rows = []
     for r in range(0, config.rounds + 1):
-        metrics = _read_json(out / f"round_{r}" / "eval" / "metrics.json")
-        ddt_summary = _read_json(out / f"round_{r}" / "ddt" / "summary.json") or {}
+        metrics = read_json(out / f"round_{r}" / "eval" / "metrics.json")
+        ddt_summary = read_json(out / f"round_{r}" / "ddt" / "summary.json") or {}
         if metrics is None and r == 0:
             continue
         row = {"round": r}
