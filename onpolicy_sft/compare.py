@@ -14,8 +14,9 @@ seed of evaluation. Each (method, seed) cell writes ``cells/<method>/seed_<s>/re
 it finishes; running the comparison again skips finished cells and finished corpus stages.
 
 Layout of out_dir: config.yaml, manifest.json (corpus stages and their wall times),
-base/{general_responses.json, metrics.json}, corpora/{original,hinted,pairs}/, cells/...,
-results.json, results.md, compare.png.
+base/{general_responses.json, metrics.json, eval/<split>/results.jsonl}, corpora/{original,hinted,pairs}/,
+cells/<method>/seed_<s>/{result.json, eval/<split>/results.jsonl}, results.json, results.md, compare.png.
+The results.jsonl files keep every greedy answer, so a score can be traced to the text behind it.
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ def run_comparison(config: CompareConfig) -> dict:
                                    backend=backend)
         write_json(out / "base" / "general_responses.json", {"prompts": general, "responses": responses})
 
-    def evaluate_model(model, seed: int) -> dict:
+    def evaluate_model(model, seed: int, where: Path) -> dict:
         eval_config = dataclasses.replace(config.eval, seed=seed)
-        metrics = {s: evaluate(model, tokenizer, d, eval_config, backend=backend) for s, d in eval_sets.items()}
+        metrics = {s: evaluate(model, tokenizer, d, eval_config, backend=backend, out_dir=where / s)
+                   for s, d in eval_sets.items()}
         responses = json.loads((out / "base" / "general_responses.json").read_text())["responses"]
         metrics["forgetting"] = forgetting(base, model, tokenizer, general, responses=responses)
         return metrics
@@ -197,7 +199,8 @@ def run_comparison(config: CompareConfig) -> dict:
     try:
         stage("base/general", general_responses)
         if "base" in config.methods:
-            stage("base/eval", lambda: write_json(out / "base" / "metrics.json", evaluate_model(base, config.seeds[0])))
+            stage("base/eval", lambda: write_json(out / "base" / "metrics.json",
+                                                  evaluate_model(base, config.seeds[0], out / "base" / "eval")))
         stage("corpus/original", original_corpus)
         if "hinted" in needed:
             stage("corpus/hinted", hinted_corpus)
@@ -239,7 +242,7 @@ def _run_cell(config, method, seed, out, base_path, tokenizer, corpus, backend, 
     tuned, _ = load_model(str(checkpoint), dtype=config.model.dtype)
     backend.update_weights(tuned)
     start = time.perf_counter()
-    metrics = evaluate_model(tuned, seed)
+    metrics = evaluate_model(tuned, seed, cell / "eval")
     result = {"method": method, "seed": seed, "metrics": metrics, "train_rows": len(corpus),
               "train_seconds": json.loads(timing_file.read_text())["seconds"], "eval_seconds": time.perf_counter() - start}
     write_json(cell / "result.json", result)
@@ -311,6 +314,9 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
                 row[f"acc_{split}"], row[f"acc_{split}_se"] = values[0], cells[0]["metrics"][split]["accuracy_se"]
             else:
                 row[f"acc_{split}"], row[f"acc_{split}_se"] = mean_and_se(values)
+        # short answers after training on terse solutions tell format apart from arithmetic
+        row["answer_tokens"] = sum(c["metrics"][s]["mean_response_tokens"] for c in cells for s in splits) / (
+            len(cells) * len(splits))
         kl = [c["metrics"]["forgetting"]["kl"] for c in cells]
         row["forgetting_kl"], row["forgetting_kl_se"] = mean_and_se(kl)
         rows.append(row)
@@ -338,13 +344,15 @@ def _pm(value, se, digits=3) -> str:
 
 
 def markdown_table(rows: list[dict], splits: list[str]) -> str:
-    """Accuracy ± SE over seeds (base: over examples), forgetting, corpus φ under the base model, seconds."""
+    """Accuracy ± SE over seeds (base: over examples), mean greedy answer length, forgetting, corpus φ
+    under the base model, seconds."""
     head = ["method", "corpus", "seeds"] + [f"acc {s}" for s in splits]
-    head += ["forgetting KL", "φ corpus", "corpus s", "train s", "total s"]
+    head += ["answer tokens", "forgetting KL", "φ corpus", "corpus s", "train s", "total s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["method"], row.get("corpus", "–"), str(row["seeds"])]
         cells += [_pm(row.get(f"acc_{s}"), row.get(f"acc_{s}_se", 0.0)) for s in splits]
+        cells.append(f"{row['answer_tokens']:.0f}")
         cells.append(_pm(row.get("forgetting_kl"), row.get("forgetting_kl_se", 0.0), 4))
         phi = row.get("phi_corpus")
         cells.append("–" if phi is None else f"{phi:.3f}")

@@ -50,6 +50,12 @@ def test_comparison_end_to_end(finished):
         cell = out / "cells" / method / "seed_0"
         result = json.loads((cell / "result.json").read_text())
         assert result["train_rows"] >= 1 and not list((cell / "checkpoint").glob("*.safetensors"))
+        for split in ("test", "test_hard"):
+            records = [json.loads(line) for line in (cell / "eval" / split / "results.jsonl").read_text().splitlines()]
+            assert len(records) == 2
+            assert result["metrics"][split]["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 2)
+        assert row["answer_tokens"] == pytest.approx(
+            sum(result["metrics"][s]["mean_response_tokens"] for s in ("test", "test_hard")) / 2)
     # corpora: DPO/SimPO train on the same prompts as the demonstration methods
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["stages"]["corpus/pairs"]["counts"]
