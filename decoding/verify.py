@@ -21,24 +21,33 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASHES = re.compile(r"####\s*([^\n]+)")
 
 
-def extract_answer(text: str | None) -> str | None:
-    """The content of the last ``\\boxed{...}`` (balanced braces), else what follows the last
-    ``#### ``, else None. An unterminated last box counts as no box."""
-    if not text:
-        return None
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
+def last_boxed(text: str) -> str | None:
+    """The content of the last terminated ``\\boxed{...}`` or ``\\fbox{...}`` (balanced braces);
+    an unterminated box (a truncated answer) is passed over for the one before it."""
+    for match in reversed(list(_BOXED.finditer(text))):
+        start = match.end()
         depth, i = 1, start
         while i < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
             return text[start : i - 1].strip()
-    found = _HASHES.findall(text)
-    if found:
-        answer = found[-1].strip()
-        return answer or None
     return None
+
+
+def hashes_answer(text: str) -> str | None:
+    """What follows the last GSM8K-style ``#### `` marker, to the end of its line."""
+    found = _HASHES.findall(text)
+    return (found[-1].strip() or None) if found else None
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The final answer of a solution or a response: its last box, else its ``#### `` answer, else None.
+    The data loaders take reference answers from demonstrations by the same rules."""
+    if not text:
+        return None
+    boxed = last_boxed(text)
+    return boxed if boxed is not None else hashes_answer(text)
 
 
 _UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from decoding.verify import hashes_answer, last_boxed
 from onpolicy_sft.ops import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -191,27 +192,6 @@ def stable_id(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, nested braces included."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None  # unbalanced: no answer rather than half of one
-
-
-def gsm8k_answer(text: str) -> str | None:
-    """The number after GSM8K's final ``#### `` marker, without thousands separators."""
-    if "####" not in text:
-        return None
-    return text.rsplit("####", 1)[1].strip().replace(",", "") or None
-
-
 def _raw_rows(source, split: str):
     """(where, record) pairs from any supported source, plus the source's display name.
 
@@ -376,9 +356,10 @@ def _demonstration(record: dict, ctx: dict) -> dict:
         answer = _text(record, "answer", ctx, required=False) or last_boxed(solution)
     elif "question" in record and "prompt" not in record:  # GSM8K: the answer field is the solution
         solution = _text(record, "answer", ctx)
-        answer = gsm8k_answer(solution)
+        answer = hashes_answer(solution)
         if answer is None:
             raise DataError("GSM8K-style answer without a final '#### N'", field="answer", kind="malformed", **ctx)
+        answer = answer.replace(",", "")  # GSM8K writes 1,500: store the bare number
         record = {**record, "prompt": record["question"], "response": solution}
     elif "response" not in record and "completion" in record:
         record = {**record, "response": record["completion"]}

@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 
-from onpolicy_sft.data import (DataError, collate, encode_example, encode_prompt, gsm8k_answer, last_boxed,
+from onpolicy_sft.data import (DataError, collate, encode_example, encode_prompt,
                                length_grouped_batches, load_demonstrations, load_preferences, read_demonstrations,
                                stable_id, tokenize_dataset, tokenize_with_report)
 from onpolicy_sft.ops import IGNORE_INDEX
@@ -163,13 +163,6 @@ def test_math_answer_from_last_boxed_with_nested_braces():
     rows = load_demonstrations(FIX / "math.json").to_list()
     assert [r["answer"] for r in rows] == ["\\frac{1}{2}", "2", ""]
     assert rows[0]["prompt"] == "Compute $1/2 + 0$." and rows[0]["response"].startswith("We get")
-
-
-def test_last_boxed_and_gsm8k_answer_helpers():
-    assert last_boxed("a \\boxed{x^{2}+\\frac{1}{3}} b") == "x^{2}+\\frac{1}{3}"
-    assert last_boxed("\\boxed{1} then \\fbox{7}") == "7"
-    assert last_boxed("\\boxed{unbalanced") is None and last_boxed("none") is None
-    assert gsm8k_answer("x\n#### 1,234") == "1234" and gsm8k_answer("no") is None
 
 
 def test_csv_with_column_mapping_and_quoted_cells():

@@ -17,6 +17,10 @@ from decoding.verify import extract_answer, is_correct
     ("#### 1,234 \n", "1,234"),
     ("\\boxed{5} and later #### 9", "5"),   # a box wins over the GSM8K marker
     ("\\boxed{12} then an unterminated \\boxed{3", "12"),
+    ("\\boxed{unbalanced", None),
+    ("\\boxed{1} then \\fbox{7}", "7"),
+    ("a \\boxed {x^{2}+\\frac{1}{3}} b", "x^{2}+\\frac{1}{3}"),
+    ("#### 5\nthen prose", "5"),
     ("The answer is 42.", None),
     ("", None),
     (None, None),
