@@ -45,6 +45,9 @@ def _set_cpu_environment() -> None:
 def _import_vllm():
     if not torch.cuda.is_available():
         _set_cpu_environment()
+    # Our commands print their results (JSON, tables) on stdout; vLLM's log lines belong on
+    # stderr beside ours. Read once, when vLLM is first imported.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm  # noqa: F401
         from vllm.v1.sample.logits_processor import LogitsProcessor  # noqa: F401

@@ -279,6 +279,17 @@ def _corpus_seconds(method: str, corpus: str, stage: dict) -> float:
     return stage["seconds"]
 
 
+def score_columns(config: CompareConfig) -> list[tuple[str, str, str, str]]:
+    """(row key, split, metric of evaluate(), heading) of each score the table shows: greedy accuracy on
+    every split, and avg@n too where evaluation samples n answers per problem."""
+    metrics = [("acc", "accuracy", "acc")]
+    if config.eval.n_samples > 0:
+        name = f"avg@{config.eval.n_samples}"
+        metrics.append(("avg", name, name))
+    return [(f"{key}_{split}", split, metric, f"{head} {split}")
+            for key, metric, head in metrics for split in config.data.eval_splits]
+
+
 def summarize(out: str | Path, config: CompareConfig) -> dict:
     """One row per method from the finished cells; writes results.json, results.md and compare.png."""
     from onpolicy_sft.evaluate import mean_and_se
@@ -287,6 +298,7 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
     out = Path(out)
     manifest = Manifest(out / "manifest.json")
     splits = list(config.data.eval_splits)
+    columns = score_columns(config)
     rows = []
     for method in config.methods:
         row: dict[str, Any] = {"method": method}
@@ -308,12 +320,12 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
             row["corpus_seconds"] = _corpus_seconds(method, corpus, stage)
             train_seconds, _ = mean_and_se([c["train_seconds"] for c in cells])
             row.update(train_seconds=train_seconds, total_seconds=row["corpus_seconds"] + train_seconds)
-        for split in splits:
-            values = [c["metrics"][split]["accuracy"] for c in cells]
+        for key, split, metric, _ in columns:
+            values = [c["metrics"][split][metric] for c in cells]
             if row["seeds"] == 0:
-                row[f"acc_{split}"], row[f"acc_{split}_se"] = values[0], cells[0]["metrics"][split]["accuracy_se"]
+                row[key], row[f"{key}_se"] = values[0], cells[0]["metrics"][split][f"{metric}_se"]
             else:
-                row[f"acc_{split}"], row[f"acc_{split}_se"] = mean_and_se(values)
+                row[key], row[f"{key}_se"] = mean_and_se(values)
         # short answers after training on terse solutions tell format apart from arithmetic
         row["answer_tokens"] = sum(c["metrics"][s]["mean_response_tokens"] for c in cells for s in splits) / (
             len(cells) * len(splits))
@@ -322,7 +334,7 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
         rows.append(row)
     pairs_stage = manifest.data["stages"].get("corpus/pairs", {})
     hinted_stage = manifest.data["stages"].get("corpus/hinted", {})
-    table = markdown_table(rows, splits)
+    table = markdown_table(rows, columns)
     notes = []
     if pairs_stage.get("counts"):
         notes.append(f"Preference pairs (k = {config.pairs.k}, no_pair = {config.pairs.no_pair}): {pairs_stage['counts']}; "
@@ -335,7 +347,7 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
     write_json(out / "results.json", summary)
     (out / "results.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     if rows:
-        plot(rows, splits, out / "compare.png")
+        plot(rows, columns, out / "compare.png")
     return summary
 
 
@@ -343,15 +355,15 @@ def _pm(value, se, digits=3) -> str:
     return "–" if value is None else f"{value:.{digits}f} ± {se:.{digits}f}"
 
 
-def markdown_table(rows: list[dict], splits: list[str]) -> str:
-    """Accuracy ± SE over seeds (base: over examples), mean greedy answer length, forgetting, corpus φ
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str, str]]) -> str:
+    """Scores ± SE over seeds (base: over examples), mean greedy answer length, forgetting, corpus φ
     under the base model, seconds."""
-    head = ["method", "corpus", "seeds"] + [f"acc {s}" for s in splits]
+    head = ["method", "corpus", "seeds"] + [heading for *_, heading in columns]
     head += ["answer tokens", "forgetting KL", "φ corpus", "corpus s", "train s", "total s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["method"], row.get("corpus", "–"), str(row["seeds"])]
-        cells += [_pm(row.get(f"acc_{s}"), row.get(f"acc_{s}_se", 0.0)) for s in splits]
+        cells += [_pm(row.get(key), row.get(f"{key}_se", 0.0)) for key, *_ in columns]
         cells.append(f"{row['answer_tokens']:.0f}")
         cells.append(_pm(row.get("forgetting_kl"), row.get("forgetting_kl_se", 0.0), 4))
         phi = row.get("phi_corpus")
@@ -361,7 +373,7 @@ def markdown_table(rows: list[dict], splits: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], splits: list[str], path: Path) -> Path:
+def plot(rows: list[dict], columns: list[tuple[str, str, str, str]], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,7 +381,8 @@ def plot(rows: list[dict], splits: list[str], path: Path) -> Path:
 
     names = [row["method"] for row in rows]
     x = list(range(len(rows)))
-    panels = [(f"acc_{s}", f"greedy accuracy: {s}") for s in splits] + [("forgetting_kl", "forgetting: KL(base ‖ tuned)")]
+    panels = [(key, heading.replace("acc ", "greedy accuracy: ", 1)) for key, *_, heading in columns]
+    panels.append(("forgetting_kl", "forgetting: KL(base ‖ tuned)"))
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.8))
     for ax, (key, title) in zip(axes, panels):
         ax.bar(x, [row.get(key, 0.0) for row in rows], yerr=[row.get(f"{key}_se", 0.0) for row in rows], capsize=3,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from onpolicy_sft.compare import METHODS, CompareConfig, PairsConfig, load_compare_config, run_comparison
+from onpolicy_sft.compare import (METHODS, CompareConfig, PairsConfig, load_compare_config, run_comparison,
+                                  score_columns)
 from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 
 REPO = Path(__file__).parent.parent
@@ -24,7 +25,7 @@ def _config(tiny_dir, out_dir) -> CompareConfig:
         pairs=PairsConfig(k=2, max_new_tokens=4),
         train=TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=2, max_length=256, trackers=["jsonl"],
                           progress=False, mixed_precision="no"),
-        eval=EvalConfig(max_new_tokens=4, forgetting_max_new_tokens=4),
+        eval=EvalConfig(max_new_tokens=4, n_samples=2, forgetting_max_new_tokens=4),
     )
 
 
@@ -54,6 +55,7 @@ def test_comparison_end_to_end(finished):
             records = [json.loads(line) for line in (cell / "eval" / split / "results.jsonl").read_text().splitlines()]
             assert len(records) == 2
             assert result["metrics"][split]["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 2)
+            assert row[f"avg_{split}"] == pytest.approx(sum(r["samples_correct"] / r["n_samples"] for r in records) / 2)
         assert row["answer_tokens"] == pytest.approx(
             sum(result["metrics"][s]["mean_response_tokens"] for s in ("test", "test_hard")) / 2)
     # corpora: DPO/SimPO train on the same prompts as the demonstration methods
@@ -70,6 +72,7 @@ def test_comparison_end_to_end(finished):
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS)
+    assert "| avg@2 test | avg@2 test_hard |" in table
 
 
 def test_comparison_resumes_per_cell(finished, tiny_dir, monkeypatch):
@@ -95,11 +98,17 @@ def test_comparison_resumes_per_cell(finished, tiny_dir, monkeypatch):
     assert [r["method"] for r in third["rows"]] == list(METHODS)
 
 
-def test_cpu_config_loads_and_covers_every_method_with_three_seeds():
-    config = load_compare_config(REPO / "experiments" / "configs" / "compare_cpu.yaml")
+@pytest.mark.parametrize("name", ["compare_cpu", "compare_gpu_qwen25math15b"])
+def test_configs_load_and_cover_every_method_with_three_seeds(name):
+    config = load_compare_config(REPO / "experiments" / "configs" / f"{name}.yaml")
     assert config.methods == list(METHODS) and len(config.seeds) >= 3
-    assert config.model.name == "smollm2-135m-instruct"
     assert set(config.hparams) <= set(METHODS)
+    if name == "compare_cpu":
+        assert config.model.name == "smollm2-135m-instruct" and config.model.dtype == "float32"
+    else:  # the published setting: bf16 on vLLM, DPO@16, avg@16 at T = 1
+        assert config.model.dtype == "bfloat16" and config.backend == "vllm" and config.pairs.k == 16
+        assert config.eval.n_samples == 16 and config.eval.temperature == 1.0
+        assert [c[3] for c in score_columns(config)] == ["acc test", "avg@16 test"]
 
 
 def test_unknown_methods_are_refused(tmp_path):
