@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from onpolicy_sft.models import EMBEDDED_MODEL
 
@@ -120,25 +121,48 @@ def _load_config(args):
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model with any objective (the config's model, data and train sections)")
     _add_config_args(p)
-    p.add_argument("--data", help="demonstrations to train on (path or hub name); default: the config's data.source/train_split")
+    p.add_argument("--data", help="demonstrations to train on (path or hub name), or {prompt, chosen, rejected} pairs "
+                                   "for dpo/simpo; default: the config's data.source/train_split")
+    p.add_argument("--objective", help="objective name (sft, idft, dpo, simpo, ...); replaces train.objective and its "
+                                        "hyperparameters unless it names the same objective")
     p.add_argument("--out", required=True, help="checkpoint directory (save_pretrained format); rerun to resume")
     p.set_defaults(run=run_train)
 
 
 def run_train(args) -> int:
+    from onpolicy_sft.config import ObjectiveConfig
     from onpolicy_sft.loop import load_data
     from onpolicy_sft.models import load_model
-    from onpolicy_sft.train import train
+    from onpolicy_sft.objectives import build
+    from onpolicy_sft.train import has_cached_ref_logps, train
 
     config = _load_config(args)
-    if args.data:
+    if args.objective and args.objective != config.train.objective.name:
+        config.train.objective = ObjectiveConfig(name=args.objective)
+    objective = build(config.train.objective.name, **config.train.objective.hparams)
+    if objective.pairwise:
+        if not args.data:
+            raise ValueError(f"objective {objective.name!r} trains on preference pairs: pass --data with "
+                             "{prompt, chosen, rejected} rows")
+        from onpolicy_sft.data import load_preferences
+
+        dataset = load_preferences(args.data)
+    elif args.data:
         from onpolicy_sft.data import load_demonstrations
 
         dataset = load_demonstrations(args.data)
     else:
         dataset = load_data(config)[0]
     model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
-    print(train(model, tokenizer, dataset, config.train, out_dir=args.out))
+    if "ref_logps" in objective.needs and not has_cached_ref_logps(dataset):
+        from onpolicy_sft.preference import cached_reference_logps
+
+        # The reference is the starting model unless the config names another.
+        ref = model if config.train.ref in (None, "base") else load_model(config.train.ref, dtype=config.model.dtype)[0]
+        dataset = cached_reference_logps(ref, tokenizer, dataset, Path(args.out) / "reference_logps",
+                                         max_length=config.train.max_length)
+        del ref
+    print(train(model, tokenizer, dataset, config.train, out_dir=args.out, objective=objective))
     return 0
 
 

@@ -17,7 +17,9 @@ saved with the pairs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -145,4 +147,23 @@ def add_reference_logps(ref_model, tokenizer, pairs, *, max_length: int, batch_s
         if name in pairs.column_names:
             pairs = pairs.remove_columns(name)
         pairs = pairs.add_column(name, values)
+    return pairs
+
+
+def cached_reference_logps(ref_model, tokenizer, pairs, cache_dir: str | Path, *, max_length: int):
+    """``add_reference_logps`` computed once per ``cache_dir`` and saved there: a rerun on the same
+    pairs and max_length (a resumed training, say) reads them back instead of running the reference."""
+    import datasets
+
+    cache_dir = Path(cache_dir)
+    key = {"ids": list(pairs["id"]), "max_length": max_length}
+    stamp = cache_dir / "cache_key.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == key:
+        logger.info("reference log-probs: reading the cache in %s", cache_dir)
+        return datasets.load_from_disk(str(cache_dir / "pairs"))
+    logger.info("reference log-probs of %d pairs: computing once, cached in %s", len(pairs), cache_dir)
+    pairs = add_reference_logps(ref_model, tokenizer, pairs, max_length=max_length)
+    stamp.unlink(missing_ok=True)  # the stamp goes last, so a half-written cache is never read
+    pairs.save_to_disk(str(cache_dir / "pairs"))
+    stamp.write_text(json.dumps(key))
     return pairs

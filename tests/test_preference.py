@@ -3,6 +3,8 @@ against full float64 logits, and DPO/SimPO training on a tiny model widening the
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -136,17 +138,17 @@ def _margin(model, tokenizer, pairs, max_length=64) -> float:
     return sum(values) / len(values)
 
 
+def _pair_rows():
+    return [{"prompt": f"{a}+3?", "chosen": f"\\boxed{{{a + 3}}}", "rejected": f"it is {a + 4}"} for a in range(2, 10)]
+
+
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_pairwise_training_widens_the_margin(objective, tiny_tokenizer, tmp_path):
     from tiny import make_tiny_model
 
     from onpolicy_sft.train import train
 
-    rows = []
-    for a in range(2, 10):
-        b = a + 3
-        rows.append({"prompt": f"{a}+3?", "system": "", "chosen": f"\\boxed{{{b}}}", "rejected": f"it is {b + 1}"})
-    pairs = datasets.Dataset.from_list(rows)
+    pairs = datasets.Dataset.from_list(_pair_rows())
     model = make_tiny_model(tiny_tokenizer, seed=1)
     before = _margin(model, tiny_tokenizer, pairs)
     if objective == "dpo":  # the cached reference columns travel with the data
@@ -157,3 +159,53 @@ def test_pairwise_training_widens_the_margin(objective, tiny_tokenizer, tmp_path
     train(model, tiny_tokenizer, pairs, config, out_dir=tmp_path / objective)
     after = _margin(model, tiny_tokenizer, pairs)
     assert after > before + 1.0, (before, after)
+
+
+def test_cli_trains_dpo_on_a_preference_file_with_the_reference_cached(tiny_dir, tmp_path, monkeypatch):
+    from onpolicy_sft import cli, preference
+    from onpolicy_sft.config import LoopConfig, ModelConfig, save_config
+    from onpolicy_sft.data import load_preferences
+    from onpolicy_sft.models import load_model
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _pair_rows()))
+    train = TrainConfig(lr=3e-3, batch_size=4, micro_batch_size=2, epochs=4.0, max_length=64, warmup_ratio=0.0,
+                        trackers=["jsonl"], progress=False, mixed_precision="no")
+    config = save_config(LoopConfig(model=ModelConfig(name=str(tiny_dir)), train=train), tmp_path / "c.yaml")
+    out = tmp_path / "dpo"
+    assert cli.main(["train", "--config", str(config), "--objective", "dpo", "--data", str(data), "--out", str(out)]) == 0
+
+    base, tokenizer = load_model(str(tiny_dir))
+    cached = datasets.load_from_disk(str(out / "reference_logps" / "pairs"))
+    for row in cached:  # the reference is the starting model
+        assert row["ref_chosen_logp"] == pytest.approx(_independent_logp(base, tokenizer, row["prompt"], row["chosen"], 64),
+                                                       abs=1e-4)
+        assert row["ref_rejected_logp"] == pytest.approx(
+            _independent_logp(base, tokenizer, row["prompt"], row["rejected"], 64), abs=1e-4)
+    tuned, _ = load_model(str(out))
+    pairs = load_preferences(data)
+    assert _margin(tuned, tokenizer, pairs) > _margin(base, tokenizer, pairs) + 1.0
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference ran again")
+
+    monkeypatch.setattr(preference, "add_reference_logps", no_reference)
+    again = preference.cached_reference_logps(base, tokenizer, pairs, out / "reference_logps", max_length=64)
+    assert again["ref_chosen_logp"] == cached["ref_chosen_logp"]
+    with pytest.raises(AssertionError, match="ran again"):  # other settings, other token ids: not the cache
+        preference.cached_reference_logps(base, tokenizer, pairs, out / "reference_logps", max_length=32)
+
+
+def test_cli_pairwise_objective_needs_preference_data(tiny_dir, tmp_path):
+    from onpolicy_sft import cli
+    from onpolicy_sft.config import LoopConfig, ModelConfig, save_config
+    from onpolicy_sft.data import DataError
+
+    config = save_config(LoopConfig(model=ModelConfig(name=str(tiny_dir))), tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match="preference pairs"):
+        cli.main(["train", "--config", str(config), "--objective", "simpo", "--out", str(tmp_path / "x")])
+    demonstrations = tmp_path / "demos.jsonl"
+    demonstrations.write_text(json.dumps({"prompt": "2+2?", "response": "4"}) + "\n")
+    with pytest.raises(DataError, match="line 1: field 'chosen'"):
+        cli.main(["train", "--config", str(config), "--objective", "dpo", "--data", str(demonstrations),
+                  "--out", str(tmp_path / "y")])
