@@ -307,11 +307,14 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
             if metrics is None:
                 continue
             cells = [{"metrics": metrics}]
+            eval_dirs = [out / "base" / "eval"]
             row["seeds"] = 0  # evaluated once: its ± is the standard error over examples
         else:
             objective, corpus = METHODS[method]
             row.update(objective=objective, corpus=corpus)
-            cells = [c for s in config.seeds if (c := read_json(out / "cells" / method / f"seed_{s}" / "result.json"))]
+            done = [d for s in config.seeds if ((d := out / "cells" / method / f"seed_{s}") / "result.json").exists()]
+            cells = [read_json(d / "result.json") for d in done]
+            eval_dirs = [d / "eval" for d in done]
             if not cells:
                 continue
             row["seeds"] = len(cells)
@@ -329,6 +332,7 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
         # short answers after training on terse solutions tell format apart from arithmetic
         row["answer_tokens"] = sum(c["metrics"][s]["mean_response_tokens"] for c in cells for s in splits) / (
             len(cells) * len(splits))
+        row["answered"] = _answered(eval_dirs, splits)
         kl = [c["metrics"]["forgetting"]["kl"] for c in cells]
         row["forgetting_kl"], row["forgetting_kl_se"] = mean_and_se(kl)
         rows.append(row)
@@ -351,20 +355,37 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
     return summary
 
 
+def _answered(eval_dirs: list[Path], splits: list[str]) -> float | None:
+    """Share of the greedy answers that state a final answer the checker can read (a box or
+    '#### N'), from the kept per-problem results; None where a run kept none. A model that never
+    states one scores 0 whatever its arithmetic, so accuracy / answered is the accuracy where it tried."""
+    from decoding.verify import extract_answer
+
+    stated = []
+    for eval_dir in eval_dirs:
+        for split in splits:
+            path = eval_dir / split / "results.jsonl"
+            if not path.exists():
+                return None
+            stated += [extract_answer(json.loads(line)["response"]) is not None for line in path.read_text().splitlines()]
+    return sum(stated) / len(stated) if stated else None
+
+
 def _pm(value, se, digits=3) -> str:
     return "–" if value is None else f"{value:.{digits}f} ± {se:.{digits}f}"
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str, str]]) -> str:
-    """Scores ± SE over seeds (base: over examples), mean greedy answer length, forgetting, corpus φ
-    under the base model, seconds."""
+    """Scores ± SE over seeds (base: over examples), mean greedy answer length and share with a
+    stated final answer, forgetting, corpus φ under the base model, seconds."""
     head = ["method", "corpus", "seeds"] + [heading for *_, heading in columns]
-    head += ["answer tokens", "forgetting KL", "φ corpus", "corpus s", "train s", "total s"]
+    head += ["answer tokens", "answered", "forgetting KL", "φ corpus", "corpus s", "train s", "total s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["method"], row.get("corpus", "–"), str(row["seeds"])]
         cells += [_pm(row.get(key), row.get(f"{key}_se", 0.0)) for key, *_ in columns]
         cells.append(f"{row['answer_tokens']:.0f}")
+        cells.append("–" if row["answered"] is None else f"{row['answered']:.2f}")
         cells.append(_pm(row.get("forgetting_kl"), row.get("forgetting_kl_se", 0.0), 4))
         phi = row.get("phi_corpus")
         cells.append("–" if phi is None else f"{phi:.3f}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from decoding.verify import extract_answer
 from onpolicy_sft.compare import (METHODS, CompareConfig, PairsConfig, load_compare_config, run_comparison,
                                   score_columns)
 from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
@@ -56,6 +57,9 @@ def test_comparison_end_to_end(finished):
             assert len(records) == 2
             assert result["metrics"][split]["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 2)
             assert row[f"avg_{split}"] == pytest.approx(sum(r["samples_correct"] / r["n_samples"] for r in records) / 2)
+        stated = [extract_answer(json.loads(line)["response"]) is not None for split in ("test", "test_hard")
+                  for line in (cell / "eval" / split / "results.jsonl").read_text().splitlines()]
+        assert row["answered"] == pytest.approx(sum(stated) / 4)
         assert row["answer_tokens"] == pytest.approx(
             sum(result["metrics"][s]["mean_response_tokens"] for s in ("test", "test_hard")) / 2)
     # corpora: DPO/SimPO train on the same prompts as the demonstration methods
@@ -134,3 +138,15 @@ def test_cli_compare_is_wired(tmp_path, monkeypatch):
     assert cli.main(["compare", "--config", str(config_file), "--set", f"out_dir={tmp_path}"]) == 0
     assert seen["config"].seeds == [5] and seen["config"].methods == ["base", "sft"]
     assert seen["config"].out_dir == str(tmp_path)
+
+
+def test_answered_is_the_share_of_stated_final_answers(tmp_path):
+    from onpolicy_sft.compare import _answered
+
+    responses = {"test": ["so \\boxed{3}", "3+1=4\n#### 4", "I think it is 5"], "test_hard": ["\\boxed{1"]}
+    for split, texts in responses.items():
+        (tmp_path / "eval" / split).mkdir(parents=True)
+        (tmp_path / "eval" / split / "results.jsonl").write_text("".join(json.dumps({"response": t}) + "\n" for t in texts))
+    assert _answered([tmp_path / "eval"], ["test", "test_hard"]) == pytest.approx(2 / 4)
+    assert _answered([tmp_path / "eval"], ["test"]) == pytest.approx(2 / 3)
+    assert _answered([tmp_path / "eval", tmp_path / "missing"], ["test"]) is None  # a run that kept no answers
