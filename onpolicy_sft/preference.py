@@ -17,6 +17,7 @@ saved with the pairs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -156,7 +157,8 @@ def cached_reference_logps(ref_model, tokenizer, pairs, cache_dir: str | Path, *
     import datasets
 
     cache_dir = Path(cache_dir)
-    key = {"ids": list(pairs["id"]), "max_length": max_length}
+    content = json.dumps([list(pairs[c]) for c in ("prompt", "system", "chosen", "rejected") if c in pairs.column_names])
+    key = {"pairs_sha256": hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest(), "max_length": max_length}
     stamp = cache_dir / "cache_key.json"
     if stamp.exists() and json.loads(stamp.read_text()) == key:
         logger.info("reference log-probs: reading the cache in %s", cache_dir)
