@@ -281,11 +281,13 @@ def _corpus_seconds(method: str, corpus: str, stage: dict) -> float:
 
 def score_columns(config: CompareConfig) -> list[tuple[str, str, str, str]]:
     """(row key, split, metric of evaluate(), heading) of each score the table shows: greedy accuracy on
-    every split, and avg@n too where evaluation samples n answers per problem."""
+    every split; where evaluation samples n answers per problem, avg@n and pass@k for each k > 1 of
+    eval.pass_k (pass@1 is avg@n exactly)."""
     metrics = [("acc", "accuracy", "acc")]
-    if config.eval.n_samples > 0:
-        name = f"avg@{config.eval.n_samples}"
-        metrics.append(("avg", name, name))
+    n = config.eval.n_samples
+    if n > 0:
+        metrics.append(("avg", f"avg@{n}", f"avg@{n}"))
+        metrics += [(f"pass{k}", f"pass@{k}", f"pass@{k}") for k in config.eval.pass_k if 1 < k <= n]
     return [(f"{key}_{split}", split, metric, f"{head} {split}")
             for key, metric, head in metrics for split in config.data.eval_splits]
 

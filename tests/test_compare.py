@@ -26,7 +26,7 @@ def _config(tiny_dir, out_dir) -> CompareConfig:
         pairs=PairsConfig(k=2, max_new_tokens=4),
         train=TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=2, max_length=256, trackers=["jsonl"],
                           progress=False, mixed_precision="no"),
-        eval=EvalConfig(max_new_tokens=4, n_samples=2, forgetting_max_new_tokens=4),
+        eval=EvalConfig(max_new_tokens=4, n_samples=2, pass_k=[1, 2], forgetting_max_new_tokens=4),
     )
 
 
@@ -57,6 +57,7 @@ def test_comparison_end_to_end(finished):
             assert len(records) == 2
             assert result["metrics"][split]["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 2)
             assert row[f"avg_{split}"] == pytest.approx(sum(r["samples_correct"] / r["n_samples"] for r in records) / 2)
+            assert row[f"pass2_{split}"] == pytest.approx(sum(r["samples_correct"] > 0 for r in records) / 2)
         stated = [extract_answer(json.loads(line)["response"]) is not None for split in ("test", "test_hard")
                   for line in (cell / "eval" / split / "results.jsonl").read_text().splitlines()]
         assert row["answered"] == pytest.approx(sum(stated) / 4)
@@ -76,7 +77,7 @@ def test_comparison_end_to_end(finished):
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS)
-    assert "| avg@2 test | avg@2 test_hard |" in table
+    assert "| avg@2 test | avg@2 test_hard | pass@2 test | pass@2 test_hard |" in table
 
 
 def test_comparison_resumes_per_cell(finished, tiny_dir, monkeypatch):
@@ -112,7 +113,7 @@ def test_configs_load_and_cover_every_method_with_three_seeds(name):
     else:  # the published setting: bf16 on vLLM, DPO@16, avg@16 at T = 1
         assert config.model.dtype == "bfloat16" and config.backend == "vllm" and config.pairs.k == 16
         assert config.eval.n_samples == 16 and config.eval.temperature == 1.0
-        assert [c[3] for c in score_columns(config)] == ["acc test", "avg@16 test"]
+        assert [c[3] for c in score_columns(config)] == ["acc test", "avg@16 test", "pass@16 test"]
 
 
 def test_unknown_methods_are_refused(tmp_path):
