@@ -2,14 +2,17 @@
 
 Both train SmolLM2-135M-Instruct with plain SFT on the SAME batches (fixed-length rows, so no
 padding and the same tokens per step whatever the order), AdamW, float32 on CPU. We time every
-optimizer step and drop the first (allocation and warm-up); tokens/s counts every token the
-forward pass sees. Model-FLOPs utilisation (MFU) uses the usual training cost of
+optimizer step and drop the first (allocation and warm-up). Whichever trainer runs first in a
+process is slower (allocator and cache warm-up; ours ran 25 % slower first than second here),
+so the trainers run in alternating order over ``--rounds`` runs each and tokens/s comes from the
+median step; it counts every token the forward pass sees. Model-FLOPs utilisation (MFU) uses the
+usual training cost of
 6·N + 12·L·d·T FLOPs per token (forward + backward; N parameters taking part in matmuls,
 including the tied lm_head; L layers, d hidden size, T sequence length; Chowdhery et al. 2022,
 appendix B) against this machine's float32 matmul rate, measured here on the model's own GEMM
 shapes and on a square 2048³ product (the best of the two is the peak).
 
-    flock /tmp/bench.lock .venv/bin/python experiments/benchmarks/train_bench.py [--steps 4]
+    flock /tmp/bench.lock .venv/bin/python experiments/benchmarks/train_bench.py [--steps 4] [--rounds 2]
 
 Writes experiments/benchmarks/results/train_bench.{json,md}.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +101,8 @@ def hf_trainer(model, tokenizer, rows, batch_size: int, steps: int) -> list[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per trainer (plus one warm-up step)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run (plus one warm-up step)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each trainer, in alternating order")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--prompt-length", type=int, default=64)
@@ -121,13 +126,17 @@ def main() -> None:
     tokens_per_step = args.batch_size * args.length
     initial = {k: v.clone() for k, v in model.state_dict().items()}
 
+    trainers = [("onpolicy_sft", ours), ("transformers_trainer", hf_trainer)]
+    seconds = {name: [] for name, _ in trainers}
+    for round_ in range(args.rounds):
+        for name, fn in trainers if round_ % 2 == 0 else trainers[::-1]:
+            model.load_state_dict(initial)
+            model.train()
+            seconds[name] += fn(model, tokenizer, rows, args.batch_size, steps)[1:]
     results = {}
-    for name, fn in (("onpolicy_sft", ours), ("transformers_trainer", hf_trainer)):
-        model.load_state_dict(initial)
-        model.train()
-        seconds = fn(model, tokenizer, rows, args.batch_size, steps)[1:]
-        tps = tokens_per_step * len(seconds) / sum(seconds)
-        results[name] = {"step_seconds": [round(s, 3) for s in seconds], "tokens_per_s": round(tps, 1),
+    for name, timed in seconds.items():
+        tps = tokens_per_step / statistics.median(timed)
+        results[name] = {"step_seconds": [round(s, 3) for s in timed], "tokens_per_s": round(tps, 1),
                          "mfu": round(tps * flops_per_token / (peak * 1e9), 4)}
     speedup = results["onpolicy_sft"]["tokens_per_s"] / results["transformers_trainer"]["tokens_per_s"]
     report = {
@@ -135,7 +144,8 @@ def main() -> None:
                     "torch": torch.__version__},
         "model": {"parameters": n_params, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size},
         "batches": {"rows_per_step": args.batch_size, "tokens_per_row": args.length,
-                    "labelled_tokens_per_row": args.length - args.prompt_length, "timed_steps": args.steps},
+                    "labelled_tokens_per_row": args.length - args.prompt_length, "timed_steps": args.steps,
+                    "rounds": args.rounds},
         "flops_per_token": flops_per_token,
         "float32_matmul_gflops": {k: round(v, 1) for k, v in rates.items()},
         "peak_gflops": round(peak, 1),
@@ -148,7 +158,8 @@ def main() -> None:
         "# Training throughput: onpolicy_sft.train vs transformers.Trainer",
         "",
         f"SmolLM2-135M-Instruct, float32, {torch.get_num_threads()} threads, SFT, {args.batch_size}×{args.length}-token "
-        f"steps (same rows for both), {args.steps} timed steps after one warm-up step.",
+        f"steps (same rows for both), {args.rounds} runs of each in alternating order, {args.steps} timed steps "
+        "per run after one warm-up step; tokens/s from the median step.",
         f"MFU = tokens/s × {flops_per_token / 1e6:.0f} MFLOP/token ÷ peak {peak:.1f} GFLOP/s (best measured float32 GEMM).",
         "",
         "| trainer | tokens/s | MFU | step seconds |",
