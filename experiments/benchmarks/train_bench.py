@@ -6,10 +6,9 @@ optimizer step and drop the first (allocation and warm-up). Whichever trainer ru
 process is slower (allocator and cache warm-up; ours ran 25 % slower first than second here),
 so the trainers run in alternating order over ``--rounds`` runs each and tokens/s comes from the
 median step; it counts every token the forward pass sees. Model-FLOPs utilisation (MFU) uses the
-usual training cost of
-6·N + 12·L·d·T FLOPs per token (forward + backward; N parameters taking part in matmuls,
-including the tied lm_head; L layers, d hidden size, T sequence length; Chowdhery et al. 2022,
-appendix B) against this machine's float32 matmul rate, measured here on the model's own GEMM
+usual training cost of 6·N + 12·L·d·T FLOPs per token (forward + backward; N parameters taking
+part in matmuls, including the tied lm_head; L layers, d hidden size, T sequence length;
+Chowdhery et al. 2022, appendix B) against this machine's float32 matmul rate, measured here on the model's own GEMM
 shapes and on a square 2048³ product (the best of the two is the peak).
 
     flock /tmp/bench.lock .venv/bin/python experiments/benchmarks/train_bench.py [--steps 4] [--rounds 2]
