@@ -189,8 +189,8 @@ def run_comparison(config: CompareConfig) -> dict:
         ref_seconds = time.perf_counter() - start
         phi = {}
         for side in ("chosen", "rejected"):
-            scored = ddt.score(base, tokenizer, pairs.select_columns(["prompt", "system", side]), progress=False,
-                               response_column=side)
+            scored = ddt.score(base, tokenizer, pairs.select_columns(["prompt", "system", side, f"{side}_truncated"]),
+                               progress=False, response_column=side)
             phi[side] = _mean_phi(scored)
         pairs.save_to_disk(str(corpora_dir / "pairs"))
         return {"rows": len(pairs), "counts": counts, "phi_mean": phi["chosen"], "phi_rejected": phi["rejected"],

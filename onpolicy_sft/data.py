@@ -34,8 +34,12 @@ def encode_prompt(tokenizer, prompt: str, system: str = "") -> list[int]:
     return list(ids)
 
 
-def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_length: int | None = None) -> dict:
+def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_length: int | None = None,
+                   truncated: bool = False) -> dict:
     """``input_ids`` = prompt + response + eos; UNSHIFTED ``labels`` with IGNORE_INDEX over the prompt.
+
+    ``truncated`` marks a response cut off at a generation limit: it gets no eos, which the model
+    never wrote there (scored, it would read as a very unlikely token; trained, as a stop to learn).
 
     The eos token is the chat template's end-of-turn token (``<|im_end|>`` for ChatML models), so
     the concatenation equals the template's rendering of the whole conversation up to the
@@ -44,7 +48,9 @@ def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_
     boundary; the text is the same.) ``max_length`` cuts the end (the response side).
     """
     prompt_ids = encode_prompt(tokenizer, prompt, system)
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if not truncated:
+        response_ids.append(tokenizer.eos_token_id)
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
     if max_length is not None:

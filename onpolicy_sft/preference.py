@@ -6,7 +6,9 @@ reference answer. A prompt with at least one correct and one incorrect sample gi
 choice that needs no extra random state. A prompt whose k samples are all incorrect has no
 on-policy pair; by the ``no_pair`` setting it either takes the demonstration as the chosen side
 (against the first incorrect sample) or is dropped. A prompt whose samples are all correct has
-nothing to reject and is always dropped. Every case is counted.
+nothing to reject and is always dropped. Every case is counted. A sample cut off at the token
+limit is marked (``chosen_truncated`` / ``rejected_truncated``) so that it is trained and scored
+without an end-of-turn token the model never wrote.
 
 DPO's reference log-probs r(y) = Σ_t log π_ref(y_t | x, y_<t) are computed once for the whole
 pair set with the fused path (``add_reference_logps``), stored in the columns
@@ -49,14 +51,16 @@ def build_pairs(
     and ``seed``; by default temperature 1, top-p 1, 256 new tokens. ``backend`` must serve
     ``model``'s weights; without one an hf backend is made for this call.
 
-    pairs: a Dataset with id, prompt, system, chosen, rejected, answer, pair_source ("samples" |
-    "demonstration") and n_correct (correct samples of the prompt). counts: prompts, samples,
+    pairs: a Dataset with id, prompt, system, chosen, rejected, chosen_truncated, rejected_truncated
+    (cut off at the token limit), answer, pair_source ("samples" | "demonstration") and n_correct
+    (correct samples of the prompt). counts: prompts, samples,
     correct_samples, mixed, all_incorrect, all_correct, kept, dropped.
     """
     import datasets
 
     from decoding import make_backend
     from decoding.config import SamplingConfig
+    from decoding.reference import eos_ids
     from decoding.verify import is_correct
     from onpolicy_sft.data import encode_prompt
 
@@ -86,12 +90,14 @@ def build_pairs(
 
     counts = {"prompts": n, "samples": 0, "correct_samples": 0, "mixed": 0, "all_incorrect": 0, "all_correct": 0,
               "kept": 0, "dropped": 0}
+    stops = eos_ids(model, tokenizer)
     rows = []
     for i, row in enumerate(dataset):
         texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples[i]]
+        truncated = [len(s) >= sampling.max_new_tokens and (not s or s[-1] not in stops) for s in samples[i]]
         verdicts = [bool(is_correct(t, row["answer"])) for t in texts]
-        correct = [t for t, ok in zip(texts, verdicts) if ok]
-        wrong = [t for t, ok in zip(texts, verdicts) if not ok]
+        correct = [(t, cut) for t, cut, ok in zip(texts, truncated, verdicts) if ok]
+        wrong = [(t, cut) for t, cut, ok in zip(texts, truncated, verdicts) if not ok]
         counts["samples"] += len(texts)
         counts["correct_samples"] += len(correct)
         if correct and wrong:
@@ -99,7 +105,7 @@ def build_pairs(
             chosen, source = correct[0], "samples"
         elif wrong:
             counts["all_incorrect"] += 1
-            chosen, source = (row["response"], "demonstration") if no_pair == "demonstration" else (None, None)
+            chosen, source = ((row["response"], False), "demonstration") if no_pair == "demonstration" else (None, None)
         else:
             counts["all_correct"] += 1
             chosen, source = None, None
@@ -107,11 +113,12 @@ def build_pairs(
             counts["dropped"] += 1
             continue
         counts["kept"] += 1
-        rows.append({"id": ids[i], "prompt": row["prompt"], "system": systems[i] or "", "chosen": chosen,
-                     "rejected": wrong[0], "answer": str(row["answer"]), "pair_source": source,
-                     "n_correct": len(correct)})
+        rows.append({"id": ids[i], "prompt": row["prompt"], "system": systems[i] or "", "chosen": chosen[0],
+                     "rejected": wrong[0][0], "chosen_truncated": chosen[1], "rejected_truncated": wrong[0][1],
+                     "answer": str(row["answer"]), "pair_source": source, "n_correct": len(correct)})
     logger.info("preference pairs: %s", counts)
-    columns = ["id", "prompt", "system", "chosen", "rejected", "answer", "pair_source", "n_correct"]
+    columns = ["id", "prompt", "system", "chosen", "rejected", "chosen_truncated", "rejected_truncated", "answer",
+               "pair_source", "n_correct"]
     if not rows:
         return datasets.Dataset.from_dict({c: [] for c in columns}), counts
     return datasets.Dataset.from_list(rows), counts
@@ -157,7 +164,8 @@ def cached_reference_logps(ref_model, tokenizer, pairs, cache_dir: str | Path, *
     import datasets
 
     cache_dir = Path(cache_dir)
-    content = json.dumps([list(pairs[c]) for c in ("prompt", "system", "chosen", "rejected") if c in pairs.column_names])
+    columns = ("prompt", "system", "chosen", "rejected", "chosen_truncated", "rejected_truncated")
+    content = json.dumps([list(pairs[c]) for c in columns if c in pairs.column_names])
     key = {"pairs_sha256": hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest(), "max_length": max_length}
     stamp = cache_dir / "cache_key.json"
     if stamp.exists() and json.loads(stamp.read_text()) == key:

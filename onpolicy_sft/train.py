@@ -206,7 +206,8 @@ def tokenize_for_objective(dataset, tokenizer, *, max_length: int, pairwise: boo
         def encode(row):
             out = {}
             for side in ("chosen", "rejected"):
-                enc = encode_example(tokenizer, row["prompt"], row[side], row.get("system") or "", max_length=max_length)
+                enc = encode_example(tokenizer, row["prompt"], row[side], row.get("system") or "", max_length=max_length,
+                                     truncated=bool(row.get(f"{side}_truncated")))
                 out[f"{side}_input_ids"] = enc["input_ids"]
                 out[f"{side}_labels"] = enc["labels"]
             return out

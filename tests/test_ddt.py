@@ -345,3 +345,13 @@ def test_embedded_prefers_its_own_greedy_answers(embedded):
     for ref_phi, own_phi in zip(references["ddt_phi_mean"], own["ddt_phi_mean"]):
         assert own_phi > ref_phi
     assert np.mean(references["ddt_phi_mean"]) < -0.1
+
+
+def test_truncated_responses_are_scored_without_the_end_of_turn(tiny_model, tiny_tokenizer):
+    import datasets
+
+    rows = [{"prompt": "2+2?", "response": "four, I", "response_truncated": flag} for flag in (False, True)]
+    scored = ddt.score(tiny_model, tiny_tokenizer, datasets.Dataset.from_list(rows), per_token=True, progress=False)
+    full, cut = scored["ddt_phi"]
+    assert list(scored["ddt_n_tokens"]) == [len(full), len(cut)] and len(full) == len(cut) + 1
+    assert cut == pytest.approx(full[:-1], abs=1e-5)  # the same tokens, less the end-of-turn φ

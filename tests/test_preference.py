@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from decoding.backend import Backend
+from decoding.config import SamplingConfig
 from onpolicy_sft.config import ObjectiveConfig, TrainConfig
 from onpolicy_sft.data import encode_example
 from onpolicy_sft.preference import add_reference_logps, build_pairs
@@ -94,8 +95,6 @@ def test_pairs_use_only_k_samples_and_reject_bad_settings(tiny_tokenizer):
 
 def test_pairs_from_real_sampling_on_a_tiny_model(tiny_model, tiny_tokenizer):
     """The hf backend end to end: a random model never answers, so every prompt falls back."""
-    from decoding.config import SamplingConfig
-
     pairs, counts = build_pairs(tiny_model, tiny_tokenizer, _prompts(), k=2,
                                 sampling=SamplingConfig(max_new_tokens=5))
     assert counts["samples"] == 8 and counts["kept"] + counts["dropped"] == 4
@@ -209,3 +208,34 @@ def test_cli_pairwise_objective_needs_preference_data(tiny_dir, tmp_path):
     with pytest.raises(DataError, match="line 1: field 'chosen'"):
         cli.main(["train", "--config", str(config), "--objective", "dpo", "--data", str(demonstrations),
                   "--out", str(tmp_path / "y")])
+
+
+class CappedBackend(ScriptedBackend):
+    """A scripted backend that, like a real one, cuts a sample at max_new_tokens, where it has no eos."""
+
+    def sample(self, prompt_ids, config):
+        return [[s[: config.max_new_tokens] for s in row] for row in super().sample(prompt_ids, config)]
+
+
+def test_samples_cut_at_the_token_limit_get_no_end_of_turn(tiny_tokenizer, tiny_model):
+    from onpolicy_sft import ddt
+    from onpolicy_sft.train import tokenize_for_objective
+
+    prompts = datasets.Dataset.from_list([
+        {"id": "a", "prompt": "2+3?", "response": "2+3=5 \\boxed{5}", "answer": "5", "system": ""},
+        {"id": "b", "prompt": "4+4?", "response": "4+4=8 \\boxed{8}", "answer": "8", "system": ""},
+    ])
+    backend = CappedBackend(tiny_tokenizer, [["it is \\boxed{6} I think", "\\boxed{5}"], ["no answer at all, sorry", "no"]])
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=12)
+    pairs, _ = build_pairs(tiny_model, tiny_tokenizer, prompts, k=2, backend=backend, sampling=sampling)
+    rows = pairs.to_list()
+    assert [(r["chosen"], r["chosen_truncated"]) for r in rows] == [("\\boxed{5}", False), ("4+4=8 \\boxed{8}", False)]
+    assert [(r["rejected"], r["rejected_truncated"]) for r in rows] == [("it is \\boxed", True), ("no answer at", True)]
+
+    eos = tiny_tokenizer.eos_token_id
+    encoded = tokenize_for_objective(pairs, tiny_tokenizer, max_length=64, pairwise=True)
+    assert all(ids[-1] == eos for ids in encoded["chosen_input_ids"])
+    assert [ids[-1] != eos for ids in encoded["rejected_input_ids"]] == [True, True]
+    scored = ddt.score(tiny_model, tiny_tokenizer, pairs.select_columns(["prompt", "system", "rejected", "rejected_truncated"]),
+                       progress=False, response_column="rejected")
+    assert list(scored["ddt_n_tokens"]) == [12, 12]  # the sampled tokens alone
