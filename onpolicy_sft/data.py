@@ -99,7 +99,8 @@ def tokenize_with_report(ds, tokenizer, *, max_length: int, overlong: str = "tru
         raise ValueError(f"tokenize_dataset needs columns prompt and response; missing {sorted(missing)}")
 
     def encode(row):
-        enc = encode_example(tokenizer, row["prompt"], row["response"], row.get("system") or "")
+        enc = encode_example(tokenizer, row["prompt"], row["response"], row.get("system") or "",
+                             truncated=bool(row.get("response_truncated")))
         n_prompt = sum(1 for x in enc["labels"] if x == IGNORE_INDEX)
         return {**enc, "_n_prompt": n_prompt, "_n": len(enc["input_ids"])}
 
@@ -130,7 +131,8 @@ def tokenize_with_report(ds, tokenizer, *, max_length: int, overlong: str = "tru
 def tokenize_dataset(ds, tokenizer, *, max_length: int, overlong: str = "truncate"):
     """Add ``input_ids``/``labels`` (response-only) to every row; over-long rows are truncated or
     skipped by ``overlong`` and counted in the log either way. A row whose prompt alone reaches
-    ``max_length`` is always skipped (and counted): it would carry no label."""
+    ``max_length`` is always skipped (and counted): it would carry no label. A true
+    ``response_truncated`` marks a response cut off at a generation limit: no eos is appended."""
     return tokenize_with_report(ds, tokenizer, max_length=max_length, overlong=overlong)[0]
 
 
@@ -497,7 +499,8 @@ def token_statistics(ds, tokenizer, *, max_length: int | None = None) -> dict:
 
     prompt_lens, response_lens = [], []
     for row in ds:
-        enc = encode_example(tokenizer, row["prompt"], row["response"], row.get("system") or "")
+        enc = encode_example(tokenizer, row["prompt"], row["response"], row.get("system") or "",
+                             truncated=bool(row.get("response_truncated")))
         n_prompt = sum(1 for x in enc["labels"] if x == IGNORE_INDEX)
         prompt_lens.append(n_prompt)
         response_lens.append(len(enc["labels"]) - n_prompt)

@@ -53,8 +53,8 @@ def build_pairs(
 
     pairs: a Dataset with id, prompt, system, chosen, rejected, chosen_truncated, rejected_truncated
     (cut off at the token limit), answer, pair_source ("samples" | "demonstration") and n_correct
-    (correct samples of the prompt). counts: prompts, samples,
-    correct_samples, mixed, all_incorrect, all_correct, kept, dropped.
+    (correct samples of the prompt). counts: prompts, samples, correct_samples, mixed,
+    all_incorrect, all_correct, kept, dropped.
     """
     import datasets
 

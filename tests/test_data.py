@@ -98,6 +98,14 @@ def test_tokenize_dataset_skip_and_prompt_too_long(tiny_tokenizer, caplog):
         tokenize_dataset(ds, tiny_tokenizer, max_length=10, overlong="drop")
 
 
+def test_truncated_responses_get_no_end_of_turn(tiny_tokenizer):
+    rows = [{"prompt": "2+2?", "response": "four", "system": "", "response_truncated": cut} for cut in (False, True)]
+    full, cut = tokenize_dataset(datasets.Dataset.from_list(rows), tiny_tokenizer, max_length=100).to_list()
+    eos = tiny_tokenizer.eos_token_id
+    assert full["labels"][-1] == eos and cut["labels"][-1] != eos
+    assert full["input_ids"][:-1] == cut["input_ids"] and full["labels"][:-1] == cut["labels"]
+
+
 def test_length_grouped_batches_cover_once_deterministic_and_group_lengths():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 500, (203,), generator=g).tolist()
