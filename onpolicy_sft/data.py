@@ -58,6 +58,13 @@ def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_
     return {"input_ids": input_ids, "labels": labels}
 
 
+def encode_row(tokenizer, row: dict, column: str = "response", max_length: int | None = None) -> dict:
+    """``encode_example`` of a row's prompt, system and ``column``; a true ``<column>_truncated``
+    marks that response as cut off at a generation limit."""
+    return encode_example(tokenizer, row["prompt"], row[column], row.get("system") or "", max_length=max_length,
+                          truncated=bool(row.get(f"{column}_truncated")))
+
+
 def collate(rows: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad ``input_ids``/``labels`` rows into long tensors; padding gets IGNORE_INDEX and mask 0."""
     if padding_side not in ("right", "left"):
@@ -99,8 +106,7 @@ def tokenize_with_report(ds, tokenizer, *, max_length: int, overlong: str = "tru
         raise ValueError(f"tokenize_dataset needs columns prompt and response; missing {sorted(missing)}")
 
     def encode(row):
-        enc = encode_example(tokenizer, row["prompt"], row["response"], row.get("system") or "",
-                             truncated=bool(row.get("response_truncated")))
+        enc = encode_row(tokenizer, row)
         n_prompt = sum(1 for x in enc["labels"] if x == IGNORE_INDEX)
         return {**enc, "_n_prompt": n_prompt, "_n": len(enc["input_ids"])}
 
@@ -132,7 +138,7 @@ def tokenize_dataset(ds, tokenizer, *, max_length: int, overlong: str = "truncat
     """Add ``input_ids``/``labels`` (response-only) to every row; over-long rows are truncated or
     skipped by ``overlong`` and counted in the log either way. A row whose prompt alone reaches
     ``max_length`` is always skipped (and counted): it would carry no label. A true
-    ``response_truncated`` marks a response cut off at a generation limit: no eos is appended."""
+    ``response_truncated`` marks a response cut off at a generation limit (``encode_row``)."""
     return tokenize_with_report(ds, tokenizer, max_length=max_length, overlong=overlong)[0]
 
 
@@ -499,8 +505,7 @@ def token_statistics(ds, tokenizer, *, max_length: int | None = None) -> dict:
 
     prompt_lens, response_lens = [], []
     for row in ds:
-        enc = encode_example(tokenizer, row["prompt"], row["response"], row.get("system") or "",
-                             truncated=bool(row.get("response_truncated")))
+        enc = encode_row(tokenizer, row)
         n_prompt = sum(1 for x in enc["labels"] if x == IGNORE_INDEX)
         prompt_lens.append(n_prompt)
         response_lens.append(len(enc["labels"]) - n_prompt)

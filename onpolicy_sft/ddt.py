@@ -118,16 +118,9 @@ def process_state():
 
 
 def _encode(tokenizer, dataset, response_column: str, max_length: int | None) -> list[dict]:
-    from onpolicy_sft.data import encode_example
+    from onpolicy_sft.data import encode_row
 
-    n = len(dataset)
-    systems = dataset["system"] if "system" in dataset.column_names else [""] * n
-    cut = f"{response_column}_truncated"
-    truncated = dataset[cut] if cut in dataset.column_names else [False] * n
-    return [
-        encode_example(tokenizer, prompt, response, system or "", max_length=max_length, truncated=bool(t))
-        for prompt, response, system, t in zip(dataset["prompt"], dataset[response_column], systems, truncated)
-    ]
+    return [encode_row(tokenizer, row, response_column, max_length) for row in dataset]
 
 
 def score(
@@ -150,7 +143,7 @@ def score(
     so every process returns the complete dataset.
     ``per_token`` adds ``ddt_phi`` (a list of φ_t per row) for inspection. A boolean column
     ``<response_column>_truncated`` marks responses cut off at a generation limit, scored without
-    the end-of-turn token (``data.encode_example``).
+    the end-of-turn token (``data.encode_row``).
     """
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm

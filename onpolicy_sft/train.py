@@ -201,13 +201,12 @@ def tokenize_for_objective(dataset, tokenizer, *, max_length: int, pairwise: boo
         missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
         if missing:
             raise ValueError(f"a pairwise objective needs columns prompt, chosen, rejected; missing {sorted(missing)}")
-        from onpolicy_sft.data import encode_example
+        from onpolicy_sft.data import encode_row
 
         def encode(row):
             out = {}
             for side in ("chosen", "rejected"):
-                enc = encode_example(tokenizer, row["prompt"], row[side], row.get("system") or "", max_length=max_length,
-                                     truncated=bool(row.get(f"{side}_truncated")))
+                enc = encode_row(tokenizer, row, side, max_length)
                 out[f"{side}_input_ids"] = enc["input_ids"]
                 out[f"{side}_labels"] = enc["labels"]
             return out
