@@ -7,7 +7,7 @@ from .config import HintedDecodingConfig, SamplingConfig
 from .mixing import mix_logprobs
 from .rewrite import RewriteConfig, rewrite_corpus
 from .templates import HintTemplate
-from .verify import extract_answer, is_correct
+from onpolicy_sft.grading import extract_answer, is_correct
 
 __all__ = [
     "Backend",

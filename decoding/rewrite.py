@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import HintedDecodingConfig, SamplingConfig
 from .templates import HintTemplate, cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
-from .verify import is_correct
+from onpolicy_sft.grading import is_correct
 
 FALLBACKS = ("original", "drop")
 SOURCES = ("self", "hinted", "original")

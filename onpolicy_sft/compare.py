@@ -361,7 +361,7 @@ def _answered(eval_dirs: list[Path], splits: list[str]) -> float | None:
     """Share of the greedy answers that state a final answer the checker can read (a box or
     '#### N'), from the kept per-problem results; None where a run kept none. A model that never
     states one scores 0 whatever its arithmetic, so accuracy / answered is the accuracy where it tried."""
-    from decoding.verify import extract_answer
+    from onpolicy_sft.grading import extract_answer
 
     stated = []
     for eval_dir in eval_dirs:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from decoding.verify import hashes_answer, last_boxed
+from onpolicy_sft.grading import hashes_answer, last_boxed
 from onpolicy_sft.ops import IGNORE_INDEX
 
 log = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ def evaluate(model, tokenizer, dataset, config: EvalConfig, *, backend=None, out
     """
     from decoding import make_backend
     from decoding.config import SamplingConfig
-    from decoding.verify import is_correct
+    from onpolicy_sft.grading import is_correct
 
     missing = {"prompt", "answer"} - set(dataset.column_names)
     if missing:

@@ -61,7 +61,7 @@ def build_pairs(
     from decoding import make_backend
     from decoding.config import SamplingConfig
     from decoding.reference import eos_ids
-    from decoding.verify import is_correct
+    from onpolicy_sft.grading import is_correct
     from onpolicy_sft.data import encode_prompt
 
     if no_pair not in NO_PAIR_CHOICES:

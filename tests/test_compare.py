@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from decoding.verify import extract_answer
+from onpolicy_sft.grading import extract_answer
 from onpolicy_sft.compare import (METHODS, CompareConfig, PairsConfig, load_compare_config, run_comparison,
                                   score_columns)
 from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, TrainConfig

@@ -1,5 +1,8 @@
-"""Answer verification for the corpus rewrite (METHODS.md §5): is a response's final answer the
-reference answer?
+"""Grading: the final answer of a solution or a response, and whether it equals the reference.
+
+One leaf module used by data loading (reference answers from demonstrations), the corpus
+rewrite (verification), preference pairs and evaluation, so all of them read answers by the
+same rules.
 
 The final answer is the last ``\\boxed{...}`` of the text (nested braces allowed), else the
 number after a GSM8K-style ``#### ``, else there is none (and the response is wrong). Simple

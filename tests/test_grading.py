@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from decoding.verify import extract_answer, is_correct
+from onpolicy_sft.grading import extract_answer, is_correct
 
 
 @pytest.mark.parametrize("text, want", [
