@@ -20,6 +20,10 @@ import re
 import threading
 from fractions import Fraction
 
+# Every form in which a response states its final answer. Hinted Decoding's answer guard watches
+# for these same markers, so whatever is graded was written by the student stream alone.
+ANSWER_MARKERS = ("\\boxed", "\\fbox", "####")
+
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASHES = re.compile(r"####\s*([^\n]+)")
 
