@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -208,9 +210,6 @@ def test_csv_with_column_mapping_and_quoted_cells():
 
 
 def test_parquet_dataset_datasetdict_saved_dir_and_list_agree(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     raw = [json.loads(line) for line in (FIX / "prompt_response.jsonl").read_text().splitlines()]
     for r in raw:  # columnar formats: every row has every column, one type per column
         r.update(answer=str(r.get("answer", "")), id=r.get("id"), system=r.get("system", ""))

@@ -1,6 +1,7 @@
 """Answer extraction and the math-aware checker, including its time limit."""
 
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -141,8 +142,6 @@ def test_numbers_past_the_interpreter_digit_limit_do_not_raise(monkeypatch):
 
 def _last_boxed_by_rescanning(text):
     """The obvious quadratic reading: from each box, last first, scan forward for its closing brace."""
-    import re
-
     for match in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))):
         depth, i = 1, match.end()
         while i < len(text) and depth:
