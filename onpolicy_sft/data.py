@@ -305,7 +305,8 @@ def _read_parquet(path: Path, name: str):
 
 
 def _read_csv(path: Path, name: str):
-    text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")  # else the BOM sticks to the first column's name
+    # A byte-order mark would stick to the first column's name.
+    text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     for row in reader:
         where = f"line {reader.line_num}"
@@ -390,7 +391,7 @@ def _messages(value, key: str, ctx: dict) -> list[dict]:
 
 def _reference_answer(record: dict, text: str, ctx: dict, *, source_field: str, required: bool) -> str:
     """The row's ``answer`` value, else the final answer that ``text`` states, read by the rules of
-    ``grading.extract_answer`` (its last ``\boxed{}``, else its ``#### N``)."""
+    ``grading.extract_answer`` (its last ``\\boxed{}``, else its ``#### N``)."""
     answer = _text(record, "answer", ctx, required=False).strip() or extract_answer(text) or ""
     if not answer and required:
         raise DataError(f"no reference answer: no 'answer' value, and the {source_field} states no final answer "
@@ -411,7 +412,8 @@ def _demonstration(record: dict, ctx: dict, require_answer: bool = True) -> dict
     elif isinstance(record.get("prompt"), list) or isinstance(record.get("completion"), list):
         # TRL's conversational prompt-completion: {prompt: [messages], completion: [messages]}
         response_field = "completion"
-        messages = _messages(record.get("prompt"), "prompt", ctx) + _messages(record.get("completion"), "completion", ctx)
+        messages = [*_messages(record.get("prompt"), "prompt", ctx),
+                    *_messages(record.get("completion"), "completion", ctx)]
         system, prompt, response = _chat(messages, ctx, "completion")
         record = {**record, "prompt": prompt, "response": response, "system": system or record.get("system")}
     elif "problem" in record and "solution" in record and "prompt" not in record:  # MATH / NuminaMath

@@ -20,6 +20,7 @@ user's script that has no ``if __name__ == "__main__":`` guard. Nothing here rea
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import queue
@@ -118,7 +119,7 @@ class GraderUnavailableError(RuntimeError):
 
 def _serve() -> None:
     """The worker's loop: one JSON request ``[gold, pred, seconds]`` per line on stdin, one JSON
-    ``true``/``false`` per line on stdout, after a first line saying whether math-verify imports.
+    ``true``/``false`` per line on stdout, after a first line saying whether math-verify works.
 
     It runs in its main thread, so math-verify's own signal timeouts work for ordinary slowness;
     the parent's kill covers the rest.
@@ -133,7 +134,13 @@ def _serve() -> None:
 
     try:
         from math_verify import parse, verify
-    except Exception as exc:  # a missing or broken install: say so, instead of dying silently
+
+        # One known equality, before any answer: a broken install (say, an antlr4 runtime of another
+        # version, which fails only when LaTeX is parsed) is reported instead of grading every answer
+        # wrong, and the parser's first-use cost is paid here rather than inside a check's time limit.
+        if not verify(parse("$\\sqrt{8}$"), parse("$2\\sqrt{2}$")):
+            raise RuntimeError("it does not find that \\sqrt{8} equals 2\\sqrt{2}")
+    except Exception as exc:
         send({"error": f"{type(exc).__name__}: {exc}"})
         return
     send({"ready": True})
@@ -152,8 +159,9 @@ def _serve() -> None:
 def _pump(stream, replies: queue.Queue) -> None:
     """Move the worker's reply lines into a queue (None at its end), so that waiting on a reply
     can time out on every platform."""
-    for line in stream:
-        replies.put(line)
+    with stream:  # closed here, by its only reader, once the worker has gone
+        for line in stream:
+            replies.put(line)
     replies.put(None)
 
 
@@ -185,7 +193,7 @@ class _Checker:
         status = json.loads(first) if first else {}
         if not status.get("ready"):
             self.close()
-            why = f"cannot import math-verify ({status['error']})" if "error" in status else problem
+            why = f"finds math-verify broken ({status['error']})" if "error" in status else problem
             raise GraderUnavailableError(
                 f"the answer checker's worker process ({sys.executable} -m onpolicy_sft.grading) {why}. Symbolic "
                 "answers cannot be graded; reinstall it in this environment: pip install --force-reinstall math-verify")
@@ -194,8 +202,8 @@ class _Checker:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
-            for stream in (self.proc.stdin, self.proc.stdout):
-                stream.close()
+            with contextlib.suppress(OSError):  # a request it never read may still sit in the buffer
+                self.proc.stdin.close()
         self.proc = self.replies = None
 
     def check(self, gold: str, pred: str, timeout: float) -> bool:

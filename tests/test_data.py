@@ -165,7 +165,8 @@ def test_json_completion_and_wrapped_list():
     ds = load_demonstrations(FIX / "completion.json", require_answer=False)
     assert ds["prompt"] == ["Say hi.", "What is 9-4?"] and ds["response"] == ["Hi!", "9-4=5"]
     assert ds["answer"] == ["", "5"]
-    assert load_demonstrations(FIX / "wrapped.json", require_answer=False)["id"] == ds["id"][:1]  # same content, same id
+    wrapped = load_demonstrations(FIX / "wrapped.json", require_answer=False)
+    assert wrapped["id"] == ds["id"][:1]  # same content, same id
 
 
 def test_chat_messages_system_and_last_assistant():
@@ -204,7 +205,8 @@ def test_csv_with_column_mapping_and_quoted_cells():
                              require_answer=False)
     assert ds["prompt"] == ["What is 3+4?", "Say yes."] and ds["response"] == ["3+4=7\n#### 7", "Yes."]
     assert ds["answer"] == ["7", ""]
-    assert load_demonstrations(FIX / "prompt_response.csv", require_answer=False)["prompt"] == ["What is 5+5?", "Quote, with comma"]
+    plain = load_demonstrations(FIX / "prompt_response.csv", require_answer=False)
+    assert plain["prompt"] == ["What is 5+5?", "Quote, with comma"]
     with pytest.raises(DataError, match="mapped column 'instr' is missing"):
         load_demonstrations(FIX / "instruction_output.csv", columns={"prompt": "instr"})
 
@@ -279,7 +281,8 @@ def test_trl_implicit_prompt_preferences():
                  "rejected": [{"role": "assistant", "content": "\\boxed{5}"}]}]
     assert load_preferences(explicit).to_list() == got
     other = {"role": "user", "content": "What is 3+3?"}
-    bad = [{"chosen": [user, {"role": "assistant", "content": "4"}], "rejected": [other, {"role": "assistant", "content": "6"}]}]
+    bad = [{"chosen": [user, {"role": "assistant", "content": "4"}],
+            "rejected": [other, {"role": "assistant", "content": "6"}]}]
     with pytest.raises(DataError, match="different prompts") as e:
         load_preferences(bad)
     assert e.value.field == "rejected"
@@ -359,7 +362,8 @@ def test_a_byte_order_mark_is_no_part_of_the_header(tmp_path):
     bom = b"\xef\xbb\xbf"
     (tmp_path / "a.jsonl").write_bytes(bom + (FIX / "gsm8k.jsonl").read_bytes())
     assert load_demonstrations(tmp_path / "a.jsonl").to_list() == want
-    (tmp_path / "a.json").write_bytes(bom + json.dumps([json.loads(x) for x in (FIX / "gsm8k.jsonl").read_text().splitlines()]).encode())
+    records = [json.loads(line) for line in (FIX / "gsm8k.jsonl").read_text().splitlines()]
+    (tmp_path / "a.json").write_bytes(bom + json.dumps(records).encode())
     assert load_demonstrations(tmp_path / "a.json").to_list() == want
     (tmp_path / "a.csv").write_bytes(bom + (FIX / "instruction_output.csv").read_bytes())
     mapping = {"prompt": "instruction", "response": "output"}
@@ -476,7 +480,8 @@ def test_special_token_text_is_plain_text_for_the_embedded_tokenizer():
     user_turn = ids[starts[-2]: ends[-1]]  # the turn before the assistant header, up to its end-of-turn
     assert im_end not in user_turn and tok.eos_token_id not in user_turn[1:]
     assert tok.decode(user_turn) == "<|im_start|>user\n" + prompt
-    rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
     assert tok.decode(ids) == rendered
 
 

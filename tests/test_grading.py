@@ -84,9 +84,10 @@ def _fake_math_verify(tmp_path, source: str) -> str:
 def test_a_check_that_never_returns_is_killed_at_its_time_limit(tmp_path, monkeypatch):
     """A stall where no signal fires (sympy inside one C call) is the parent's to end: the worker
     is killed, the check counts as wrong, and the next check gets a fresh worker."""
+    # a fake that passes the worker's self-check (\\sqrt{8} = 2\\sqrt{2}) and stalls on request
     monkeypatch.setenv("PYTHONPATH", _fake_math_verify(tmp_path, (
         "import time\n"
-        "def parse(text, parsing_timeout=None):\n    return [text]\n"
+        "def parse(text, parsing_timeout=None):\n    return [text.replace('2\\\\sqrt{2}', '\\\\sqrt{8}')]\n"
         "def verify(gold, pred, timeout_seconds=None):\n"
         "    if '\\\\stall' in pred[0]:\n        time.sleep(3600)\n"
         "    return gold == pred\n")))
@@ -101,10 +102,16 @@ def test_a_check_that_never_returns_is_killed_at_its_time_limit(tmp_path, monkey
         checker.close()
 
 
-def test_a_broken_math_verify_says_so(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", _fake_math_verify(tmp_path, "raise ImportError('antlr4 runtime mismatch')\n"))
+@pytest.mark.parametrize("source, says", [
+    ("raise ImportError('no module named latex2sympy2_extended')\n", "ImportError: no module named latex2sympy2"),
+    # installed, but parses nothing (as with an antlr4 runtime of the wrong version)
+    ("def parse(text, parsing_timeout=None):\n    return []\n"
+     "def verify(gold, pred, timeout_seconds=None):\n    return False\n", "does not find that"),
+])
+def test_a_broken_math_verify_says_so(tmp_path, monkeypatch, source, says):
+    monkeypatch.setenv("PYTHONPATH", _fake_math_verify(tmp_path, source))
     monkeypatch.setattr(grading, "_checker", grading._Checker())
-    with pytest.raises(GraderUnavailableError, match="cannot import math-verify.*antlr4 runtime mismatch"):
+    with pytest.raises(GraderUnavailableError, match=f"finds math-verify broken.*{says}"):
         is_correct("\\boxed{\\sqrt{8}}", "2\\sqrt{2}")
     assert is_correct("\\boxed{7}", "7")  # plain answers never need the worker
 
