@@ -84,7 +84,7 @@ def _fake_math_verify(tmp_path, source: str) -> str:
 def test_a_check_that_never_returns_is_killed_at_its_time_limit(tmp_path, monkeypatch):
     """A stall where no signal fires (sympy inside one C call) is the parent's to end: the worker
     is killed, the check counts as wrong, and the next check gets a fresh worker."""
-    # a fake that passes the worker's self-check (\\sqrt{8} = 2\\sqrt{2}) and stalls on request
+    # a fake that passes the worker's self-check (\sqrt{8} = 2\sqrt{2}) and stalls on request
     monkeypatch.setenv("PYTHONPATH", _fake_math_verify(tmp_path, (
         "import time\n"
         "def parse(text, parsing_timeout=None):\n    return [text.replace('2\\\\sqrt{2}', '\\\\sqrt{8}')]\n"
