@@ -91,8 +91,16 @@ def test_converted_checkpoint_reproduces_gguf_logits(embedded):
     assert theirs[0, -1].argmax() == ours[0, -1].argmax()
 
 
+# Recorded once from the converted checkpoint (float32, CPU; the same with 1 and 2 threads).
+GREEDY_IDS = [39, 1232, 216, 37, 446, 216, 33, 34, 198, 198, 504, 2988, 314, 3814, 4810, 277, 6150, 30, 2]
+GREEDY_TEXT = "7 + 5 = 12\n\nThe answer is \\boxed{}."
+CONTINUATION_LOGP = -12.2493  # "The answer is \\boxed{12}." after the same prompt, summed over its tokens
+
+
 @pytest.mark.embedded
 def test_embedded_model_answers_offline(embedded):
+    """The converted weights behave as recorded: the same greedy answer token for token, ending with
+    the end-of-turn token, and the same log-probability of a fixed continuation."""
     model, tokenizer = embedded
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     prompt = tokenizer.apply_chat_template(
@@ -101,6 +109,13 @@ def test_embedded_model_answers_offline(embedded):
         return_tensors="pt",
         return_dict=True,
     )
-    out = model.generate(**prompt, max_new_tokens=48, do_sample=False)
-    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert any(ch.isdigit() for ch in answer), answer
+    n = prompt["input_ids"].shape[1]
+    out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+    assert out[0, n:].tolist() == GREEDY_IDS
+    assert tokenizer.decode(out[0, n:], skip_special_tokens=True) == GREEDY_TEXT
+    assert GREEDY_IDS[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    continuation = tokenizer("The answer is \\boxed{12}.", add_special_tokens=False)["input_ids"]
+    ids = torch.cat([prompt["input_ids"][0], torch.tensor(continuation)])[None]
+    with torch.no_grad():
+        logp = model(ids).logits[0, n - 1 : -1].log_softmax(-1)
+    assert logp.gather(-1, ids[0, n:, None]).sum().item() == pytest.approx(CONTINUATION_LOGP, abs=1e-3)
