@@ -9,29 +9,73 @@ labels.
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
+import io
 import json
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import pyarrow.parquet as pq
 import torch
 
-from onpolicy_sft.grading import hashes_answer, last_boxed
+from onpolicy_sft.grading import extract_answer, hashes_answer
 from onpolicy_sft.ops import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 
+def _special_texts(tokenizer) -> list[str]:
+    """The texts that the tokenizer reads as special (control) tokens wherever they appear."""
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+
+
+def _ids(out) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template; older versions a plain list
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as plain text: a special-token string in it (``<|im_end|>`` written
+    in a prompt or a response) is spelled out in ordinary tokens, never read as a control token."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
 def encode_prompt(tokenizer, prompt: str, system: str = "") -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the assistant header (generation prompt)."""
+    """Token ids of the chat-formatted prompt, ending with the assistant header (generation prompt).
+
+    The template's own markup keeps its control tokens; the user's text (prompt and system) is
+    tokenised as plain text (``encode_text``), so that writing ``<|im_end|>`` in a question
+    cannot end the turn.
+    """
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    # transformers 5 returns a BatchEncoding; older versions a plain list
-    ids = out["input_ids"] if hasattr(out, "keys") else out
-    return list(ids)
+    specials = _special_texts(tokenizer)
+    if not any(sp in m["content"] for m in messages for sp in specials):
+        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    # Render the template around a placeholder per message, then tokenise the markup between the
+    # placeholders as the template's text and each message's content as plain text.
+    marks = [f"\x00{i}\x00" for i in range(len(messages))]
+    skeleton = tokenizer.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks)],
+                                             add_generation_prompt=True, tokenize=False)
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pieces, rest = [], skeleton
+    for m, k in zip(messages, marks):
+        head, sep, tail = rest.partition(k)
+        if sep:  # (a template may leave a message out, e.g. one without a system turn)
+            pieces += [(head, False), (m["content"], True)]
+            rest = tail
+    pieces.append((rest, False))
+    if "".join(text for text, _ in pieces) != rendered:
+        raise ValueError("this chat template changes the message text it renders, so a special-token string in "
+                         "the prompt cannot be kept as plain text; remove it from the prompt or system text")
+    ids = []
+    for text, plain in pieces:
+        ids += encode_text(tokenizer, text) if plain else list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
 
 
 def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_length: int | None = None,
@@ -48,7 +92,7 @@ def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_
     boundary; the text is the same.) ``max_length`` cuts the end (the response side).
     """
     prompt_ids = encode_prompt(tokenizer, prompt, system)
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    response_ids = encode_text(tokenizer, response)
     if not truncated:
         response_ids.append(tokenizer.eos_token_id)
     input_ids = prompt_ids + response_ids
@@ -142,27 +186,6 @@ def tokenize_dataset(ds, tokenizer, *, max_length: int, overlong: str = "truncat
     return tokenize_with_report(ds, tokenizer, max_length=max_length, overlong=overlong)[0]
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, *, group_factor: int = 50) -> list[list[int]]:
-    """Batches of row indices of similar length (less padding), in a seeded random order.
-
-    Indices are shuffled, cut into groups of ``group_factor`` batches, sorted by length inside each
-    group and then cut into batches; the batch order is shuffled again so that long batches do
-    not all come first. Every index appears exactly once.
-    """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    group = batch_size * group_factor
-    batches = []
-    for start in range(0, len(order), group):
-        chunk = sorted(order[start : start + group], key=lambda i: -lengths[i])
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading demonstrations in the shapes users have
 
@@ -212,8 +235,6 @@ def _raw_rows(source, split: str):
     Text is decoded with ``surrogateescape`` so that an undecodable byte becomes a marker that the
     row check reports with its line and field, instead of failing the whole file.
     """
-    import datasets
-
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
             raise DataError(f"no split {split!r}; available: {sorted(source)}", source="DatasetDict")
@@ -245,6 +266,8 @@ def _raw_rows(source, split: str):
 def _read_jsonl(path: Path, name: str):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1:  # a byte-order mark (Windows editors write one) is no part of the first record
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             text = raw.decode("utf-8", "surrogateescape").strip()
             if not text:  # a blank line is no row (a trailing newline, a separator)
                 continue
@@ -256,7 +279,7 @@ def _read_jsonl(path: Path, name: str):
 
 
 def _read_json(path: Path, name: str):
-    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -274,8 +297,6 @@ def _read_json(path: Path, name: str):
 
 
 def _read_parquet(path: Path, name: str):
-    import pyarrow.parquet as pq
-
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:
@@ -284,10 +305,9 @@ def _read_parquet(path: Path, name: str):
 
 
 def _read_csv(path: Path, name: str):
-    import csv
-    import io
-
-    reader = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8", "surrogateescape"), newline=""))
+    # A byte-order mark would stick to the first column's name.
+    text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     for row in reader:
         where = f"line {reader.line_num}"
         if None in row:  # more cells than header columns
@@ -357,17 +377,48 @@ def _chat(messages, ctx: dict, key: str = "messages") -> tuple[str, str, str]:
     return system, users[0], response
 
 
-def _demonstration(record: dict, ctx: dict) -> dict:
+def _messages(value, key: str, ctx: dict) -> list[dict]:
+    """One side of a conversational row as a message list: a list as it is, a string as one message
+    (a user message for the prompt, an assistant message otherwise), nothing as no message."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"role": "user" if key == "prompt" else "assistant", "content": value}]
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise DataError("expected a string or a list of {role, content} messages", field=key, kind="wrong_type", **ctx)
+    return value
+
+
+def _reference_answer(record: dict, text: str, ctx: dict, *, source_field: str, required: bool) -> str:
+    """The row's ``answer`` value, else the final answer that ``text`` states, read by the rules of
+    ``grading.extract_answer`` (its last ``\\boxed{}``, else its ``#### N``)."""
+    answer = _text(record, "answer", ctx, required=False).strip() or extract_answer(text) or ""
+    if not answer and required:
+        raise DataError(f"no reference answer: no 'answer' value, and the {source_field} states no final answer "
+                        "(a terminated \\boxed{...} or a '#### N' line); rows without one can be trained on or "
+                        "scored but never graded: load them with require_answer=False for that",
+                        field=source_field, kind="missing_answer", **ctx)
+    return answer
+
+
+def _demonstration(record: dict, ctx: dict, require_answer: bool = True) -> dict:
     """One raw record in any supported shape -> the normalised demonstration row."""
     answer = None
+    response_field = "response"
     if "messages" in record or "conversations" in record:
-        key = "messages" if "messages" in record else "conversations"
-        system, prompt, response = _chat(record[key], ctx, key)
-        record = {**record, "prompt": prompt, "response": response, "system": system}
+        response_field = "messages" if "messages" in record else "conversations"
+        system, prompt, response = _chat(record[response_field], ctx, response_field)
+        record = {**record, "prompt": prompt, "response": response, "system": system or record.get("system")}
+    elif isinstance(record.get("prompt"), list) or isinstance(record.get("completion"), list):
+        # TRL's conversational prompt-completion: {prompt: [messages], completion: [messages]}
+        response_field = "completion"
+        messages = [*_messages(record.get("prompt"), "prompt", ctx),
+                    *_messages(record.get("completion"), "completion", ctx)]
+        system, prompt, response = _chat(messages, ctx, "completion")
+        record = {**record, "prompt": prompt, "response": response, "system": system or record.get("system")}
     elif "problem" in record and "solution" in record and "prompt" not in record:  # MATH / NuminaMath
+        response_field = "solution"
         record = {**record, "prompt": record["problem"], "response": record["solution"]}
-        solution = _text(record, "solution", ctx)
-        answer = _text(record, "answer", ctx, required=False) or last_boxed(solution)
     elif "question" in record and "prompt" not in record:  # GSM8K: the answer field is the solution
         solution = _text(record, "answer", ctx)
         answer = hashes_answer(solution)
@@ -376,47 +427,45 @@ def _demonstration(record: dict, ctx: dict) -> dict:
         answer = answer.replace(",", "")  # GSM8K writes 1,500: store the bare number
         record = {**record, "prompt": record["question"], "response": solution}
     elif "response" not in record and "completion" in record:
+        response_field = "completion"
         record = {**record, "response": record["completion"]}
     prompt = _text(record, "prompt", ctx)
     response = _text(record, "response", ctx)
     system = _text(record, "system", ctx, required=False)
     if answer is None:
-        answer = _text(record, "answer", ctx, required=False)
+        answer = _reference_answer(record, response, ctx, source_field=response_field, required=require_answer)
     row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, response)
-    return {"id": row_id, "prompt": prompt, "response": response, "answer": answer or "", "system": system}
-
-
-def _side(value, ctx: dict, key: str) -> str:
-    """A preference side: a string, or a message list whose last assistant message is the text."""
-    if isinstance(value, list):
-        texts = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "assistant"]
-        if not texts:
-            raise DataError("no assistant message", field=key, kind="malformed", **ctx)
-        value = texts[-1]
-    return _text({key: value}, key, ctx)
+    return {"id": row_id, "prompt": prompt, "response": response, "answer": answer, "system": system}
 
 
 def _preference(record: dict, ctx: dict) -> dict:
+    """One raw pair -> the normalised preference row. Sides are strings or conversations; a
+    conversation may carry the prompt itself (TRL's implicit prompt), which both sides must share."""
     system = _text(record, "system", ctx, required=False)
     prompt = record.get("prompt")
-    if isinstance(prompt, list):  # conversational prompt: system and the last user message
-        if not all(isinstance(m, dict) for m in prompt):
-            raise DataError("expected a string or a list of messages", field="prompt", kind="wrong_type", **ctx)
-        system = "\n".join(m.get("content", "") for m in prompt if m.get("role") == "system") or system
-        users = [m.get("content") for m in prompt if m.get("role") == "user"]
-        prompt = users[-1] if users else None
-    prompt = _text({"prompt": prompt}, "prompt", ctx)
-    chosen = _side(record.get("chosen"), ctx, "chosen") if record.get("chosen") is not None else _text(record, "chosen", ctx)
-    rejected = (_side(record.get("rejected"), ctx, "rejected") if record.get("rejected") is not None
-                else _text(record, "rejected", ctx))
-    answer = _text(record, "answer", ctx, required=False)
+    if any(isinstance(record.get(k), list) for k in ("prompt", "chosen", "rejected")):
+        sides = {}
+        for key in ("chosen", "rejected"):
+            if record.get(key) is None:
+                raise DataError("missing", field=key, kind="missing_field", **ctx)
+            messages = _messages(prompt, "prompt", ctx) + _messages(record[key], key, ctx)
+            sides[key] = _chat(messages, ctx, key)
+        (system_c, prompt, chosen), (system_r, prompt_r, rejected) = sides["chosen"], sides["rejected"]
+        if (system_c, prompt) != (system_r, prompt_r):
+            raise DataError("chosen and rejected answer different prompts (their messages before the last "
+                            "assistant message differ)", field="rejected", kind="malformed", **ctx)
+        system = system_c or system
+        record = {**record, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    prompt = _text(record, "prompt", ctx)
+    chosen = _text(record, "chosen", ctx)
+    rejected = _text(record, "rejected", ctx)
+    # Pairs train without grading, so a pair may have no answer; where it has one, it is read by the same rules.
+    answer = _reference_answer(record, chosen, ctx, source_field="chosen", required=False)
     row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, chosen, rejected)
     return {"id": row_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "answer": answer, "system": system}
 
 
 def _read(source, normalise, names, *, split, columns, on_error, limit):
-    import datasets
-
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     name, rows = _raw_rows(source, split)
@@ -442,6 +491,10 @@ def _read(source, normalise, names, *, split, columns, on_error, limit):
             row["id"] = f"{row['id']}-{seen[row['id']] - 1}"
         out.append(row)
     report.kept = len(out)
+    if not out and limit != 0:  # say so here, not as a schema error from deep inside datasets
+        why = (f"all {report.n_skipped} skipped ({', '.join(f'{k}: {v}' for k, v in sorted(report.skipped.items()))}); "
+               f"first: {report.messages[0]}" if report.n_skipped else "the source is empty")
+        raise DataError(f"no rows: {why}", source=name, kind="empty")
     if report.n_skipped:
         log.warning("%s: kept %d rows, skipped %d (%s); first: %s", name, report.kept, report.n_skipped,
                     ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())), report.messages[0])
@@ -452,28 +505,36 @@ def _read(source, normalise, names, *, split, columns, on_error, limit):
 
 
 def read_demonstrations(source, *, split: str = "train", columns: dict | None = None, on_error: str = "raise",
-                        limit: int | None = None):
+                        limit: int | None = None, require_answer: bool = True):
     """``load_demonstrations`` that also returns the ``LoadReport`` (rows kept, skips by reason)."""
-    return _read(source, _demonstration, DEMONSTRATION_COLUMNS, split=split, columns=columns, on_error=on_error,
-                 limit=limit)
+    return _read(source, lambda record, ctx: _demonstration(record, ctx, require_answer), DEMONSTRATION_COLUMNS,
+                 split=split, columns=columns, on_error=on_error, limit=limit)
 
 
 def load_demonstrations(source, *, split: str = "train", columns: dict | None = None, on_error: str = "raise",
-                        limit: int | None = None):
+                        limit: int | None = None, require_answer: bool = True):
     """Demonstrations from a file (.jsonl/.json/.parquet/.csv), a saved dataset directory, a
     ``datasets.Dataset``/``DatasetDict``, a list of dicts, or a hub dataset name, as a Dataset
     with the columns ``id, prompt, response, answer, system``.
 
     Shapes: ``{prompt, response|completion}`` (+ ``answer``, ``system``, ``id``); chat
     ``{messages: [...]}`` (system messages -> ``system``, the last assistant message is the
-    response); GSM8K ``{question, answer: "... #### N"}`` (the answer text is the response, N
-    the answer); MATH/NuminaMath ``{problem, solution}`` (answer from the last ``\\boxed{}``).
-    ``columns`` maps our names to yours, e.g. ``{"prompt": "instruction", "response": "output"}``.
+    response); TRL's conversational ``{prompt: [...], completion: [...]}``; GSM8K
+    ``{question, answer: "... #### N"}`` (the answer text is the response, N the answer);
+    MATH/NuminaMath ``{problem, solution}``. ``columns`` maps our names to yours, e.g.
+    ``{"prompt": "instruction", "response": "output"}``.
+
+    Every row has a reference answer: its ``answer`` value, else the final answer its response
+    states (``grading.extract_answer``: the last ``\\boxed{}``, else ``#### N``). A row with
+    neither is a bad row, unless ``require_answer=False`` (data only trained on or scored, never
+    graded), where its answer is empty.
 
     Bad rows raise ``DataError`` naming the file, the line or row and the field; with
-    ``on_error="skip"`` they are skipped, counted by reason and logged.
+    ``on_error="skip"`` they are skipped, counted by reason and logged. A source with no rows
+    left is an error either way.
     """
-    return read_demonstrations(source, split=split, columns=columns, on_error=on_error, limit=limit)[0]
+    return read_demonstrations(source, split=split, columns=columns, on_error=on_error, limit=limit,
+                               require_answer=require_answer)[0]
 
 
 def read_preferences(source, *, split: str = "train", columns: dict | None = None, on_error: str = "raise",
@@ -486,12 +547,45 @@ def load_preferences(source, *, split: str = "train", columns: dict | None = Non
                      limit: int | None = None):
     """Preference pairs ``{prompt, chosen, rejected}`` (strings or message lists) as a Dataset with
     the columns ``id, prompt, chosen, rejected, answer, system``; sources and bad-input handling as
-    in ``load_demonstrations``."""
+    in ``load_demonstrations``. Without a ``prompt``, conversational sides carry it themselves
+    (TRL's implicit prompt: the messages before the last assistant message, the same in both).
+    The answer is the ``answer`` value, else the one the chosen side states, else empty: pairs
+    are trained on, not graded."""
     return read_preferences(source, split=split, columns=columns, on_error=on_error, limit=limit)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Inspecting and writing
+
+
+def parse_columns(items: list[str]) -> dict[str, str]:
+    """``["prompt=instruction", ...]`` (the CLI's ``--columns``) as ``{our name: their column}``."""
+    columns = {}
+    for item in items:
+        ours, sep, theirs = item.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise DataError(f"a column mapping is OURS=THEIRS (e.g. prompt=instruction), not {item!r}",
+                            source="--columns", kind="invalid")
+        if ours.strip() not in set(DEMONSTRATION_COLUMNS) | set(PREFERENCE_COLUMNS):
+            raise DataError(f"unknown column {ours.strip()!r} in {item!r}; ours are "
+                            f"{sorted(set(DEMONSTRATION_COLUMNS) | set(PREFERENCE_COLUMNS))}", source="--columns")
+        columns[ours.strip()] = theirs.strip()
+    return columns
+
+
+def shorten(text: str, max_chars: int) -> str:
+    """``text`` cut to about ``max_chars`` characters for display: its start and its end (where a
+    solution states its answer), with the number of characters left out between them."""
+    if len(text) <= max_chars:
+        return text
+    head, tail = max_chars * 2 // 3, max_chars // 3
+    return f"{text[:head]} … [{len(text) - head - tail} characters left out] … {text[len(text) - tail:]}"
+
+
+def preview(ds, rows: int = 3, max_chars: int = 500) -> list[dict]:
+    """The first ``rows`` rows for display (``data show``), every text field ``shorten``-ed."""
+    rows = ds.select(range(min(rows, len(ds)))) if isinstance(ds, datasets.Dataset) else ds[:rows]
+    return [{k: shorten(v, max_chars) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
 
 
 def token_statistics(ds, tokenizer, *, max_length: int | None = None) -> dict:

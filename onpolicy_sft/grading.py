@@ -11,34 +11,56 @@ compared exactly here. Anything else goes to math-verify, which parses LaTeX and
 symbolically, in a separate worker process that is killed when a check overruns its time
 limit: sympy can spend minutes inside one C call (a power tower, a huge factorial) where no
 signal-based timeout fires, and model text is never passed to ``eval``.
+
+The worker is a fresh interpreter running ``python -m onpolicy_sft.grading``, not a
+multiprocessing child: a spawned child re-imports the caller's ``__main__``, which re-runs a
+user's script that has no ``if __name__ == "__main__":`` guard. Nothing here reads ``__main__``.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import atexit
+import contextlib
+import json
+import os
+import queue
 import re
+import subprocess
+import sys
 import threading
 from fractions import Fraction
+from pathlib import Path
 
 # Every form in which a response states its final answer. Hinted Decoding's answer guard watches
 # for these same markers, so whatever is graded was written by the student stream alone.
 ANSWER_MARKERS = ("\\boxed", "\\fbox", "####")
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE = re.compile(r"[{}]")
 _HASHES = re.compile(r"####\s*([^\n]+)")
 
 
 def last_boxed(text: str) -> str | None:
     """The content of the last terminated ``\\boxed{...}`` or ``\\fbox{...}`` (balanced braces);
-    an unterminated box (a truncated answer) is passed over for the one before it."""
-    for match in reversed(list(_BOXED.finditer(text))):
-        start = match.end()
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start : i - 1].strip()
+    an unterminated box (a truncated answer) is passed over for the one before it.
+
+    Linear in the length of the text: every brace is matched once, in one pass with a stack, and
+    the boxes are then looked up from the last one back (a text of many unterminated boxes, as a
+    repetitive generation writes, would cost a scan to the end per box otherwise).
+    """
+    boxes = [m.end() - 1 for m in _BOXED.finditer(text)]  # the index of each box's opening brace
+    if not boxes:
+        return None
+    closing = {}
+    opened = []
+    for brace in _BRACE.finditer(text):
+        if brace.group() == "{":
+            opened.append(brace.start())
+        elif opened:
+            closing[opened.pop()] = brace.start()
+    for start in reversed(boxes):
+        if start in closing:
+            return text[start + 1 : closing[start]].strip()
     return None
 
 
@@ -69,6 +91,8 @@ def _plain_number(answer: str) -> Fraction | None:
     s = _UNIT_TEXT.sub("", answer)
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
     s = s.replace("\\,", "").replace("{,}", ",").strip().rstrip(".")
+    if sum(c.isdigit() for c in s) > _MAX_DIGITS:
+        return None
     frac = re.fullmatch(r"(-?)\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}", s)
     if frac:
         num, den = _plain_number(frac.group(2)), _plain_number(frac.group(3))
@@ -89,16 +113,39 @@ def _normalise(answer: str) -> str:
     return re.sub(r"\s+", "", _UNIT_TEXT.sub("", answer)).replace("\\left", "").replace("\\right", "")
 
 
-def _worker(conn) -> None:
-    # Runs in its own process, in its main thread, so math-verify's own signal timeouts work
-    # for ordinary slowness; the parent's kill covers the rest.
-    from math_verify import parse, verify
+class GraderUnavailableError(RuntimeError):
+    """The math-verify worker cannot run (math-verify missing or broken): no answer can be checked."""
 
-    while True:
-        try:
-            gold, pred, seconds = conn.recv()
-        except EOFError:
-            return
+
+def _serve() -> None:
+    """The worker's loop: one JSON request ``[gold, pred, seconds]`` per line on stdin, one JSON
+    ``true``/``false`` per line on stdout, after a first line saying whether math-verify works.
+
+    It runs in its main thread, so math-verify's own signal timeouts work for ordinary slowness;
+    the parent's kill covers the rest.
+    """
+    # Keep the protocol on a private copy of stdout: whatever a library prints goes to stderr.
+    reply = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def send(message) -> None:
+        reply.write(json.dumps(message) + "\n")
+        reply.flush()
+
+    try:
+        from math_verify import parse, verify
+
+        # One known equality, before any answer: a broken install (say, an antlr4 runtime of another
+        # version, which fails only when LaTeX is parsed) is reported instead of grading every answer
+        # wrong, and the parser's first-use cost is paid here rather than inside a check's time limit.
+        if not verify(parse("$\\sqrt{8}$"), parse("$2\\sqrt{2}$")):
+            raise RuntimeError("it does not find that \\sqrt{8} equals 2\\sqrt{2}")
+    except Exception as exc:
+        send({"error": f"{type(exc).__name__}: {exc}"})
+        return
+    send({"ready": True})
+    for line in sys.stdin:
+        gold, pred, seconds = json.loads(line)
         try:
             limit = max(1, int(seconds))
             g = parse(f"${gold}$", parsing_timeout=limit)
@@ -106,7 +153,16 @@ def _worker(conn) -> None:
             ok = bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=limit))
         except Exception:
             ok = False
-        conn.send(ok)
+        send(ok)
+
+
+def _pump(stream, replies: queue.Queue) -> None:
+    """Move the worker's reply lines into a queue (None at its end), so that waiting on a reply
+    can time out on every platform."""
+    with stream:  # closed here, by its only reader, once the worker has gone
+        for line in stream:
+            replies.put(line)
+    replies.put(None)
 
 
 class _Checker:
@@ -115,46 +171,74 @@ class _Checker:
     def __init__(self):
         self.lock = threading.Lock()
         self.proc = None
-        self.conn = None
+        self.replies = None
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads or an engine
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child,), daemon=True, name="math-verify")
-        self.proc.start()
-        child.close()
-        self.conn = parent
+        # The worker imports this very file, so it must find the same package as the caller.
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "onpolicy_sft.grading"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            text=True, encoding="utf-8", start_new_session=True)  # a Ctrl-C meant for the caller does not reach it
+        self.replies = queue.Queue()
+        threading.Thread(target=_pump, args=(self.proc.stdout, self.replies), daemon=True,
+                         name="math-verify-replies").start()
+        try:
+            first = self.replies.get(timeout=_START_SECONDS)
+        except queue.Empty:
+            first = None
+            problem = f"did not start within {_START_SECONDS:.0f} s"
+        else:
+            problem = f"exited with status {self.proc.wait()} before it was ready" if first is None else ""
+        status = json.loads(first) if first else {}
+        if not status.get("ready"):
+            self.close()
+            why = f"finds math-verify broken ({status['error']})" if "error" in status else problem
+            raise GraderUnavailableError(
+                f"the answer checker's worker process ({sys.executable} -m onpolicy_sft.grading) {why}. Symbolic "
+                "answers cannot be graded; reinstall it in this environment: pip install --force-reinstall math-verify")
 
-    def _kill(self) -> None:
+    def close(self) -> None:
         if self.proc is not None:
             self.proc.kill()
-            self.proc.join()
-        self.proc = self.conn = None
+            self.proc.wait()
+            with contextlib.suppress(OSError):  # a request it never read may still sit in the buffer
+                self.proc.stdin.close()
+        self.proc = self.replies = None
 
     def check(self, gold: str, pred: str, timeout: float) -> bool:
         with self.lock:
-            if self.proc is None or not self.proc.is_alive():
+            if self.proc is None or self.proc.poll() is not None:
+                self.close()
                 self._start()
-                # The first call also pays the worker's start-up (importing sympy): not the check's fault.
-                timeout = timeout + 30.0
-            self.conn.send((gold, pred, timeout))
-            if self.conn.poll(timeout):
-                try:
-                    return bool(self.conn.recv())
-                except EOFError:
-                    self._kill()
-                    return False
-            self._kill()
-            return False
+            try:
+                self.proc.stdin.write(json.dumps([gold, pred, timeout]) + "\n")
+                self.proc.stdin.flush()
+                line = self.replies.get(timeout=timeout)
+            except (OSError, queue.Empty):  # died under the question, or overran: wrong, and a fresh worker next
+                line = None
+            if line is None:
+                self.close()
+                return False
+            return json.loads(line) is True
 
 
+# Python refuses int() of longer digit strings at its lowest settable limit (sys.set_int_max_str_digits);
+# such answers go to math-verify, whose worker catches that.
+_MAX_DIGITS = 640
+# No answer to a math problem is this long; it is not fed to a parser.
+_MAX_ANSWER_CHARS = 2000
+# Importing sympy and math-verify, on a loaded machine.
+_START_SECONDS = 120.0
 _checker = _Checker()
+atexit.register(_checker.close)
 
 
 def is_correct(text: str | None, reference_answer: str, timeout: float = 5.0) -> bool:
     """Whether the final answer of `text` equals `reference_answer` (itself a bare answer, or a
-    full solution with a box or ``#### N``). Each symbolic check runs under `timeout` seconds
-    (after the first call's worker start-up); an overrun counts as wrong."""
+    full solution with a box or ``#### N``). Each symbolic check runs under `timeout` seconds;
+    an overrun counts as wrong. It never raises on what a model wrote; it raises
+    ``GraderUnavailableError`` when math-verify itself cannot run."""
     pred = extract_answer(text)
     if pred is None:
         return False
@@ -163,9 +247,13 @@ def is_correct(text: str | None, reference_answer: str, timeout: float = 5.0) ->
         return False
     if _normalise(pred) == _normalise(gold):
         return True
+    if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
+        return False
     a, b = _plain_number(pred), _plain_number(gold)
     if a is not None and b is not None:
         return a == b
-    if len(pred) > 2000:  # no answer to a math problem is this long; do not feed it to sympy
-        return False
     return _checker.check(gold, pred, timeout)
+
+
+if __name__ == "__main__":
+    _serve()

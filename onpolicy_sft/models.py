@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def embedded_checkpoint() -> Path:
     target = cache_dir() / EMBEDDED_MODEL
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # slow: only where a model loads
 
     gguf = embedded_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(
@@ -114,9 +115,40 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+# What a hub id looks like ("name" or "owner/name"); anything else can only be a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# Files one of which a saved tokenizer has (fast, sentencepiece, BPE or WordPiece vocabularies).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+
+
+def check_local_checkpoint(name_or_path: str, *, weights: bool = True, tokenizer: bool = True) -> None:
+    """Raise ``ModelUnavailableError`` saying what is missing when ``name_or_path`` names a local
+    checkpoint that cannot load: no such directory, not a directory, no config.json, no tokenizer
+    files. A name shaped like a hub id that is not a local directory is left to the hub."""
+    if name_or_path == EMBEDDED_MODEL:
+        return
+    path = Path(name_or_path).expanduser()
+    hint = (f"Pass a local directory with config.json, *.safetensors and the tokenizer files, or use the embedded "
+            f"default {EMBEDDED_MODEL!r} (fetch it once with `onpolicy-sft model fetch`).")
+    if not path.exists():
+        if _HUB_ID.fullmatch(name_or_path):
+            return
+        raise ModelUnavailableError(f"model {name_or_path!r}: no such directory. {hint}")
+    if not path.is_dir():
+        raise ModelUnavailableError(f"model {name_or_path!r} is a file, not a checkpoint directory. {hint}")
+    if weights and not (path / "config.json").is_file():
+        raise ModelUnavailableError(f"model {name_or_path!r}: the directory has no config.json. {hint}")
+    if tokenizer and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelUnavailableError(
+            f"model {name_or_path!r}: the directory has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); "
+            "save the tokenizer beside the weights (tokenizer.save_pretrained(directory)).")
+
+
 def load_tokenizer(name_or_path: str = EMBEDDED_MODEL, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_local_checkpoint(name_or_path, weights=False)
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -141,6 +173,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    check_local_checkpoint(name_or_path)
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -157,8 +190,10 @@ def load_model(
 
 
 def _unavailable_message(name: str, err: Exception) -> str:
+    where = ("the local checkpoint directory could not be loaded" if Path(name).expanduser().is_dir()
+             else "it is not a local directory (no such directory), and loading it from the hub failed")
     return (
-        f"model {name!r} is neither a local checkpoint directory nor reachable on the hub ({err}). "
+        f"model {name!r}: {where} ({err}). "
         f"Pass a local directory with config.json and *.safetensors, or use the embedded default "
         f"{EMBEDDED_MODEL!r} (fetch it once with `onpolicy-sft model fetch`)."
     )

@@ -1,20 +1,45 @@
+"""Loading checkpoints: what a missing or incomplete one says, safetensors only, no remote code; the embedded model."""
+
 import json
 
 import pytest
 import torch
+from tiny import make_tiny_model
+from transformers import AutoModelForCausalLM, GgufConfig
 
 from onpolicy_sft import models
 
 
-def test_missing_local_model_says_how_to_get_one(tmp_path):
-    with pytest.raises(models.ModelUnavailableError, match="smollm2-135m-instruct"):
-        models.load_model(str(tmp_path / "no-such-checkpoint"), device="cpu")
+@pytest.mark.parametrize("load", [models.load_model, models.load_tokenizer])
+def test_missing_local_model_says_no_such_directory_and_how_to_get_one(tmp_path, monkeypatch, load):
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "no-such-checkpoint"), "./runs/no-such-checkpoint", "runs/a/b"):
+        with pytest.raises(models.ModelUnavailableError, match="no such directory.*smollm2-135m-instruct") as e:
+            load(path)
+        assert "hub" not in str(e.value)
+    # a name shaped like a hub id is tried there too (offline in the tests), and the message says both
+    with pytest.raises(models.ModelUnavailableError, match="no such directory.*hub"):
+        load("no-such-owner/no-such-model")
+
+
+def test_incomplete_checkpoint_directories_say_what_is_missing(tmp_path, tiny_tokenizer):
+    weights_only = tmp_path / "weights-only"
+    make_tiny_model(tiny_tokenizer).save_pretrained(weights_only)
+    for load in (models.load_model, models.load_tokenizer):
+        with pytest.raises(models.ModelUnavailableError, match="no tokenizer files") as e:
+            load(str(weights_only))
+        assert "sentencepiece" not in str(e.value)
+    tokenizer_only = tmp_path / "tokenizer-only"
+    tiny_tokenizer.save_pretrained(tokenizer_only)
+    assert models.load_tokenizer(str(tokenizer_only)).encode("4") == tiny_tokenizer.encode("4")
+    with pytest.raises(models.ModelUnavailableError, match="no config.json"):
+        models.load_model(str(tokenizer_only))
+    with pytest.raises(models.ModelUnavailableError, match="a file, not a checkpoint directory"):
+        models.load_model(str(weights_only / "model.safetensors"))
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_tokenizer):
     """Weights load from safetensors only: a pytorch_model.bin checkpoint is not unpickled."""
-    from tiny import make_tiny_model
-
     model = make_tiny_model(tiny_tokenizer)
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
@@ -24,8 +49,6 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_tokenizer):
 
 
 def test_remote_code_is_off_by_default(tmp_path, tiny_tokenizer):
-    from tiny import make_tiny_model
-
     make_tiny_model(tiny_tokenizer).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -55,8 +78,6 @@ def test_default_dtype_is_float32_on_cpu():
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_converted_checkpoint_reproduces_gguf_logits(embedded):
-    from transformers import AutoModelForCausalLM, GgufConfig
-
     model, tokenizer = embedded
     gguf = models.embedded_gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(
@@ -70,8 +91,16 @@ def test_converted_checkpoint_reproduces_gguf_logits(embedded):
     assert theirs[0, -1].argmax() == ours[0, -1].argmax()
 
 
+# Recorded once from the converted checkpoint (float32, CPU; the same with 1 and 2 threads).
+GREEDY_IDS = [39, 1232, 216, 37, 446, 216, 33, 34, 198, 198, 504, 2988, 314, 3814, 4810, 277, 6150, 30, 2]
+GREEDY_TEXT = "7 + 5 = 12\n\nThe answer is \\boxed{}."
+CONTINUATION_LOGP = -12.2493  # "The answer is \\boxed{12}." after the same prompt, summed over its tokens
+
+
 @pytest.mark.embedded
 def test_embedded_model_answers_offline(embedded):
+    """The converted weights behave as recorded: the same greedy answer token for token, ending with
+    the end-of-turn token, and the same log-probability of a fixed continuation."""
     model, tokenizer = embedded
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     prompt = tokenizer.apply_chat_template(
@@ -80,6 +109,13 @@ def test_embedded_model_answers_offline(embedded):
         return_tensors="pt",
         return_dict=True,
     )
-    out = model.generate(**prompt, max_new_tokens=48, do_sample=False)
-    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert any(ch.isdigit() for ch in answer), answer
+    n = prompt["input_ids"].shape[1]
+    out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+    assert out[0, n:].tolist() == GREEDY_IDS
+    assert tokenizer.decode(out[0, n:], skip_special_tokens=True) == GREEDY_TEXT
+    assert GREEDY_IDS[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    continuation = tokenizer("The answer is \\boxed{12}.", add_special_tokens=False)["input_ids"]
+    ids = torch.cat([prompt["input_ids"][0], torch.tensor(continuation)])[None]
+    with torch.no_grad():
+        logp = model(ids).logits[0, n - 1 : -1].log_softmax(-1)
+    assert logp.gather(-1, ids[0, n:, None]).sum().item() == pytest.approx(CONTINUATION_LOGP, abs=1e-3)

@@ -1,0 +1,66 @@
+"""Answer extraction on hostile model output: time of ``last_boxed`` on n unterminated boxes, against
+the rescanning reading it replaced (quadratic), and ``is_correct`` on a 4301-digit answer.
+
+    .venv/bin/python experiments/benchmarks/grading_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from onpolicy_sft.grading import is_correct, last_boxed
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def rescanning_last_boxed(text: str) -> str | None:
+    """The reading before: from each box, last first, scan forward for its closing brace."""
+    for match in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))):
+        depth, i = 1, match.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[match.end() : i - 1].strip()
+    return None
+
+
+def seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 8000, 200_000])
+    ap.add_argument("--old-up-to", type=int, default=2000, help="time the quadratic reading only up to this size")
+    args = ap.parse_args()
+    rows = []
+    for n in args.sizes:
+        text = "\\boxed{42} " + "\\boxed{" * n
+        row = {"unterminated_boxes": n, "chars": len(text), "last_boxed_s": round(seconds(last_boxed, text), 4)}
+        if n <= args.old_up_to:
+            row["rescanning_s"] = round(seconds(rescanning_last_boxed, text), 4)
+        rows.append(row)
+    big = "1" * 4301
+    digits = {"is_correct_4301_digits_s": round(seconds(is_correct, f"\\boxed{{{big}}}", "2"), 4),
+              "result": is_correct(f"\\boxed{{{big}}}", "2")}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "grading_bench.json").write_text(json.dumps({"last_boxed": rows, "huge_number": digits}, indent=2) + "\n")
+    lines = ["# grading_bench", "", "`.venv/bin/python experiments/benchmarks/grading_bench.py` (2 shared AMD EPYC cores, Python 3.11)",
+             "", "| unterminated boxes | chars | last_boxed (s) | rescanning reading (s) |", "|---|---|---|---|"]
+    lines += [f"| {r['unterminated_boxes']} | {r['chars']} | {r['last_boxed_s']} | {r.get('rescanning_s', '—')} |"
+              for r in rows]
+    lines += ["", f"`is_correct` of a 4301-digit boxed answer against 2: {digits['result']} in "
+              f"{digits['is_correct_4301_digits_s']} s (it raised ValueError before)."]
+    (RESULTS / "grading_bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
