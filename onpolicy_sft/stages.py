@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import datasets
+import datasets.utils.logging as datasets_logging
+import transformers.utils.logging as transformers_logging
 
 from decoding import BackendUnavailable, make_backend
 from onpolicy_sft import arith
@@ -380,9 +382,6 @@ def route_logs(log_file: str | Path | None, verbose: bool = False) -> None:
     """A quiet console: every library's INFO and WARNING output (vLLM, transformers, datasets,
     accelerate, Python warnings) goes to ``log_file``; the console shows errors, and our own warnings,
     unless ``verbose``, which shows everything there too. Call before vLLM is imported."""
-    import datasets.utils.logging as datasets_logging
-    import transformers.utils.logging as transformers_logging
-
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM then logs through the root logger
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()

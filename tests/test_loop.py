@@ -3,17 +3,22 @@ stage, refusal of a resume with other inputs, the run lock, configs and CLI."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.rewrite import RewriteConfig
+from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.cli import main
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig,
                                  apply_overrides, load_config, save_config)
+from onpolicy_sft.loop import run_loop
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, RunLock
 
 REPO = Path(__file__).parent.parent
@@ -36,15 +41,11 @@ def _loop_config(tiny_dir, out_dir) -> LoopConfig:
 
 
 def _final_weights(out_dir):
-    from safetensors.torch import load_file
-
     return load_file(Path(out_dir) / "round_2" / "onpolicy" / "checkpoint" / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
 def finished(tiny_dir, tmp_path_factory):
-    from onpolicy_sft.loop import run_loop
-
     out = tmp_path_factory.mktemp("loop")
     return out, run_loop(_loop_config(tiny_dir, out))
 
@@ -80,8 +81,6 @@ def test_loop_two_rounds_end_to_end(finished, tiny_dir):
     # the baseline trains on the original demonstrations only
     assert rows[1, "baseline"]["sources"] == {"self": 0, "hinted": 0, "original": 8}
     baseline_scored = datasets.load_from_disk(str(out / "round_1" / "baseline" / "ddt" / "dataset"))
-    from onpolicy_sft.arith import arithmetic_splits
-
     assert baseline_scored["response"] == arithmetic_splits(n_train=8, n_test=4, n_test_hard=4)["train"]["response"]
     # both arms start from the same model, then each from its own checkpoint
     assert rows[1, "onpolicy"]["train_from"] == rows[1, "baseline"]["train_from"] == str(tiny_dir)
@@ -98,8 +97,6 @@ def test_loop_two_rounds_end_to_end(finished, tiny_dir):
     assert table[4].startswith("| 1 | baseline (sft, original) | 0/0/8 |")
     assert (out / "config.yaml").exists()
     # round 2 trains from round 1's checkpoint: its weights differ from round 1's
-    from safetensors.torch import load_file
-
     w1 = load_file(out / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors")
     assert any(not torch.equal(w1[k], v) for k, v in _final_weights(out).items())
 
@@ -123,12 +120,6 @@ def test_resume_after_failure_at_each_stage(stage, tiny_dir, tmp_path, monkeypat
     One round keeps this cheap: a one-round run with the same seeds is the first round of the
     two-round reference run, so its checkpoint must equal the reference's round-1 checkpoint.
     """
-    import importlib
-
-    from safetensors.torch import load_file
-
-    from onpolicy_sft.loop import run_loop
-
     module = importlib.import_module(STAGE_FUNCTIONS[stage][0])
     real = getattr(module, STAGE_FUNCTIONS[stage][1])
     calls = {"n": 0}
@@ -168,8 +159,6 @@ def test_resume_after_failure_at_each_stage(stage, tiny_dir, tmp_path, monkeypat
 
 
 def test_resume_with_another_config_is_refused_and_keeps_the_record(finished, tiny_dir):
-    from onpolicy_sft.loop import run_loop
-
     out, _ = finished
     config_before = (out / "config.yaml").read_text()
     manifest_before = (out / "manifest.json").read_text()
@@ -184,8 +173,6 @@ def test_resume_with_another_config_is_refused_and_keeps_the_record(finished, ti
 
 
 def test_a_second_loop_on_the_same_directory_is_refused(tiny_dir, tmp_path):
-    from onpolicy_sft.loop import run_loop
-
     with RunLock(tmp_path, "loop"):
         with pytest.raises(DirectoryLocked, match="in use"):
             run_loop(_loop_config(tiny_dir, tmp_path))
@@ -217,8 +204,6 @@ def test_example_configs_load(name):
 
 
 def test_cli_loop_prints_the_table(tiny_dir, tmp_path, capsys):
-    from onpolicy_sft.cli import main
-
     config_file = save_config(_loop_config(tiny_dir, tmp_path / "run"), tmp_path / "loop.yaml")
     assert main(["loop", "--config", str(config_file), "--set", "rounds=1", "--set", "eval_base=false"]) == 0
     printed = capsys.readouterr().out
@@ -229,8 +214,6 @@ def test_cli_loop_prints_the_table(tiny_dir, tmp_path, capsys):
 
 
 def test_cli_train_then_eval(tiny_dir, tmp_path, capsys):
-    from onpolicy_sft.cli import main
-
     config_file = save_config(_loop_config(tiny_dir, tmp_path / "unused"), tmp_path / "c.yaml")
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--config", str(config_file), "--out", str(ckpt), "--set", "data.n_train=4"]) == 0
