@@ -235,8 +235,13 @@ def run_eval(args) -> int:
     inputs = load_data(config.data)
     model, tokenizer = load_model(args.model or config.model.name, **load)
     out = Path(args.out) if args.out else None
-    metrics = {s: evaluate(model, tokenizer, d, config.eval, out_dir=out / s if out else None)
-               for s, d in inputs.evals.items()}
+    backend, note = open_backend(config.backend, model, tokenizer, config.backend_options,
+                                 trust_remote_code=config.model.trust_remote_code)
+    if note:
+        say(note)
+    with backend:
+        metrics = {s: evaluate(model, tokenizer, d, config.eval, backend=backend, out_dir=out / s if out else None)
+                   for s, d in inputs.evals.items()}
     if args.base:
         base, _ = load_model(args.base, **load)
         metrics["forgetting"] = forgetting(base, model, tokenizer, inputs.general,
@@ -386,7 +391,8 @@ def run_rewrite(args) -> int:
                                   trust_remote_code=config.model.trust_remote_code)
     # vLLM serves the checkpoint from disk; the transformers model stays for DDT scoring.
     source = resolve_model_path(config.model.name) if config.backend == "vllm" else model
-    backend, note = open_backend(config.backend, source, tokenizer, config.backend_options)
+    backend, note = open_backend(config.backend, source, tokenizer, config.backend_options,
+                                 trust_remote_code=config.model.trust_remote_code)
     if note:
         say(note)
     with backend:

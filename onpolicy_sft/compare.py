@@ -148,7 +148,8 @@ def run_comparison(config: CompareConfig) -> dict:
         base_path = resolve_model_path(config.model.name)
         load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
         base, tokenizer = load_model(base_path, **load)
-        backend, note = open_backend(config.backend, base, tokenizer, config.backend_options)
+        backend, note = open_backend(config.backend, base, tokenizer, config.backend_options,
+                                     trust_remote_code=config.model.trust_remote_code)
         manifest.data.update(backend=backend.name, backend_note=note, data_notes=data.notes)
         manifest.save()
         corpora = out / "corpora"

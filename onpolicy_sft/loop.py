@@ -64,7 +64,8 @@ def run_loop(config: LoopConfig) -> dict:
 def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str) -> None:
     load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
     base, tokenizer = load_model(base_path, **load)
-    backend, note = open_backend(config.backend, base, tokenizer, config.backend_options)
+    backend, note = open_backend(config.backend, base, tokenizer, config.backend_options,
+                                 trust_remote_code=config.model.trust_remote_code)
     manifest.data.update(backend=backend.name, backend_note=note)
     manifest.save()
     served = Served(backend, "base", manifest)

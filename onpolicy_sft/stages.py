@@ -237,8 +237,11 @@ def training_rows(corpus: datasets.Dataset) -> datasets.Dataset:
 # The generation backend and evaluation
 
 
-def open_backend(name: str, model, tokenizer, options: dict) -> tuple[Any, str | None]:
-    """The run's one backend; vLLM falls back to hf where it cannot start (said once, returned as a note)."""
+def open_backend(name: str, model, tokenizer, options: dict, *, trust_remote_code: bool = False) -> tuple[Any, str | None]:
+    """The run's one backend; vLLM falls back to hf where it cannot start (said once, returned as a note).
+    ``trust_remote_code`` reaches the vLLM engine, which loads the model again itself."""
+    if name == "vllm" and trust_remote_code:
+        options = {**options, "engine_kwargs": {**(options.get("engine_kwargs") or {}), "trust_remote_code": True}}
     if name == "vllm":
         try:
             return make_backend("vllm", model, tokenizer, **options), None
