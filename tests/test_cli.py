@@ -6,13 +6,16 @@ are never the training rows."""
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import pytest
+import transformers.utils.logging as transformers_logging
 
 from onpolicy_sft.cli import main
 from onpolicy_sft.config import DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
-from onpolicy_sft.stages import load_data
+from onpolicy_sft.stages import load_data, route_logs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,3 +152,41 @@ def test_a_held_out_set_is_carved_off_deterministically(tmp_path):
     assert any("3 rows carved off" in note for note in first.notes)
     other = load_data(DataConfig(source=str(train_file), holdout=3, n_test=3, seed=6))
     assert set(other.evals["heldout"]["prompt"]) != held  # the seed decides the draw
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in before[0]]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(before[1])
+    logging.captureWarnings(False)
+
+
+def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capsys, restore_logging):
+    chatter = [(transformers_logging.get_logger("transformers.modeling_utils"), "Removed shared tensor"),
+               (logging.getLogger("vllm.model_executor"), "ParallelLMHead: Failed to load weights"),
+               (logging.getLogger("datasets.arrow_dataset"), "Saving the dataset"),
+               (logging.getLogger("accelerate.accelerator"), "Mixed precision type")]
+    route_logs(tmp_path / "run.log", verbose=False)
+    for logger, text in chatter:
+        logger.warning(text)
+        logger.info(text + " (info)")
+    warnings.warn("a library's deprecation")
+    logging.getLogger("onpolicy_sft.loop").warning("a warning of ours")
+    logging.getLogger("vllm.engine").error("an engine error")
+    console = capsys.readouterr().err
+    assert all(text not in console for _, text in chatter) and "deprecation" not in console
+    assert "a warning of ours" in console and "an engine error" in console
+    log = (tmp_path / "run.log").read_text()
+    assert all(text in log and text + " (info)" in log for _, text in chatter) and "deprecation" in log
+
+    route_logs(tmp_path / "verbose.log", verbose=True)
+    for logger, text in chatter:
+        logger.info(text)
+    console = capsys.readouterr().err
+    assert all(text in console for _, text in chatter)
+    assert all(text in (tmp_path / "verbose.log").read_text() for _, text in chatter)
