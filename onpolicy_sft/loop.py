@@ -50,6 +50,8 @@ def run_loop(config: LoopConfig) -> dict:
     with RunLock(out, "loop"):
         data = load_data(config.data)
         base_path = resolve_model_path(config.model.name)
+        # Loaded before the fingerprint is recorded, so a missing model is not recorded as the run's.
+        base, tokenizer = load_model(base_path, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
         inputs = {**config_fingerprint(config, DISPLAY), "data": data.digest(), **model_identity(base_path)}
         check_fingerprint(out / "fingerprint.json", inputs, "loop")
         save_config(config, out / "config.yaml")
@@ -57,13 +59,12 @@ def run_loop(config: LoopConfig) -> dict:
         manifest.data.update(config=to_dict(config), data_notes=data.notes)
         for note in data.notes:
             say(note)
-        _run(config, out, manifest, data, base_path)
+        _run(config, out, manifest, data, base_path, base, tokenizer)
         return summarize_loop(out, config, manifest)
 
 
-def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str) -> None:
+def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str, base, tokenizer) -> None:
     load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
-    base, tokenizer = load_model(base_path, **load)
     backend, note = open_backend(config.backend, base, tokenizer, config.backend_options,
                                  trust_remote_code=config.model.trust_remote_code)
     manifest.data.update(backend=backend.name, backend_note=note)
@@ -111,7 +112,7 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
                         original = _original_scores(model, tokenizer, data.train, scored)
                         corpora = {"rewritten": scored, "original": original}
                     else:
-                        scored = ddt.score(model, tokenizer, data.train, progress=False)
+                        scored = ddt.score(model, tokenizer, data.train)
                         corpora = {"original": scored}
                     scored.save_to_disk(str(ddt_dir / "dataset"))
                     ddt_report.write_report(ddt_dir, corpora)

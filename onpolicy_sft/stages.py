@@ -25,6 +25,7 @@ from typing import Any, Callable
 import datasets
 import datasets.utils.logging as datasets_logging
 import transformers.utils.logging as transformers_logging
+from tqdm.auto import tqdm
 
 from decoding import BackendUnavailable, make_backend
 from onpolicy_sft import arith
@@ -277,13 +278,20 @@ def general_responses(path: Path, base, tokenizer, prompts: list[str], *, max_ne
 
 
 def evaluate_model(model, tokenizer, evals: dict, config: EvalConfig, *, backend, base, general_file: Path,
-                   out_dir: Path | None = None) -> dict:
+                   out_dir: Path | None = None, progress: bool = True) -> dict:
     """Accuracy on every evaluation set and forgetting against ``base`` (on its saved general answers);
     with ``out_dir``, every answer and metrics.json are written there."""
-    metrics = {name: evaluate(model, tokenizer, ds, config, backend=backend,
-                              out_dir=out_dir / name if out_dir else None) for name, ds in evals.items()}
-    saved = read_json(general_file)
-    metrics["forgetting"] = forgetting(base, model, tokenizer, saved["prompts"], responses=saved["responses"])
+    metrics = {}
+    with tqdm(total=len(evals) + 1, desc="evaluate", unit="set", disable=not progress, leave=False) as bar:
+        for name, ds in evals.items():
+            bar.set_postfix_str(name)
+            metrics[name] = evaluate(model, tokenizer, ds, config, backend=backend,
+                                     out_dir=out_dir / name if out_dir else None)
+            bar.update()
+        bar.set_postfix_str("forgetting")
+        saved = read_json(general_file)
+        metrics["forgetting"] = forgetting(base, model, tokenizer, saved["prompts"], responses=saved["responses"])
+        bar.update()
     if out_dir is not None:
         write_json(out_dir / "metrics.json", metrics)
     return metrics
