@@ -241,9 +241,12 @@ def training_rows(corpus: datasets.Dataset) -> datasets.Dataset:
 def open_backend(name: str, model, tokenizer, options: dict, *, trust_remote_code: bool = False) -> tuple[Any, str | None]:
     """The run's one backend; vLLM falls back to hf where it cannot start (said once, returned as a note).
     ``trust_remote_code`` reaches the vLLM engine, which loads the model again itself."""
-    if name == "vllm" and trust_remote_code:
-        options = {**options, "engine_kwargs": {**(options.get("engine_kwargs") or {}), "trust_remote_code": True}}
     if name == "vllm":
+        # The engine's weight-loading bar repeats the stage's own; its log lines go to the run log.
+        engine = {"use_tqdm_on_load": False, **(options.get("engine_kwargs") or {})}
+        if trust_remote_code:
+            engine["trust_remote_code"] = True
+        options = {**options, "engine_kwargs": engine}
         try:
             return make_backend("vllm", model, tokenizer, **options), None
         except BackendUnavailable as err:
@@ -407,7 +410,11 @@ def route_logs(log_file: str | Path | None, verbose: bool = False) -> None:
         handler.close()
     root.setLevel(logging.INFO)
     for name in ("transformers", "datasets", "vllm", "accelerate"):
-        logging.getLogger(name).setLevel(logging.NOTSET)
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):  # a library's own console handler (datasets has one)
+            library.removeHandler(handler)
+        library.setLevel(logging.NOTSET)
+        library.propagate = True
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import datasets.utils.logging as datasets_logging
 import transformers.utils.logging as transformers_logging
 
 from onpolicy_sft.cli import main
@@ -166,11 +167,12 @@ def restore_logging():
     logging.captureWarnings(False)
 
 
-def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capsys, restore_logging):
+def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capfd, restore_logging):
     chatter = [(transformers_logging.get_logger("transformers.modeling_utils"), "Removed shared tensor"),
                (logging.getLogger("vllm.model_executor"), "ParallelLMHead: Failed to load weights"),
-               (logging.getLogger("datasets.arrow_dataset"), "Saving the dataset"),
+               (datasets_logging.get_logger("datasets.arrow_dataset"), "Caching processed dataset"),
                (logging.getLogger("accelerate.accelerator"), "Mixed precision type")]
+    datasets_logging.set_verbosity_info()  # as a library may set it: the level must not reach the console
     route_logs(tmp_path / "run.log", verbose=False)
     for logger, text in chatter:
         logger.warning(text)
@@ -178,7 +180,9 @@ def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capsys, res
     warnings.warn("a library's deprecation")
     logging.getLogger("onpolicy_sft.loop").warning("a warning of ours")
     logging.getLogger("vllm.engine").error("an engine error")
-    console = capsys.readouterr().err
+    console = capfd.readouterr().err
+    # datasets and transformers come with console handlers of their own: they must be gone
+    assert not logging.getLogger("datasets").handlers and not logging.getLogger("transformers").handlers
     assert all(text not in console for _, text in chatter) and "deprecation" not in console
     assert "a warning of ours" in console and "an engine error" in console
     log = (tmp_path / "run.log").read_text()
@@ -187,6 +191,6 @@ def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capsys, res
     route_logs(tmp_path / "verbose.log", verbose=True)
     for logger, text in chatter:
         logger.info(text)
-    console = capsys.readouterr().err
+    console = capfd.readouterr().err
     assert all(text in console for _, text in chatter)
     assert all(text in (tmp_path / "verbose.log").read_text() for _, text in chatter)
