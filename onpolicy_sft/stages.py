@@ -425,6 +425,7 @@ def route_logs(log_file: str | Path | None, verbose: bool = False) -> None:
     if not verbose:
         datasets_logging.disable_progress_bar()  # per-map bars; each stage shows its own
         transformers_logging.disable_progress_bar()
+    logging.captureWarnings(False)  # re-install: whoever swapped warnings.showwarning since may not have told logging
     logging.captureWarnings(True)
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_onpolicy", False)]:

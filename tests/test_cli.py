@@ -180,7 +180,9 @@ def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capfd, rest
     for logger, text in chatter:
         logger.warning(text)
         logger.info(text + " (info)")
-    warnings.warn("a library's deprecation")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # whatever filters earlier tests left
+        warnings.warn("a library's deprecation")
     logging.getLogger("onpolicy_sft.loop").warning("a warning of ours")
     logging.getLogger("vllm.engine").error("an engine error")
     console = capfd.readouterr().err
