@@ -39,9 +39,10 @@ from onpolicy_sft.train import train
 
 ARMS = ("onpolicy", "baseline")
 STAGES = ("rewrite", "ddt", "train", "eval")
-# Fields that change no result: a resume may change them.
-DISPLAY = ("out_dir", "rounds", "eval_base", "train.progress", "train.trackers", "train.log_every", "rewrite.progress",
-           "rewrite.model_name")
+# Fields that change no finished stage's result: a resume may change them (more rounds, the baseline
+# switched on, the display).
+DISPLAY = ("out_dir", "rounds", "eval_base", "baseline.enabled", "train.progress", "train.trackers", "train.log_every",
+           "rewrite.progress", "rewrite.model_name")
 
 
 def run_loop(config: LoopConfig) -> dict:
