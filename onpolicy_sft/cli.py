@@ -1,17 +1,93 @@
-"""``onpolicy-sft``: one subcommand per stage, each a thin layer over a public function."""
+"""``onpolicy-sft``: one subcommand per stage, each a thin layer over a public function.
+
+A mistake a user can make (bad data, a bad config value, a missing model or file, an output
+directory in use or holding another run) ends the command with one ``error: …`` line that names
+the file, line or field, and a non-zero exit; ``--verbose`` adds the traceback and shows the
+libraries' log output, which otherwise goes to the run's log file (loop, compare) or nowhere.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
-from onpolicy_sft.models import EMBEDDED_MODEL
+from decoding import BackendUnavailable
+from decoding.rewrite import rewrite_with_stats
+from onpolicy_sft import compare, data, ddt, ddt_report, models
+from onpolicy_sft import loop as loop_recipe
+from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.config import ConfigError, ObjectiveConfig, load_config
+from onpolicy_sft.evaluate import evaluate, forgetting
+from onpolicy_sft.models import EMBEDDED_MODEL, ModelUnavailableError, load_model, load_tokenizer, resolve_model_path
+from onpolicy_sft.objectives import build
+from onpolicy_sft.preference import cached_reference_logps
+from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, write_json
+from onpolicy_sft.stages import load_data, open_backend, route_logs, say
+from onpolicy_sft.train import has_cached_ref_logps, train
+
+# What a user can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ModelUnavailableError, InputsChanged, DirectoryLocked, BackendUnavailable)
+SHOW_CHARS = 2000  # `data show` cuts longer fields
+
+
+def _common(p) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' log output and, on an error, the traceback")
+
+
+def _data_args(p) -> None:
+    p.add_argument("--columns", action="append", default=[], metavar="OURS=THEIRS",
+                   help="column mapping, e.g. --columns prompt=instruction --columns response=output")
+    p.add_argument("--on-error", choices=["raise", "skip"], default=None,
+                   help="bad rows: stop at the first (default), or skip and count them by reason")
+
+
+def _config_args(p, what: str = "YAML loop config (experiments/configs/*.yaml)") -> None:
+    p.add_argument("--config", help=f"{what}; defaults when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
+
+
+def parse_columns(items: list[str]) -> dict[str, str]:
+    columns = {}
+    for item in items:
+        ours, sep, theirs = item.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise ConfigError(f"--columns {item}: expected OURS=THEIRS, e.g. --columns prompt=instruction")
+        columns[ours.strip()] = theirs.strip()
+    return columns
+
+
+def _load_config(args, cls=None):
+    """The config with --set overrides, then --columns and --on-error for its data section."""
+    config = load_config(args.config, args.overrides) if cls is None else load_config(args.config, args.overrides, cls=cls)
+    if getattr(args, "columns", None):
+        config.data.columns = parse_columns(args.columns)
+    if getattr(args, "on_error", None):
+        config.data.on_error = args.on_error
+    return config
+
+
+def _read_data(source: str, *, split: str, columns: dict, on_error: str, preferences: bool = False):
+    """Demonstrations (or pairs) with the skipped rows said on the console."""
+    read = data.read_preferences if preferences else data.read_demonstrations
+    dataset, report = read(source, split=split, columns=columns or None, on_error=on_error)
+    if report.n_skipped:
+        say(f"{report.source}: skipped {report.n_skipped} rows ({dict(report.skipped)}); kept {report.kept}")
+        for message in report.messages:
+            say(f"  {message}")
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def add_model(sub) -> None:
     p = sub.add_parser("model", help="fetch, convert or inspect a model (default: the embedded SmolLM2-135M-Instruct)")
+    _common(p)
     p.add_argument("action", choices=["fetch", "info", "ask"], help="fetch: download and convert; info: shapes; ask: answer a question")
     p.add_argument("--model", default=EMBEDDED_MODEL)
     p.add_argument("--question", default="What is 12 + 30? Put the final answer in \\boxed{}.")
@@ -20,8 +96,6 @@ def add_model(sub) -> None:
 
 
 def run_model(args) -> int:
-    from onpolicy_sft import models
-
     if args.action == "fetch":
         print(models.resolve_model_path(args.model))
         return 0
@@ -49,56 +123,54 @@ def run_model(args) -> int:
 
 def add_data(sub) -> None:
     p = sub.add_parser("data", help="inspect (show) or convert a dataset; default: the embedded arithmetic dataset")
+    _common(p)
+    _data_args(p)
     p.add_argument("action", choices=["show", "convert"], help="show: preview rows and token statistics; "
                    "convert: write the normalised dataset (--out .jsonl or .parquet)")
     p.add_argument("source", nargs="?", default="arithmetic",
                    help="'arithmetic' (embedded), a .jsonl/.json/.parquet/.csv file, a saved dataset dir or a hub name")
     p.add_argument("--split", default=None, help="split (default: test for arithmetic, train otherwise)")
-    p.add_argument("--columns", action="append", default=[], metavar="OURS=THEIRS",
-                   help="column mapping, e.g. --columns prompt=instruction --columns response=output")
     p.add_argument("--preferences", action="store_true", help="load {prompt, chosen, rejected} pairs")
-    p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad rows: stop, or skip and count")
     p.add_argument("--seed", type=int, default=0, help="arithmetic: generator seed")
     p.add_argument("--n", type=int, default=200, help="arithmetic: rows per split")
     p.add_argument("--rows", type=int, default=3, help="show: rows to preview")
+    p.add_argument("--max-chars", type=int, default=SHOW_CHARS, help="show: cut longer fields to this many characters")
     p.add_argument("--model", default=EMBEDDED_MODEL, help="show: tokenizer for the token statistics")
     p.add_argument("--max-length", type=int, default=1024, help="show: count rows longer than this")
     p.add_argument("--out", help="convert: output file (.jsonl or .parquet)")
     p.set_defaults(run=run_data)
 
 
+def _clip(row: dict, limit: int) -> tuple[dict, int]:
+    """The row with every string longer than ``limit`` cut, and how many were cut."""
+    cut, clipped = 0, {}
+    for key, value in row.items():
+        if isinstance(value, str) and len(value) > limit:
+            value = f"{value[:limit]}… [{len(value) - limit} more characters]"
+            cut += 1
+        clipped[key] = value
+    return clipped, cut
+
+
 def run_data(args) -> int:
-    from onpolicy_sft import data
-
+    if args.action == "convert" and not args.out:
+        raise ConfigError("data convert needs --out FILE.jsonl|FILE.parquet")
     if args.source == "arithmetic":
-        from onpolicy_sft.arith import arithmetic_splits
-
         dataset = arithmetic_splits(seed=args.seed, n_train=args.n, n_test=args.n, n_test_hard=args.n)[args.split or "test"]
-        report = None
     else:
-        columns = dict(c.split("=", 1) for c in args.columns)
-        read = data.read_preferences if args.preferences else data.read_demonstrations
-        try:
-            dataset, report = read(args.source, split=args.split or "train", columns=columns or None,
-                                   on_error=args.on_error)
-        except data.DataError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    if report is not None and report.n_skipped:
-        print(f"skipped {report.n_skipped} rows: {dict(report.skipped)}", file=sys.stderr)
-        for message in report.messages:
-            print(f"  {message}", file=sys.stderr)
+        dataset = _read_data(args.source, split=args.split or "train", columns=parse_columns(args.columns),
+                             on_error=args.on_error or "raise", preferences=args.preferences)
     if args.action == "convert":
-        if not args.out:
-            print("error: convert needs --out FILE.jsonl|FILE.parquet", file=sys.stderr)
-            return 2
         print(f"wrote {len(dataset)} rows to {data.save_dataset(dataset, args.out)}")
         return 0
+    cut = 0
     for row in dataset.select(range(min(args.rows, len(dataset)))):
+        row, n = _clip(row, args.max_chars)
+        cut += n
         print(json.dumps(row, ensure_ascii=False, indent=2))
+    if cut:
+        say(f"note: {cut} field(s) longer than {args.max_chars} characters were cut (--max-chars N shows more)")
     if "response" in dataset.column_names:
-        from onpolicy_sft.models import load_tokenizer
-
         stats = data.token_statistics(dataset, load_tokenizer(args.model), max_length=args.max_length)
         print(json.dumps({"tokenizer": args.model, **stats}, indent=2))
     else:
@@ -106,21 +178,11 @@ def run_data(args) -> int:
     return 0
 
 
-def _add_config_args(p) -> None:
-    p.add_argument("--config", help="YAML loop config (experiments/configs/*.yaml); defaults when omitted")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
-
-
-def _load_config(args):
-    from onpolicy_sft.config import load_config
-
-    return load_config(args.config, args.overrides)
-
-
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model with any objective (the config's model, data and train sections)")
-    _add_config_args(p)
+    _common(p)
+    _config_args(p)
+    _data_args(p)
     p.add_argument("--data", help="demonstrations to train on (path or hub name), or {prompt, chosen, rejected} pairs "
                                    "for dpo/simpo; default: the config's data.source/train_split")
     p.add_argument("--objective", help="objective name (sft, idft, dpo, simpo, ...); replaces train.objective and its "
@@ -130,35 +192,25 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> int:
-    from onpolicy_sft.config import ObjectiveConfig
-    from onpolicy_sft.loop import load_data
-    from onpolicy_sft.models import load_model
-    from onpolicy_sft.objectives import build
-    from onpolicy_sft.train import has_cached_ref_logps, train
-
     config = _load_config(args)
     if args.objective and args.objective != config.train.objective.name:
         config.train.objective = ObjectiveConfig(name=args.objective)
     objective = build(config.train.objective.name, **config.train.objective.hparams)
+    read = dict(columns=config.data.columns, on_error=config.data.on_error)
     if objective.pairwise:
         if not args.data:
-            raise ValueError(f"objective {objective.name!r} trains on preference pairs: pass --data with "
-                             "{prompt, chosen, rejected} rows")
-        from onpolicy_sft.data import load_preferences
-
-        dataset = load_preferences(args.data)
+            raise ConfigError(f"objective {objective.name!r} trains on preference pairs: pass --data with "
+                              "{prompt, chosen, rejected} rows")
+        dataset = _read_data(args.data, split=config.data.train_split, preferences=True, **read)
     elif args.data:
-        from onpolicy_sft.data import load_demonstrations
-
-        dataset = load_demonstrations(args.data)
+        dataset = _read_data(args.data, split=config.data.train_split, **read)
     else:
-        dataset = load_data(config)[0]
-    model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+        dataset = load_data(config.data).train
+    load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+    model, tokenizer = load_model(config.model.name, **load)
     if "ref_logps" in objective.needs and not has_cached_ref_logps(dataset):
-        from onpolicy_sft.preference import cached_reference_logps
-
         # The reference is the starting model unless the config names another.
-        ref = model if config.train.ref in (None, "base") else load_model(config.train.ref, dtype=config.model.dtype)[0]
+        ref = model if config.train.ref in (None, "base") else load_model(config.train.ref, **load)[0]
         dataset = cached_reference_logps(ref, tokenizer, dataset, Path(args.out) / "reference_logps",
                                          max_length=config.train.max_length)
         del ref
@@ -168,7 +220,9 @@ def run_train(args) -> int:
 
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate accuracy (greedy, avg@k, pass@k) and forgetting of a model")
-    _add_config_args(p)
+    _common(p)
+    _config_args(p)
+    _data_args(p)
     p.add_argument("--model", help="model to evaluate (checkpoint dir or name); default: the config's model")
     p.add_argument("--base", help="base model for forgetting (KL(base || model)); skipped when omitted")
     p.add_argument("--out", help="write per-example results and metrics.json here")
@@ -176,49 +230,48 @@ def add_eval(sub) -> None:
 
 
 def run_eval(args) -> int:
-    from pathlib import Path
-
-    from onpolicy_sft.evaluate import evaluate, forgetting
-    from onpolicy_sft.loop import load_data
-    from onpolicy_sft.models import load_model
-
     config = _load_config(args)
-    model, tokenizer = load_model(args.model or config.model.name, dtype=config.model.dtype)
-    _, eval_sets, general = load_data(config)
+    load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+    inputs = load_data(config.data)
+    model, tokenizer = load_model(args.model or config.model.name, **load)
     out = Path(args.out) if args.out else None
-    metrics = {s: evaluate(model, tokenizer, d, config.eval, out_dir=out / s if out else None) for s, d in eval_sets.items()}
+    backend, note = open_backend(config.backend, model, tokenizer, config.backend_options,
+                                 trust_remote_code=config.model.trust_remote_code)
+    if note:
+        say(note)
+    with backend:
+        metrics = {s: evaluate(model, tokenizer, d, config.eval, backend=backend, out_dir=out / s if out else None)
+                   for s, d in inputs.evals.items()}
     if args.base:
-        base, _ = load_model(args.base, dtype=config.model.dtype)
-        metrics["forgetting"] = forgetting(base, model, tokenizer, general, max_new_tokens=config.eval.forgetting_max_new_tokens)
+        base, _ = load_model(args.base, **load)
+        metrics["forgetting"] = forgetting(base, model, tokenizer, inputs.general,
+                                           max_new_tokens=config.eval.forgetting_max_new_tokens)
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def add_loop(sub) -> None:
-    p = sub.add_parser("loop", help="run (or resume) the rewrite -> score -> train -> evaluate loop")
-    _add_config_args(p)
+    p = sub.add_parser("loop", help="run (or resume) the rewrite -> score -> train -> evaluate loop beside its "
+                                    "baseline arm")
+    _common(p)
+    _config_args(p)
+    _data_args(p)
     p.set_defaults(run=run_loop)
 
 
 def run_loop(args) -> int:
-    import logging
-
-    from onpolicy_sft.loop import run_loop as loop
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = loop(_load_config(args))
-    if summary.get("backend_note"):
-        print(summary["backend_note"])
-    print(summary["table"])
-    print(f"\nsummary, plots and per-round artefacts: {summary['out_dir']}")
+    config = _load_config(args)
+    route_logs(Path(config.out_dir) / "run.log", args.verbose)
+    loop_recipe.print_summary(loop_recipe.run_loop(config))
     return 0
 
 
 def add_score(sub) -> None:
     p = sub.add_parser("score", help="DDT-score a corpus under a model: scored data, report.md and plots")
+    _common(p)
+    _data_args(p)
     p.add_argument("--model", default=EMBEDDED_MODEL, help="checkpoint dir, hub id, or the embedded default")
     p.add_argument("--data", required=True, help="demonstrations (path or hub name); 'arithmetic' = the built-in set")
     p.add_argument("--split", default="train")
@@ -231,25 +284,17 @@ def add_score(sub) -> None:
     p.set_defaults(run=run_score)
 
 
-def _demonstrations(source: str, split: str, limit: int | None):
-    """The built-in arithmetic split, or demonstrations loaded from a file or hub name; the first `limit` rows."""
+def _demonstrations(source: str, split: str, limit: int | None, columns: dict, on_error: str):
+    """The built-in arithmetic split, or demonstrations read from a file or hub name; the first `limit` rows."""
     if source == "arithmetic":
-        from onpolicy_sft.arith import arithmetic_splits
-
         dataset = arithmetic_splits()[split]
     else:
-        from onpolicy_sft.data import load_demonstrations
-
-        dataset = load_demonstrations(source, split=split)
+        dataset = _read_data(source, split=split, columns=columns, on_error=on_error)
     return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
 
 def run_score(args) -> int:
-    from pathlib import Path
-
-    from onpolicy_sft import ddt, ddt_report
-    from onpolicy_sft.models import load_model
-
+    columns, on_error = parse_columns(args.columns), args.on_error or "raise"
     state = ddt.process_state()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=state.device)
     sources = {f"{Path(args.data).name}/{args.split}": (args.data, "scored.parquet")}
@@ -259,7 +304,7 @@ def run_score(args) -> int:
     options = {"per_token": args.per_token}
     if args.batch_tokens:
         options["batch_tokens"] = args.batch_tokens
-    corpora = {name: ddt.score(model, tokenizer, _demonstrations(src, args.split, args.limit), **options)
+    corpora = {name: ddt.score(model, tokenizer, _demonstrations(src, args.split, args.limit, columns, on_error), **options)
                for name, (src, _) in sources.items()}
     if not state.is_main_process:
         return 0
@@ -269,7 +314,7 @@ def run_score(args) -> int:
     for name, scored in corpora.items():
         scored.to_parquet(str(out / sources[name][1]))
         summary[name] = ddt.summarize(scored)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     report = ddt_report.write_report(out, corpora)
     print(ddt_report.summary_table(summary))
     print(f"\nreport: {report}")
@@ -279,21 +324,18 @@ def run_score(args) -> int:
 def add_compare(sub) -> None:
     p = sub.add_parser("compare", help="compare SFT/DFT/Target-SFT/IDFT (original and Hinted-Decoding corpora) "
                                        "with DPO@k/SimPO@k on the same prompts and budget")
-    p.add_argument("--config", help="YAML comparison config (experiments/configs/compare_*.yaml); defaults when omitted")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set seeds=[0] (repeatable)")
+    _common(p)
+    _config_args(p, "YAML comparison config (experiments/configs/compare_*.yaml)")
+    _data_args(p)
     p.set_defaults(run=run_compare)
 
 
 def run_compare(args) -> int:
-    import logging
-
-    from onpolicy_sft.compare import load_compare_config, run_comparison
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = run_comparison(load_compare_config(args.config, args.overrides))
+    config = _load_config(args, cls=compare.CompareConfig)
+    route_logs(Path(config.out_dir) / "run.log", args.verbose)
+    summary = compare.run_comparison(config)
     if summary.get("backend_note"):
-        print(summary["backend_note"])
+        say(summary["backend_note"])
     print(summary["table"])
     for note in summary["notes"]:
         print(f"- {note}")
@@ -301,65 +343,85 @@ def run_compare(args) -> int:
     return 0
 
 
+# The rewrite's short flags, each a --set of the loop config (None: the config's value stands).
+REWRITE_FLAGS = {
+    "k_self": ["rewrite.k_self"], "m_hinted": ["rewrite.m_hinted"], "beta": ["rewrite.hinted.beta"],
+    "temperature": ["rewrite.hinted.temperature"],
+    "max_new_tokens": ["rewrite.sampling.max_new_tokens", "rewrite.hinted.max_new_tokens"],
+    "fallback": ["rewrite.fallback"], "shard_size": ["rewrite.shard_size"], "seed": ["rewrite.seed"],
+    "backend": ["backend"], "model": ["model.name"],
+}
+
+
 def add_rewrite(sub) -> None:
-    p = sub.add_parser("rewrite", help="rewrite a corpus with Hinted Decoding (self-answers, hinted attempts, fallback)")
-    p.add_argument("--model", default=EMBEDDED_MODEL, help="the model that rewrites and scores (name or checkpoint dir)")
-    p.add_argument("--data", required=True, help="'arithmetic' (built-in train split) or a demonstrations file/hub name")
-    p.add_argument("--split", default="train")
+    p = sub.add_parser("rewrite", help="rewrite a corpus with Hinted Decoding (self-answers, hinted attempts, fallback); "
+                                       "settings: the config's model, backend and rewrite sections")
+    _common(p)
+    _config_args(p)
+    _data_args(p)
+    p.add_argument("--data", help="'arithmetic' (built-in train split) or a demonstrations file/hub name; "
+                                  "default: the config's data.source")
+    p.add_argument("--split", default=None, help="default: the config's data.train_split")
     p.add_argument("--out", required=True, help="output directory (shards, stats.json, rewritten.jsonl); rerun to resume")
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--limit", type=int, help="rewrite only the first N rows")
-    p.add_argument("--k-self", type=int, default=4, help="self-answers per question")
-    p.add_argument("--m-hinted", type=int, default=4, help="hinted attempts per question")
-    p.add_argument("--beta", type=float, default=3.0, help="entropy weight of the student stream")
-    p.add_argument("--temperature", type=float, default=0.3, help="hinted decoding temperature")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--fallback", choices=["original", "drop"], default="original")
+    p.add_argument("--model", default=None, help="the model that rewrites and scores (= --set model.name=...)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default=None, help="= --set backend=...")
+    p.add_argument("--k-self", type=int, default=None, help="self-answers per question (= --set rewrite.k_self=...)")
+    p.add_argument("--m-hinted", type=int, default=None, help="hinted attempts per question")
+    p.add_argument("--beta", type=float, default=None, help="entropy weight of the student stream")
+    p.add_argument("--temperature", type=float, default=None, help="hinted decoding temperature")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="token limit of self-answers and hinted attempts")
+    p.add_argument("--fallback", choices=["original", "drop"], default=None)
     p.add_argument("--analysis", action="store_true", help="stage-1 analysis prefix in the hinted stream")
-    p.add_argument("--shard-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
     p.set_defaults(run=run_rewrite)
 
 
 def run_rewrite(args) -> int:
-    from decoding import HintedDecodingConfig, SamplingConfig, make_backend
-    from decoding.rewrite import RewriteConfig, rewrite_with_stats
-    from onpolicy_sft.models import load_model, resolve_model_path
-
-    dataset = _demonstrations(args.data, args.split, args.limit)
-    config = RewriteConfig(
-        k_self=args.k_self, m_hinted=args.m_hinted, fallback=args.fallback, analysis=args.analysis,
-        shard_size=args.shard_size, seed=args.seed, model_name=args.model,
-        sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens),
-        hinted=HintedDecodingConfig(beta=args.beta, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                    backend=args.backend),
-    )
-    model, tokenizer = load_model(args.model)
+    flags = [f"{key}={value}" for name, keys in REWRITE_FLAGS.items() if (value := getattr(args, name)) is not None
+             for key in keys]
+    args.overrides = args.overrides + flags + (["rewrite.analysis=true"] if args.analysis else [])
+    config = _load_config(args)
+    config.rewrite.model_name = config.model.name
+    split = args.split or config.data.train_split
+    dataset = _demonstrations(args.data or config.data.source, split, args.limit, config.data.columns,
+                              config.data.on_error)
+    model, tokenizer = load_model(config.model.name, dtype=config.model.dtype,
+                                  trust_remote_code=config.model.trust_remote_code)
     # vLLM serves the checkpoint from disk; the transformers model stays for DDT scoring.
-    source = resolve_model_path(args.model) if args.backend == "vllm" else model
-    with make_backend(args.backend, source, tokenizer) as backend:
-        _, stats = rewrite_with_stats(model, tokenizer, dataset, config, out_dir=args.out, backend=backend)
+    source = resolve_model_path(config.model.name) if config.backend == "vllm" else model
+    backend, note = open_backend(config.backend, source, tokenizer, config.backend_options,
+                                 trust_remote_code=config.model.trust_remote_code)
+    if note:
+        say(note)
+    with backend:
+        _, stats = rewrite_with_stats(model, tokenizer, dataset, config.rewrite, out_dir=args.out, backend=backend)
     print(json.dumps(stats, indent=2))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onpolicy-sft", description=__doc__)
+    parser = argparse.ArgumentParser(prog="onpolicy-sft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_model(sub)
-    add_data(sub)
-    add_score(sub)
-    add_rewrite(sub)
-    add_train(sub)
-    add_eval(sub)
-    add_loop(sub)
-    add_compare(sub)
+    for add in (add_model, add_data, add_score, add_rewrite, add_train, add_eval, add_loop, add_compare):
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    if args.command not in ("loop", "compare"):  # those log to a file in their run directory
+        route_logs(None, args.verbose)
+    try:
+        return args.run(args)
+    except USER_ERRORS as err:
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
 
 
 if __name__ == "__main__":

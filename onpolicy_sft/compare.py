@@ -1,4 +1,4 @@
-"""The side-by-side comparison the two papers make (METHODS.md §6), on the same prompts and budget.
+"""The side-by-side comparison the two papers make (docs/methods.md §6), on the same prompts and budget.
 
 Methods (each trained from the same base model with the same ``train`` settings, hence the same
 optimizer steps per example, unless ``train_overrides`` says otherwise):
@@ -14,7 +14,7 @@ seed of evaluation. Each (method, seed) cell writes ``cells/<method>/seed_<s>/re
 it finishes; running the comparison again skips finished cells and finished corpus stages.
 
 Layout of out_dir: config.yaml, manifest.json (corpus stages and their wall times),
-base/{general_responses.json, metrics.json, eval/<split>/results.jsonl}, corpora/{original,hinted,pairs}/,
+base/{general_responses.json, eval/metrics.json, eval/<split>/results.jsonl}, corpora/{original,hinted,pairs}/,
 cells/<method>/seed_<s>/{result.json, eval/<split>/results.jsonl}, results.json, results.md, compare.png.
 The results.jsonl files keep every greedy answer, so a score can be traced to the text behind it.
 """
@@ -29,8 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config, to_dict
-from onpolicy_sft.loop import read_json, write_json
+import datasets
+
+from decoding.config import SamplingConfig
+from decoding.rewrite import RewriteConfig, rewrite_with_stats
+from onpolicy_sft import ddt
+from onpolicy_sft.config import (DataConfig, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run_backend,
+                                 from_dict, load_config, objective_hparams, save_config, to_dict)
+from onpolicy_sft.evaluate import mean_and_se
+from onpolicy_sft.grading import extract_answer
+from onpolicy_sft.models import load_model, resolve_model_path
+from onpolicy_sft.objectives import build
+from onpolicy_sft.preference import add_reference_logps, build_pairs
+from onpolicy_sft.rundir import RunLock, check_writable, read_json, write_json, write_text
+from onpolicy_sft.stages import (Manifest, evaluate_model, general_responses, load_data, markdown_table, num,
+                                 open_backend, pm, pyplot, source_counts, training_rows)
+from onpolicy_sft.train import DONE_FILE, train
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +60,6 @@ METHODS: dict[str, tuple[str, str] | None] = {
     "dpo": ("dpo", "pairs"),
     "simpo": ("simpo", "pairs"),
 }
-DEMONSTRATION_COLUMNS = ("id", "prompt", "response", "answer", "system")
 
 
 @dataclass
@@ -62,6 +75,10 @@ class PairsConfig:
 
 @dataclass
 class CompareConfig:
+    """The comparison; ``backend``/``backend_options`` as in ``LoopConfig``. ``hparams`` gives a
+    method's objective hyperparameters and ``train_overrides`` the ``train`` fields that differ for
+    it; both are checked (and numbers typed) when the config loads."""
+
     out_dir: str = "runs/compare_cpu"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -69,32 +86,46 @@ class CompareConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rewrite: dict[str, Any] = field(default_factory=dict)  # fields of decoding.rewrite.RewriteConfig
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)  # the shared budget
-    hparams: dict[str, Any] = field(default_factory=dict)  # method -> objective hyperparameters
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> objective hyperparameters
     # method -> TrainConfig fields that differ for it; Target-SFT's teacher is the frozen base model
-    train_overrides: dict[str, Any] = field(default_factory=lambda: {"target_sft": {"teacher": "base"}})
+    train_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {"target_sft": {"teacher": "base"}})
     eval: EvalConfig = field(default_factory=EvalConfig)
     keep_checkpoints: bool = False  # False: delete each cell's weights once it is evaluated
 
+    def __post_init__(self):
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"methods: unknown method(s) {unknown}; valid methods: {list(METHODS)}")
+        if not self.seeds:
+            raise ValueError("seeds: list at least one seed")
+        for where, table in (("hparams", self.hparams), ("train_overrides", self.train_overrides)):
+            bad = sorted(set(table) - {m for m, spec in METHODS.items() if spec})
+            if bad:
+                raise ValueError(f"{where}: unknown method(s) {bad}; valid methods: {list(METHODS)[1:]}")
+        for method, values in self.hparams.items():
+            try:
+                self.hparams[method] = objective_hparams(METHODS[method][0], values)
+            except ValueError as err:
+                raise ValueError(f"hparams.{method}: {err}") from None
+        for method, values in self.train_overrides.items():
+            if "objective" in values:
+                raise ValueError(f"train_overrides.{method}.objective: the method names its objective; "
+                                 f"set its hyperparameters under hparams.{method}")
+            merged = from_dict(TrainConfig, {**_shallow(self.train), **values}, where=f"train_overrides.{method}")
+            self.train_overrides[method] = {key: getattr(merged, key) for key in values}
+        check_run_backend(self)
+
+
+def _shallow(config) -> dict:
+    return {f.name: to_dict(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
+            else getattr(config, f.name) for f in dataclasses.fields(config)}
+
 
 def load_compare_config(path=None, overrides: list[str] | None = None) -> CompareConfig:
-    from onpolicy_sft.config import load_config
-
     return load_config(path, overrides, cls=CompareConfig)
-
-
-def _check(config: CompareConfig) -> None:
-    unknown = sorted(set(config.methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; valid methods: {list(METHODS)}")
-    for where, table in (("hparams", config.hparams), ("train_overrides", config.train_overrides)):
-        bad = sorted(set(table) - set(METHODS))
-        if bad:
-            raise ValueError(f"{where}: unknown method(s) {bad}; valid methods: {list(METHODS)}")
-    if not config.seeds:
-        raise ValueError("seeds must list at least one seed")
 
 
 def _mean_phi(dataset) -> float:
@@ -103,168 +134,134 @@ def _mean_phi(dataset) -> float:
 
 
 def _train_config(config: CompareConfig, method: str, seed: int) -> TrainConfig:
-    objective_name, _ = METHODS[method]
-    objective = ObjectiveConfig(name=objective_name, hparams=dict(config.hparams.get(method, {})))
+    objective = ObjectiveConfig(name=METHODS[method][0], hparams=dict(config.hparams.get(method, {})))
     return dataclasses.replace(config.train, seed=seed, objective=objective, **config.train_overrides.get(method, {}))
 
 
 def run_comparison(config: CompareConfig) -> dict:
     """Run (or resume) every (method, seed) cell; returns the summary (rows, markdown table, paths)."""
-    import datasets
+    out = check_writable(config.out_dir)
+    with RunLock(out, "comparison"):
+        data = load_data(config.data)
+        save_config(config, out / "config.yaml")
+        manifest = Manifest(out / "manifest.json")
+        base_path = resolve_model_path(config.model.name)
+        load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+        base, tokenizer = load_model(base_path, **load)
+        backend, note = open_backend(config.backend, base, tokenizer, config.backend_options,
+                                     trust_remote_code=config.model.trust_remote_code)
+        manifest.data.update(backend=backend.name, backend_note=note, data_notes=data.notes)
+        manifest.save()
+        corpora = out / "corpora"
+        general_file = out / "base" / "general_responses.json"
+        needed = {METHODS[m][1] for m in config.methods if METHODS[m] is not None}
 
-    from onpolicy_sft import ddt
-    from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
-    from onpolicy_sft.loop import Manifest, load_data, make_loop_backend
-    from onpolicy_sft.models import load_model, resolve_model_path
+        def evaluation(model, seed: int, where: Path) -> dict:
+            return evaluate_model(model, tokenizer, data.evals, dataclasses.replace(config.eval, seed=seed),
+                                  backend=backend, base=base, general_file=general_file, out_dir=where)
 
-    _check(config)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    manifest = Manifest(out / "manifest.json")
-    base_path = resolve_model_path(config.model.name)
-    base, tokenizer = load_model(base_path, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
-    original, eval_sets, general = load_data(config)
-    backend, note = make_loop_backend(config.backend, base, tokenizer, config.backend_options)
-    manifest.data["backend"] = type(backend).__name__
-    if note:
-        manifest.data["backend_note"] = note
-    manifest.save()
-    corpora_dir = out / "corpora"
-    needed = {METHODS[m][1] for m in config.methods if METHODS[m] is not None}
+        def original_corpus():
+            scored = ddt.score(base, tokenizer, data.train, progress=False)
+            scored.save_to_disk(str(corpora / "original"))
+            return {"rows": len(scored), "phi_mean": _mean_phi(scored)}
 
-    def stage(name: str, fn) -> None:
-        if manifest.done(name):
-            logger.info("%s: finished earlier, skipping", name)
-            return
-        logger.info("%s: starting", name)
-        start = time.perf_counter()
-        extra = fn() or {}
-        manifest.finish(name, time.perf_counter() - start, **extra)
+        def hinted_corpus():
+            corpus, stats = rewrite_with_stats(base, tokenizer, data.train, config.rewrite,
+                                               out_dir=corpora / "hinted_shards", backend=backend)
+            if "ddt_phi_mean" not in corpus.column_names:
+                corpus = ddt.score(base, tokenizer, corpus, progress=False)
+            corpus.save_to_disk(str(corpora / "hinted"))
+            return {"rows": len(corpus), "phi_mean": _mean_phi(corpus), "sources": source_counts(corpus), "stats": stats}
 
-    def general_responses():
-        responses = base_responses(base, tokenizer, general, max_new_tokens=config.eval.forgetting_max_new_tokens,
-                                   backend=backend)
-        write_json(out / "base" / "general_responses.json", {"prompts": general, "responses": responses})
+        def pair_corpus():
+            p = config.pairs
+            sampling = SamplingConfig(temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
+            start = time.perf_counter()
+            pairs, counts = build_pairs(base, tokenizer, data.train, k=p.k, backend=backend, sampling=sampling,
+                                        no_pair=p.no_pair, seed=config.data.seed)
+            if len(pairs) == 0:
+                raise ValueError(f"no preference pairs could be built ({counts}); raise pairs.k or use no_pair=demonstration")
+            sample_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            pairs = add_reference_logps(base, tokenizer, pairs, max_length=config.train.max_length)
+            ref_seconds = time.perf_counter() - start
+            phi = {}
+            for side in ("chosen", "rejected"):
+                scored = ddt.score(base, tokenizer, pairs.select_columns(["prompt", "system", side, f"{side}_truncated"]),
+                                   progress=False, response_column=side)
+                phi[side] = _mean_phi(scored)
+            pairs.save_to_disk(str(corpora / "pairs"))
+            return {"rows": len(pairs), "counts": counts, "phi_mean": phi["chosen"], "phi_rejected": phi["rejected"],
+                    "sample_seconds": round(sample_seconds, 2), "ref_logps_seconds": round(ref_seconds, 2)}
 
-    def evaluate_model(model, seed: int, where: Path) -> dict:
-        eval_config = dataclasses.replace(config.eval, seed=seed)
-        metrics = {s: evaluate(model, tokenizer, d, eval_config, backend=backend, out_dir=where / s)
-                   for s, d in eval_sets.items()}
-        responses = json.loads((out / "base" / "general_responses.json").read_text())["responses"]
-        metrics["forgetting"] = forgetting(base, model, tokenizer, general, responses=responses)
-        return metrics
+        def base_eval():
+            evaluation(base, config.seeds[0], out / "base" / "eval")
 
-    def original_corpus():
-        scored = ddt.score(base, tokenizer, original, progress=False)
-        scored.save_to_disk(str(corpora_dir / "original"))
-        return {"rows": len(scored), "phi_mean": _mean_phi(scored)}
-
-    def hinted_corpus():
-        from onpolicy_sft.loop import rewrite_config
-        from decoding.rewrite import rewrite_corpus
-
-        corpus = rewrite_corpus(base, tokenizer, original, rewrite_config(config.rewrite),
-                                out_dir=corpora_dir / "hinted_shards", backend=backend)
-        if "ddt_phi_mean" not in corpus.column_names:
-            corpus = ddt.score(base, tokenizer, corpus, progress=False)
-        corpus.save_to_disk(str(corpora_dir / "hinted"))
-        sources = {s: corpus["source"].count(s) for s in ("self", "hinted", "original")} if "source" in corpus.column_names else {}
-        return {"rows": len(corpus), "phi_mean": _mean_phi(corpus), "sources": sources}
-
-    def pair_corpus():
-        from decoding.config import SamplingConfig
-        from onpolicy_sft.preference import add_reference_logps, build_pairs
-
-        p = config.pairs
-        sampling = SamplingConfig(temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
-        start = time.perf_counter()
-        pairs, counts = build_pairs(base, tokenizer, original, k=p.k, backend=backend, sampling=sampling,
-                                    no_pair=p.no_pair, seed=config.data.seed)
-        if len(pairs) == 0:
-            raise ValueError(f"no preference pairs could be built ({counts}); raise pairs.k or use no_pair=demonstration")
-        sample_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        pairs = add_reference_logps(base, tokenizer, pairs, max_length=config.train.max_length)
-        ref_seconds = time.perf_counter() - start
-        phi = {}
-        for side in ("chosen", "rejected"):
-            scored = ddt.score(base, tokenizer, pairs.select_columns(["prompt", "system", side, f"{side}_truncated"]),
-                               progress=False, response_column=side)
-            phi[side] = _mean_phi(scored)
-        pairs.save_to_disk(str(corpora_dir / "pairs"))
-        return {"rows": len(pairs), "counts": counts, "phi_mean": phi["chosen"], "phi_rejected": phi["rejected"],
-                "sample_seconds": round(sample_seconds, 2), "ref_logps_seconds": round(ref_seconds, 2)}
-
-    try:
-        stage("base/general", general_responses)
-        if "base" in config.methods:
-            stage("base/eval", lambda: write_json(out / "base" / "metrics.json",
-                                                  evaluate_model(base, config.seeds[0], out / "base" / "eval")))
-        stage("corpus/original", original_corpus)
-        if "hinted" in needed:
-            stage("corpus/hinted", hinted_corpus)
-        if "pairs" in needed:
-            stage("corpus/pairs", pair_corpus)
-        for method in config.methods:
-            if METHODS[method] is None:
-                continue
-            corpus = datasets.load_from_disk(str(corpora_dir / METHODS[method][1]))
-            if METHODS[method][1] != "pairs":
-                corpus = corpus.select_columns([c for c in DEMONSTRATION_COLUMNS if c in corpus.column_names])
-            for seed in config.seeds:
-                _run_cell(config, method, seed, out, base_path, tokenizer, corpus, backend, evaluate_model)
-    finally:
-        backend.close()
-    return summarize(out, config)
+        try:
+            manifest.run("base/general", lambda: general_responses(
+                general_file, base, tokenizer, data.general, max_new_tokens=config.eval.forgetting_max_new_tokens,
+                backend=backend))
+            if "base" in config.methods:
+                manifest.run("base/eval", base_eval)
+            manifest.run("corpus/original", original_corpus)
+            if "hinted" in needed:
+                manifest.run("corpus/hinted", hinted_corpus)
+            if "pairs" in needed:
+                manifest.run("corpus/pairs", pair_corpus)
+            for method in config.methods:
+                if METHODS[method] is None:
+                    continue
+                corpus = datasets.load_from_disk(str(corpora / METHODS[method][1]))
+                if METHODS[method][1] != "pairs":
+                    corpus = training_rows(corpus)
+                for seed in config.seeds:
+                    _run_cell(config, method, seed, out / "cells" / method / f"seed_{seed}", base_path, tokenizer,
+                              corpus, backend, evaluation)
+        finally:
+            backend.close()
+        return summarize(out, config)
 
 
-def _run_cell(config, method, seed, out, base_path, tokenizer, corpus, backend, evaluate_model) -> None:
-    from onpolicy_sft.models import load_model
-    from onpolicy_sft.train import DONE_FILE, train
-
-    cell = out / "cells" / method / f"seed_{seed}"
+def _run_cell(config, method, seed, cell: Path, base_path, tokenizer, corpus, backend, evaluation) -> None:
     if (cell / "result.json").exists():
         logger.info("%s seed %d: finished earlier, skipping", method, seed)
         return
+    load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
     checkpoint = cell / "checkpoint"
     timing_file = cell / "train_seconds.json"
     trained = (checkpoint / DONE_FILE).exists() and timing_file.exists() and any(checkpoint.glob("*.safetensors"))
     if not trained:
         logger.info("%s seed %d: training on %d rows", method, seed, len(corpus))
         train_config = _train_config(config, method, seed)
-        trainee, _ = load_model(base_path, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+        trainee, _ = load_model(base_path, **load)
         start = time.perf_counter()
         train(trainee, tokenizer, corpus, train_config, out_dir=checkpoint,
-              teacher=_teacher(train_config, base_path, config.model.dtype))
+              teacher=_teacher(train_config, base_path, load))
         write_json(timing_file, {"seconds": time.perf_counter() - start})
         del trainee
-    tuned, _ = load_model(str(checkpoint), dtype=config.model.dtype)
+    tuned, _ = load_model(str(checkpoint), **load)
     backend.update_weights(tuned)
     start = time.perf_counter()
-    metrics = evaluate_model(tuned, seed, cell / "eval")
+    metrics = evaluation(tuned, seed, cell / "eval")
     result = {"method": method, "seed": seed, "metrics": metrics, "train_rows": len(corpus),
-              "train_seconds": json.loads(timing_file.read_text())["seconds"], "eval_seconds": time.perf_counter() - start}
+              "train_seconds": read_json(timing_file)["seconds"], "eval_seconds": time.perf_counter() - start}
     write_json(cell / "result.json", result)
     if not config.keep_checkpoints:
         for weights in checkpoint.glob("*.safetensors"):
             weights.unlink()
 
 
-def _teacher(train_config: TrainConfig, base_path: str, dtype):
+def _teacher(train_config: TrainConfig, base_path: str, load: dict):
     """The frozen teacher of an objective that can use one (Target-SFT) when the config names it.
 
     Loaded here because the trainer loads teachers only for objectives that cannot run without
-    one, and Target-SFT without a teacher is DFT (METHODS.md §2).
+    one, and Target-SFT without a teacher is DFT (docs/methods.md §2).
     """
-    from onpolicy_sft.models import load_model
-    from onpolicy_sft.objectives import build
-
     objective = build(train_config.objective.name, **train_config.objective.hparams)
     if train_config.teacher is None or "teacher" not in objective.accepts:
         return None
     path = base_path if train_config.teacher == "base" else train_config.teacher
-    teacher, _ = load_model(path, dtype=dtype)
+    teacher, _ = load_model(path, **load)
     return teacher.eval().requires_grad_(False)
 
 
@@ -289,23 +286,20 @@ def score_columns(config: CompareConfig) -> list[tuple[str, str, str, str]]:
         metrics.append(("avg", f"avg@{n}", f"avg@{n}"))
         metrics += [(f"pass{k}", f"pass@{k}", f"pass@{k}") for k in config.eval.pass_k if 1 < k <= n]
     return [(f"{key}_{split}", split, metric, f"{head} {split}")
-            for key, metric, head in metrics for split in config.data.eval_splits]
+            for key, metric, head in metrics for split in config.data.eval_names]
 
 
 def summarize(out: str | Path, config: CompareConfig) -> dict:
     """One row per method from the finished cells; writes results.json, results.md and compare.png."""
-    from onpolicy_sft.evaluate import mean_and_se
-    from onpolicy_sft.loop import Manifest
-
     out = Path(out)
-    manifest = Manifest(out / "manifest.json")
-    splits = list(config.data.eval_splits)
+    manifest = Manifest(out / "manifest.json", announce=None)
+    splits = config.data.eval_names
     columns = score_columns(config)
     rows = []
     for method in config.methods:
         row: dict[str, Any] = {"method": method}
         if METHODS[method] is None:
-            metrics = read_json(out / "base" / "metrics.json")
+            metrics = read_json(out / "base" / "eval" / "metrics.json")
             if metrics is None:
                 continue
             cells = [{"metrics": metrics}]
@@ -320,7 +314,7 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
             if not cells:
                 continue
             row["seeds"] = len(cells)
-            stage = manifest.data["stages"].get(f"corpus/{corpus}", {})
+            stage = manifest.get(f"corpus/{corpus}")
             row["phi_corpus"] = stage.get("phi_mean")
             row["corpus_seconds"] = _corpus_seconds(method, corpus, stage)
             train_seconds, _ = mean_and_se([c["train_seconds"] for c in cells])
@@ -335,13 +329,11 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
         row["answer_tokens"] = sum(c["metrics"][s]["mean_response_tokens"] for c in cells for s in splits) / (
             len(cells) * len(splits))
         row["answered"] = _answered(eval_dirs, splits)
-        kl = [c["metrics"]["forgetting"]["kl"] for c in cells]
-        row["forgetting_kl"], row["forgetting_kl_se"] = mean_and_se(kl)
+        row["forgetting_kl"], row["forgetting_kl_se"] = mean_and_se([c["metrics"]["forgetting"]["kl"] for c in cells])
         rows.append(row)
-    pairs_stage = manifest.data["stages"].get("corpus/pairs", {})
-    hinted_stage = manifest.data["stages"].get("corpus/hinted", {})
-    table = markdown_table(rows, columns)
-    notes = []
+    pairs_stage, hinted_stage = manifest.get("corpus/pairs"), manifest.get("corpus/hinted")
+    table = _table(rows, columns)
+    notes = list(manifest.data.get("data_notes", []))
     if pairs_stage.get("counts"):
         notes.append(f"Preference pairs (k = {config.pairs.k}, no_pair = {config.pairs.no_pair}): {pairs_stage['counts']}; "
                      f"mean φ of the rejected samples {pairs_stage.get('phi_rejected', float('nan')):.3f}.")
@@ -351,7 +343,7 @@ def summarize(out: str | Path, config: CompareConfig) -> dict:
                "backend": manifest.data.get("backend"), "backend_note": manifest.data.get("backend_note"),
                "config": to_dict(config)}
     write_json(out / "results.json", summary)
-    (out / "results.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    write_text(out / "results.md", table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     if rows:
         plot(rows, columns, out / "compare.png")
     return summary
@@ -361,8 +353,6 @@ def _answered(eval_dirs: list[Path], splits: list[str]) -> float | None:
     """Share of the greedy answers that state a final answer the checker can read (a box or
     '#### N'), from the kept per-problem results; None where a run kept none. A model that never
     states one scores 0 whatever its arithmetic, so accuracy / answered is the accuracy where it tried."""
-    from onpolicy_sft.grading import extract_answer
-
     stated = []
     for eval_dir in eval_dirs:
         for split in splits:
@@ -373,35 +363,24 @@ def _answered(eval_dirs: list[Path], splits: list[str]) -> float | None:
     return sum(stated) / len(stated) if stated else None
 
 
-def _pm(value, se, digits=3) -> str:
-    return "–" if value is None else f"{value:.{digits}f} ± {se:.{digits}f}"
-
-
-def markdown_table(rows: list[dict], columns: list[tuple[str, str, str, str]]) -> str:
+def _table(rows: list[dict], columns: list[tuple[str, str, str, str]]) -> str:
     """Scores ± SE over seeds (base: over examples), mean greedy answer length and share with a
     stated final answer, forgetting, corpus φ under the base model, seconds."""
     head = ["method", "corpus", "seeds"] + [heading for *_, heading in columns]
     head += ["answer tokens", "answered", "forgetting KL", "φ corpus", "corpus s", "train s", "total s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
     for row in rows:
         cells = [row["method"], row.get("corpus", "–"), str(row["seeds"])]
-        cells += [_pm(row.get(key), row.get(f"{key}_se", 0.0)) for key, *_ in columns]
-        cells.append(f"{row['answer_tokens']:.0f}")
-        cells.append("–" if row["answered"] is None else f"{row['answered']:.2f}")
-        cells.append(_pm(row.get("forgetting_kl"), row.get("forgetting_kl_se", 0.0), 4))
-        phi = row.get("phi_corpus")
-        cells.append("–" if phi is None else f"{phi:.3f}")
-        cells += ["–" if row.get(k) is None else f"{row[k]:.0f}" for k in ("corpus_seconds", "train_seconds", "total_seconds")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells += [pm(row.get(key), row.get(f"{key}_se")) for key, *_ in columns]
+        cells += [num(row["answer_tokens"], 0), num(row["answered"], 2),
+                  pm(row.get("forgetting_kl"), row.get("forgetting_kl_se"), 4), num(row.get("phi_corpus"))]
+        cells += [num(row.get(k), 0) for k in ("corpus_seconds", "train_seconds", "total_seconds")]
+        lines.append(cells)
+    return markdown_table(head, lines)
 
 
 def plot(rows: list[dict], columns: list[tuple[str, str, str, str]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [row["method"] for row in rows]
     x = list(range(len(rows)))
     panels = [(key, heading.replace("acc ", "greedy accuracy: ", 1)) for key, *_, heading in columns]

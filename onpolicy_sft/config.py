@@ -1,13 +1,19 @@
 """One configuration for the whole loop: plain dataclasses, YAML on disk, ``--set a.b=v`` overrides.
 
 Every stage function takes its own section (``TrainConfig`` for ``train``, ``EvalConfig`` for
-``evaluate``); ``LoopConfig`` nests them all. Defaults are the embedded CPU run; the GPU
-recipes in experiments/configs/ override them with the published settings (METHODS.md).
+``evaluate``, ``decoding.rewrite.RewriteConfig`` for the rewrite); ``LoopConfig`` nests them all.
+A config is checked completely when it is loaded, before any model loads: every key, every type,
+every objective and its hyperparameters, the backend's options. The first bad value stops the load
+with its place, e.g. ``loop.yaml: rewrite.hinted.beta: expected float, got 'x'``.
+
+Defaults are the embedded CPU run; the GPU recipes in experiments/configs/ override them with the
+published settings (docs/methods.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +22,23 @@ from typing import Any
 
 import yaml
 
+from decoding.hf import HFBackend
+from decoding.rewrite import RewriteConfig
+from decoding.vllm_backend import VLLMBackend
+from onpolicy_sft import objectives
 from onpolicy_sft.models import EMBEDDED_MODEL
+from onpolicy_sft.rundir import write_text
+
+BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
+
+
+class ConfigError(ValueError):
+    """A value in a config file or a ``--set`` override is wrong; the message names where
+    (``path``: the dotted field, when one is to blame)."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass
@@ -30,24 +52,70 @@ class ModelConfig:
 class DataConfig:
     """Where the demonstrations and the evaluation sets come from.
 
-    ``source="arithmetic"`` is the embedded generated dataset; its sizes are the n_* fields.
-    Any other source goes through ``data.load_demonstrations`` and is cut to the n_* sizes.
+    ``source="arithmetic"`` is the embedded generated dataset, with the splits ``eval_splits``
+    names. A file has no splits: its evaluation sets are named files, ``eval_sources: {test:
+    test.jsonl}``, or ``holdout: N`` carves N rows off the training file (a seeded draw, said in
+    the log and the run's record). A hub dataset with splits uses ``eval_splits``. Rows that are in
+    both the training data and an evaluation set are refused. Every set is cut to the n_* sizes
+    (``n_test`` for evaluation sets other than test_hard). ``columns`` and ``on_error`` are as in
+    ``data.load_demonstrations``.
     """
 
     source: str = "arithmetic"
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["test", "test_hard"])
+    eval_sources: dict[str, str] = field(default_factory=dict)
+    holdout: int = 0
+    columns: dict[str, str] = field(default_factory=dict)
+    on_error: str = "raise"
     n_train: int = 48
     n_test: int = 64
     n_test_hard: int = 64
     n_general: int = 20  # general prompts for forgetting
     seed: int = 0
 
+    def __post_init__(self):
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
+        if self.holdout and self.eval_sources:
+            raise ValueError("set eval_sources or holdout, not both")
+
+    @property
+    def eval_names(self) -> list[str]:
+        """The evaluation sets' names, in table order."""
+        if self.source != "arithmetic" and self.eval_sources:
+            return list(self.eval_sources)
+        if self.source != "arithmetic" and self.holdout:
+            return ["heldout"]
+        return list(self.eval_splits)
+
 
 @dataclass
 class ObjectiveConfig:
+    """An objective by name with its hyperparameters, built once when the config loads so that a
+    wrong name or value fails then; numbers written as strings ("1e-5") are read as numbers."""
+
     name: str = "idft"
     hparams: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.hparams = objective_hparams(self.name, self.hparams)
+
+
+def objective_hparams(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` coerced to the types of ``name``'s factory and checked by building it."""
+    factory = objectives.OBJECTIVES[name][0] if name in objectives.OBJECTIVES else None
+    if factory is None:
+        objectives.build(name)  # raises, naming the valid objectives
+    hints = typing.get_type_hints(factory)
+    hints["chunk_tokens"] = int
+    coerced = {}
+    for key, value in hparams.items():
+        coerced[key] = _coerce(value, hints[key], f"hparams.{key}") if key in hints else value
+    objectives.build(name, **coerced)
+    return coerced
 
 
 @dataclass
@@ -84,7 +152,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Greedy accuracy always; avg@k and pass@k when ``n_samples`` > 0 (papers: 16 samples, T = 1)."""
+    """Greedy accuracy always; avg@k and pass@k when ``n_samples`` > 0 (papers: 16 samples, T = 1).
+
+    ``backend`` is what ``evaluate`` uses when it is called without a backend; inside the loop and
+    the comparison the run's one ``backend`` setting decides it.
+    """
 
     backend: str = "hf"  # "hf" | "vllm"
     max_new_tokens: int = 256
@@ -93,46 +165,138 @@ class EvalConfig:
     top_p: float = 1.0
     pass_k: list[int] = field(default_factory=lambda: [1])
     seed: int = 0
-    batch_size: int = 16
     forgetting_max_new_tokens: int = 96
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
+
+
+@dataclass
+class BaselineConfig:
+    """The loop's baseline arm: from the same starting model with the same train settings (hence the
+    same optimizer steps), the objective on the ORIGINAL demonstrations, evaluated every round."""
+
+    enabled: bool = True
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(name="sft"))
 
 
 @dataclass
 class LoopConfig:
+    """The loop. ``backend`` is the one generation backend of every stage (rewrite, evaluation,
+    forgetting); ``backend_options`` are keyword options of that backend's class (decoding.hf.HFBackend,
+    decoding.vllm_backend.VLLMBackend), checked against it: an option of the other backend is refused."""
+
     out_dir: str = "runs/cpu_default"
     rounds: int = 2
-    backend: str = "vllm"  # generation backend of every stage; falls back to hf where vLLM is missing
+    backend: str = "vllm"  # falls back to hf where vLLM cannot start (said in the log and the summary)
+    backend_options: dict[str, Any] = field(default_factory=dict)
     eval_base: bool = True  # evaluate the starting model as round 0 of the table
-    score_original: bool = True  # DDT-score the original corpus each round, for the report
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rewrite: dict[str, Any] = field(default_factory=dict)  # fields of decoding.rewrite.RewriteConfig
-    backend_options: dict[str, Any] = field(default_factory=dict)  # passed to decoding.make_backend
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        check_run_backend(self)
+
+
+# Settings that the run's `backend` decides; a config may not set them on their own.
+DERIVED = ("eval.backend", "rewrite.hinted.backend")
+
+
+def check_run_backend(config) -> None:
+    """Validate ``config.backend`` and its options, and make the derived backend settings follow it."""
+    if config.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {config.backend!r}")
+    config.backend_options = backend_options(config.backend, config.backend_options)
+    config.eval.backend = config.backend
+    if isinstance(config.rewrite, dict):  # a plain mapping from Python code: type it as a file would be
+        config.rewrite = from_dict(RewriteConfig, config.rewrite, where="rewrite")
+    config.rewrite.hinted.backend = config.backend
+
+
+def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the keyword options of ``backend``'s class, coerced to their types."""
+    signature = inspect.signature(BACKENDS[backend].__init__)
+    hints = typing.get_type_hints(BACKENDS[backend].__init__)
+    valid = {n: p for n, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    coerced = {}
+    for key, value in options.items():
+        if key not in valid:
+            other = [name for name in BACKENDS if name != backend and key in inspect.signature(BACKENDS[name].__init__).parameters]
+            why = f"an option of the {other[0]} backend, but backend is {backend!r}" if other else "unknown option"
+            raise ValueError(f"backend_options.{key}: {why}; the {backend} backend takes {sorted(valid)}")
+        coerced[key] = _coerce(value, hints.get(key, Any), f"backend_options.{key}")
+    return coerced
 
 
 def from_dict(cls, values: dict[str, Any], where: str = "config"):
-    """Build dataclass ``cls`` from a nested dict, refusing unknown keys with the valid choices."""
+    """Build dataclass ``cls`` from a nested dict; ``where`` names the file (or the override) in errors.
+
+    Unknown keys are refused with the valid ones, values are checked against the annotations, and a
+    section's own checks (``__post_init__``) run; each error says ``where: section.key: what``.
+    """
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(values).__name__}")
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(values).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for derived in DERIVED if {"backend", "eval"} <= fields else ():
+        section, key = derived.split(".", 1)
+        node = values.get(section)
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key.split(".")[-1] in node:
+            raise ConfigError(f"{where}: {derived}: the generation backend is set once for the whole run, with "
+                              f"`backend:` (now {values.get('backend', 'the default')!r}); remove {derived}")
+    try:
+        return _build(cls, values, [])
+    except _Located as err:
+        raise ConfigError(f"{where}: {err.path}: {err.reason}", err.path) from None
+
+
+class _Located(Exception):
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _build(cls, values, keys: list[str]):
+    path = ".".join(keys) or cls.__name__
+    if not isinstance(values, dict):
+        raise _Located(path, f"expected a mapping ({cls.__name__}), got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in values:
+        if key not in names:
+            raise _Located(".".join(keys + [str(key)]), f"unknown key; valid keys here: {sorted(names)}")
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, f"{where}.{key}")
+            kwargs[key] = _build(hint, {} if value is None else value, keys + [key])
         else:
-            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
-    return cls(**kwargs)
+            try:
+                kwargs[key] = _coerce(value, hint, "")
+            except ValueError as err:
+                raise _Located(".".join(keys + [key]), str(err).removeprefix(": ")) from None
+    try:
+        return cls(**kwargs)
+    except _Located:
+        raise
+    except (ValueError, TypeError) as err:
+        reason = str(err)
+        # A section's own check may name the field itself ("hparams.eta: ..."): keep it in the path.
+        head, sep, rest = reason.partition(": ")
+        if sep and (head in names or head.split(".")[0] in names) and " " not in head:
+            raise _Located(".".join(keys + [head]), rest) from None
+        raise _Located(path, reason) from None
 
 
 def _coerce(value, hint, where: str):
-    """Check a YAML scalar/list against a field's annotation; ints are accepted where floats are."""
+    """Check a YAML value against a field's annotation; ints are accepted where floats are, and
+    numbers written as strings where a float is expected (YAML 1.1 reads "1e-5" as a string)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -155,40 +319,64 @@ def _coerce(value, hint, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {_coerce(k, key_hint, where): _coerce(v, value_hint, f"{where}.{k}" if where else str(k))
+                for k, v in value.items()}
     if hint is Any or not isinstance(hint, type):
         return value  # annotations we cannot check (Literal, Callable, ...) are left to the dataclass
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
         try:
-            return float(value)  # YAML 1.1 reads "1e-5" as a string
+            return float(value)
         except ValueError:
             pass
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+    if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
         raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
 
 
 def to_dict(config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as plain data, without the settings the run's ``backend`` decides."""
+    values = dataclasses.asdict(config)
+    if "backend" in values and isinstance(values.get("eval"), dict):
+        for derived in DERIVED:
+            node = values
+            *parents, last = derived.split(".")
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(last, None)
+    return values
 
 
 def apply_overrides(config, overrides: list[str]):
     """A copy of ``config`` with ``section.key=value`` overrides; values are parsed as YAML."""
     values = to_dict(config)
+    keys_of = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-5)")
+            raise ConfigError(f"--set {item}: must look like section.key=value (e.g. train.lr=1e-5)")
         path, raw = item.split("=", 1)
         keys = path.strip().split(".")
+        keys_of[item] = path.strip()
         node = values
         for depth, key in enumerate(keys[:-1]):
             if not isinstance(node.get(key), dict):
-                raise ValueError(f"override {item!r}: {'.'.join(keys[: depth + 1])} is not a section")
+                raise ConfigError(f"--set {item}: {'.'.join(keys[: depth + 1])} is not a section")
             node = node[key]
-        node[keys[-1]] = yaml.safe_load(raw)
-    return from_dict(type(config), values, where="overrides")
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({err})") from None
+    try:
+        return from_dict(type(config), values, where="--set")
+    except ConfigError as err:
+        # Name the override to blame: the last one that set the failing field or a section around it.
+        blamed = [item for item, key in keys_of.items()
+                  if err.path and (err.path == key or err.path.startswith(key + ".") or key.startswith(err.path + "."))]
+        where = f"--set {blamed[-1]}" if blamed else "--set " + " --set ".join(overrides)
+        raise ConfigError(str(err).replace("--set", where, 1), err.path) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=LoopConfig):
@@ -196,15 +384,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
     config = from_dict(cls, values, where=str(path or "config"))
-    return apply_overrides(config, overrides or [])
+    return apply_overrides(config, overrides) if overrides else config
 
 
 def save_config(config, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    return path
+    return write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from onpolicy_sft.grading import extract_answer
-from onpolicy_sft.compare import (METHODS, CompareConfig, PairsConfig, load_compare_config, run_comparison,
+from onpolicy_sft import cli, compare
+from onpolicy_sft.compare import (METHODS, CompareConfig, PairsConfig, _answered, load_compare_config, run_comparison,
                                   score_columns)
+from onpolicy_sft.grading import extract_answer
 from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 
 REPO = Path(__file__).parent.parent
@@ -81,17 +82,15 @@ def test_comparison_end_to_end(finished):
 
 
 def test_comparison_resumes_per_cell(finished, tiny_dir, monkeypatch):
-    import onpolicy_sft.train as train_module
-
     out, summary = finished
     calls = []
-    real_train = train_module.train
+    real_train = compare.train
 
     def counting_train(*args, **kwargs):
         calls.append(kwargs["out_dir"])
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train", counting_train)
+    monkeypatch.setattr(compare, "train", counting_train)
     again = run_comparison(_config(tiny_dir, out))
     assert calls == [] and again["rows"] == summary["rows"]  # nothing rerun, the same table
 
@@ -124,9 +123,6 @@ def test_unknown_methods_are_refused(tmp_path):
 
 
 def test_cli_compare_is_wired(tmp_path, monkeypatch):
-    from onpolicy_sft import cli
-    import onpolicy_sft.compare as compare
-
     seen = {}
 
     def fake_run(config):
@@ -142,8 +138,6 @@ def test_cli_compare_is_wired(tmp_path, monkeypatch):
 
 
 def test_answered_is_the_share_of_stated_final_answers(tmp_path):
-    from onpolicy_sft.compare import _answered
-
     responses = {"test": ["so \\boxed{3}", "3+1=4\n#### 4", "I think it is 5"], "test_hard": ["\\boxed{1"]}
     for split, texts in responses.items():
         (tmp_path / "eval" / split).mkdir(parents=True)

@@ -1,16 +1,25 @@
-"""The loop end to end on a tiny model (2 rounds), resume after a failure at each stage, configs and CLI."""
+"""The loop and its baseline arm end to end on a tiny model (2 rounds), resume after a failure at each
+stage, refusal of a resume with other inputs, the run lock, configs and CLI."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from decoding.config import HintedDecodingConfig, SamplingConfig
+from decoding.rewrite import RewriteConfig
+from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.cli import main
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig,
                                  apply_overrides, load_config, save_config)
+from onpolicy_sft.loop import run_loop
+from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, RunLock
 
 REPO = Path(__file__).parent.parent
 
@@ -23,8 +32,8 @@ def _loop_config(tiny_dir, out_dir) -> LoopConfig:
         out_dir=str(out_dir), rounds=2, backend="hf",
         model=ModelConfig(name=str(tiny_dir)),
         data=DataConfig(n_train=8, n_test=4, n_test_hard=4, n_general=3),
-        rewrite={"k_self": 1, "m_hinted": 1, "sampling": {"max_new_tokens": 8}, "hinted": {"max_new_tokens": 8},
-                 "shard_size": 4, "progress": False},
+        rewrite=RewriteConfig(k_self=1, m_hinted=1, sampling=SamplingConfig(max_new_tokens=8),
+                              hinted=HintedDecodingConfig(max_new_tokens=8), shard_size=4, progress=False),
         train=TrainConfig(objective=ObjectiveConfig(name="sft"), lr=5e-3, batch_size=4, micro_batch_size=2,
                           trackers=["jsonl"], progress=False, max_length=512),
         eval=EvalConfig(max_new_tokens=8, forgetting_max_new_tokens=6),
@@ -32,43 +41,63 @@ def _loop_config(tiny_dir, out_dir) -> LoopConfig:
 
 
 def _final_weights(out_dir):
-    from safetensors.torch import load_file
-
-    return load_file(Path(out_dir) / "round_2" / "checkpoint" / "model.safetensors")
+    return load_file(Path(out_dir) / "round_2" / "onpolicy" / "checkpoint" / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
 def finished(tiny_dir, tmp_path_factory):
-    from onpolicy_sft.loop import run_loop
-
     out = tmp_path_factory.mktemp("loop")
     return out, run_loop(_loop_config(tiny_dir, out))
 
 
-def test_loop_two_rounds_end_to_end(finished):
+def test_loop_two_rounds_end_to_end(finished, tiny_dir):
     out, summary = finished
     manifest = json.loads((out / "manifest.json").read_text())
-    expected = {"base/general", "round_0/eval"} | {f"round_{r}/{s}" for r in (1, 2) for s in ("rewrite", "ddt", "train", "eval")}
-    assert set(manifest["stages"]) == expected
+    expected = {"base/general", "round_0/eval"}
+    expected |= {f"round_{r}/onpolicy/{s}" for r in (1, 2) for s in ("rewrite", "ddt", "train", "eval")}
+    expected |= {f"round_{r}/baseline/{s}" for r in (1, 2) for s in ("ddt", "train", "eval")}
+    assert set(manifest["stages"]) == expected and manifest["unfinished"] == {}
+    assert all(entry["attempts"] == 1 for entry in manifest["stages"].values())
     for r in (1, 2):
         for sub in ("corpus", "ddt", "checkpoint", "eval"):
-            assert (out / f"round_{r}" / sub).is_dir()
-        assert (out / f"round_{r}" / "checkpoint" / "model.safetensors").exists()
-    assert [row["round"] for row in summary["rounds"]] == [0, 1, 2]
-    base_row, r1 = summary["rounds"][0], summary["rounds"][1]
-    assert base_row["forgetting_kl"] == pytest.approx(0.0, abs=1e-6)  # the base model against itself
-    assert r1["forgetting_kl"] > 0  # training moved the model away from the base
-    assert {"acc_test", "acc_test_hard", "phi_rewritten", "phi_original", "seconds_train"} <= set(r1)
-    # the mean φ of the table is the mean of the scored corpus's per-response means
-    scored = datasets.load_from_disk(str(out / "round_1" / "ddt" / "dataset"))
-    assert r1["phi_rewritten"] == pytest.approx(sum(scored["ddt_phi_mean"]) / len(scored))
-    assert (out / "summary.png").stat().st_size > 0
-    assert (out / "summary.md").read_text().startswith("| round |")
+            assert (out / f"round_{r}" / "onpolicy" / sub).is_dir()
+        for arm in ("onpolicy", "baseline"):
+            assert (out / f"round_{r}" / arm / "checkpoint" / "model.safetensors").exists()
+    rows = {(row["round"], row["arm"]): row for row in summary["rounds"]}
+    assert list(rows) == [(0, "base"), (1, "onpolicy"), (1, "baseline"), (2, "onpolicy"), (2, "baseline")]
+    assert rows[0, "base"]["forgetting_kl"] == pytest.approx(0.0, abs=1e-6)  # the base model against itself
+    for key, row in rows.items():
+        if key[0] > 0:
+            assert row["forgetting_kl"] > 0  # training moved the model away from the base
+            assert {"acc_test", "acc_test_hard", "phi_mean", "seconds_train", "seconds_eval"} <= set(row)
+    # the mean φ of the table is the mean of the scored training corpus's per-response means
+    scored = datasets.load_from_disk(str(out / "round_1" / "onpolicy" / "ddt" / "dataset"))
+    r1 = rows[1, "onpolicy"]
+    assert r1["phi_mean"] == pytest.approx(sum(scored["ddt_phi_mean"]) / len(scored))
+    assert sum(r1["sources"].values()) == 8
+    for source in ("self", "hinted", "original"):
+        values = [abs(p) for p, s in zip(scored["ddt_phi_mean"], scored["source"]) if s == source]
+        assert r1[f"abs_phi_{source}"] == (pytest.approx(sum(values) / len(values)) if values else None)
+    # the baseline trains on the original demonstrations only
+    assert rows[1, "baseline"]["sources"] == {"self": 0, "hinted": 0, "original": 8}
+    baseline_scored = datasets.load_from_disk(str(out / "round_1" / "baseline" / "ddt" / "dataset"))
+    assert baseline_scored["response"] == arithmetic_splits(n_train=8, n_test=4, n_test_hard=4)["train"]["response"]
+    # both arms start from the same model, then each from its own checkpoint
+    assert rows[1, "onpolicy"]["train_from"] == rows[1, "baseline"]["train_from"] == str(tiny_dir)
+    for arm in ("onpolicy", "baseline"):
+        assert rows[2, arm]["train_from"] == str(out / "round_1" / arm / "checkpoint")
+    assert manifest["stages"]["round_1/baseline/train"]["objective"] == "sft"
+    assert manifest["stages"]["round_1/onpolicy/train"]["objective"] == "sft"  # the test config trains both with sft
+    for name in ("summary.png", "phi_hist.png"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| round | arm | corpus self/hinted/original | φ corpus |")
+    assert "| acc test | acc test_hard | forgetting KL | rewrite s | ddt s | train s | eval s |" in table[0]
+    assert len(table) == 2 + 5
+    assert table[4].startswith("| 1 | baseline (sft, original) | 0/0/8 |")
     assert (out / "config.yaml").exists()
     # round 2 trains from round 1's checkpoint: its weights differ from round 1's
-    from safetensors.torch import load_file
-
-    w1 = load_file(out / "round_1" / "checkpoint" / "model.safetensors")
+    w1 = load_file(out / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors")
     assert any(not torch.equal(w1[k], v) for k, v in _final_weights(out).items())
 
 
@@ -77,10 +106,10 @@ class _Killed(Exception):
 
 
 STAGE_FUNCTIONS = {
-    "rewrite": ("decoding.rewrite", "rewrite_corpus"),
+    "rewrite": ("onpolicy_sft.loop", "rewrite_with_stats"),
     "ddt": ("onpolicy_sft.ddt_report", "write_report"),
-    "train": ("onpolicy_sft.train", "train"),
-    "eval": ("onpolicy_sft.evaluate", "forgetting"),
+    "train": ("onpolicy_sft.loop", "train"),
+    "eval": ("onpolicy_sft.stages", "forgetting"),
 }
 
 
@@ -91,12 +120,6 @@ def test_resume_after_failure_at_each_stage(stage, tiny_dir, tmp_path, monkeypat
     One round keeps this cheap: a one-round run with the same seeds is the first round of the
     two-round reference run, so its checkpoint must equal the reference's round-1 checkpoint.
     """
-    import importlib
-
-    from safetensors.torch import load_file
-
-    from onpolicy_sft.loop import run_loop
-
     module = importlib.import_module(STAGE_FUNCTIONS[stage][0])
     real = getattr(module, STAGE_FUNCTIONS[stage][1])
     calls = {"n": 0}
@@ -111,21 +134,49 @@ def test_resume_after_failure_at_each_stage(stage, tiny_dir, tmp_path, monkeypat
     monkeypatch.setattr(module, STAGE_FUNCTIONS[stage][1], flaky)
     config = _loop_config(tiny_dir, tmp_path)
     config.rounds = 1
+    config.baseline.enabled = False  # the arms are independent: the on-policy arm alone must match
     with pytest.raises(_Killed):
         run_loop(config)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert f"round_1/{stage}" not in manifest["stages"] and "round_0/eval" in manifest["stages"]
+    assert f"round_1/onpolicy/{stage}" not in manifest["stages"] and "round_0/eval" in manifest["stages"]
+    assert manifest["unfinished"][f"round_1/onpolicy/{stage}"]["attempts"] == 1
     before = calls["n"]
     summary = run_loop(config)
     assert calls["n"] == before + 1  # only the unfinished stage ran its function again
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = manifest["stages"][f"round_1/onpolicy/{stage}"]
+    assert entry["attempts"] == 2 and entry["seconds"] >= entry["last_attempt_seconds"]
+    assert "(2 tries)" in summary["table"]
     reference_out, reference = finished
-    mine = load_file(tmp_path / "round_1" / "checkpoint" / "model.safetensors")
-    for key, value in load_file(reference_out / "round_1" / "checkpoint" / "model.safetensors").items():
+    mine = load_file(tmp_path / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors")
+    for key, value in load_file(reference_out / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors").items():
         torch.testing.assert_close(mine[key], value, rtol=1e-5, atol=1e-6)
-    for row, theirs in zip(summary["rounds"], reference["rounds"][:2]):
-        for key in ("acc_test", "acc_test_hard", "forgetting_kl", "phi_rewritten", "phi_original"):
+    theirs_rows = [row for row in reference["rounds"] if row["arm"] in ("base", "onpolicy")][:2]
+    for row, theirs in zip(summary["rounds"], theirs_rows):
+        for key in ("acc_test", "acc_test_hard", "forgetting_kl", "phi_mean", "phi_original"):
             if key in theirs:
                 assert row[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+
+
+def test_resume_with_another_config_is_refused_and_keeps_the_record(finished, tiny_dir):
+    out, _ = finished
+    config_before = (out / "config.yaml").read_text()
+    manifest_before = (out / "manifest.json").read_text()
+    config = _loop_config(tiny_dir, out)
+    config.train.lr = 1e-4
+    config.data.n_train = 6
+    with pytest.raises(InputsChanged, match=r"train\.lr: was 0\.005, now 0\.0001") as err:
+        run_loop(config)
+    assert "data.n_train" in str(err.value)
+    assert (out / "config.yaml").read_text() == config_before
+    assert (out / "manifest.json").read_text() == manifest_before
+
+
+def test_a_second_loop_on_the_same_directory_is_refused(tiny_dir, tmp_path):
+    with RunLock(tmp_path, "loop"):
+        with pytest.raises(DirectoryLocked, match="in use"):
+            run_loop(_loop_config(tiny_dir, tmp_path))
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_config_yaml_round_trip_and_overrides(tmp_path):
@@ -153,18 +204,16 @@ def test_example_configs_load(name):
 
 
 def test_cli_loop_prints_the_table(tiny_dir, tmp_path, capsys):
-    from onpolicy_sft.cli import main
-
     config_file = save_config(_loop_config(tiny_dir, tmp_path / "run"), tmp_path / "loop.yaml")
     assert main(["loop", "--config", str(config_file), "--set", "rounds=1", "--set", "eval_base=false"]) == 0
     printed = capsys.readouterr().out
-    assert "| round |" in printed and "| 1 |" in printed
+    assert "| round | arm |" in printed and "| 1 | on-policy (sft, rewritten) |" in printed
+    assert "| 1 | baseline (sft, original) |" in printed
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"][0]["round"] == 1
+    assert (tmp_path / "run" / "run.log").exists()
 
 
 def test_cli_train_then_eval(tiny_dir, tmp_path, capsys):
-    from onpolicy_sft.cli import main
-
     config_file = save_config(_loop_config(tiny_dir, tmp_path / "unused"), tmp_path / "c.yaml")
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--config", str(config_file), "--out", str(ckpt), "--set", "data.n_train=4"]) == 0

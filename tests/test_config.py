@@ -1,0 +1,106 @@
+"""Configs are checked completely when they load, before any model: every kind of bad value fails
+with its file and path, numbers written as strings arrive as numbers, and options of a backend the
+run does not use are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from decoding.rewrite import RewriteConfig
+from onpolicy_sft.compare import CompareConfig, load_compare_config
+from onpolicy_sft.config import ConfigError, LoopConfig, apply_overrides, load_config, save_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rewrite:\n  hinted:\n    beta: x\n", "config.yaml: rewrite.hinted.beta: expected float, got 'x'"),
+    ("rewrite:\n  sampling: {top_p: 2.0}\n", "config.yaml: rewrite.sampling: SamplingConfig.top_p must be in (0, 1]"),
+    ("rewrite:\n  k_selff: 2\n", "config.yaml: rewrite.k_selff: unknown key; valid keys here:"),
+    ("rewrite:\n  fallback: keep\n", "config.yaml: rewrite: RewriteConfig.fallback must be one of"),
+    ("rewrite:\n  template: {instruction: 3}\n", "config.yaml: rewrite.template.instruction: expected str, got 3"),
+    ("train:\n  objective: {name: idft, hparams: {beta: high}}\n",
+     "config.yaml: train.objective.hparams.beta: expected float, got 'high'"),
+    ("train:\n  objective: {name: idft, hparams: {betta: 1.0}}\n",
+     "config.yaml: train.objective: unknown hyperparameter(s) ['betta'] for objective 'idft'"),
+    ("train:\n  objective: {name: ppo}\n", "config.yaml: train.objective: unknown objective 'ppo'"),
+    ("baseline:\n  objective: {name: sft, hparams: {tau: 0.1}}\n", "config.yaml: baseline.objective: unknown hyperparameter"),
+    ("backend: hf\nbackend_options: {max_model_len: 1024}\n",
+     "config.yaml: backend_options.max_model_len: an option of the vllm backend, but backend is 'hf'"),
+    ("backend_options: {max_num_seqs: many}\n", "config.yaml: backend_options.max_num_seqs: expected int, got 'many'"),
+    ("backend_options: {batch_rows: 8}\n", "config.yaml: backend_options.batch_rows: an option of the hf backend"),
+    ("backend: tpu\n", "config.yaml: LoopConfig: backend must be one of ['hf', 'vllm']"),
+    ("eval:\n  backend: hf\n", "config.yaml: eval.backend: the generation backend is set once for the whole run"),
+    ("rewrite:\n  hinted: {backend: hf}\n", "config.yaml: rewrite.hinted.backend: the generation backend is set once"),
+    ("eval:\n  batch_size: 16\n", "config.yaml: eval.batch_size: unknown key"),
+    ("rounds: two\n", "config.yaml: rounds: expected int, got 'two'"),
+    ("data:\n  on_error: ignore\n", "config.yaml: data: on_error must be 'raise' or 'skip'"),
+    ("model:\n  trust_remote_code: 'yes'\n", "config.yaml: model.trust_remote_code: expected bool"),
+])
+def test_each_kind_of_bad_value_fails_at_load_with_its_path(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text))
+    assert str(err.value).startswith(f"{tmp_path}/{message}"), str(err.value)
+
+
+def test_typed_sections_arrive_typed(tmp_path):
+    config = load_config(_write(tmp_path, (
+        "backend: vllm\nbackend_options: {max_model_len: 1024, gpu_memory_utilization: 1}\n"
+        "rewrite:\n  k_self: 3\n  hinted: {beta: 2}\n  sampling: {max_new_tokens: 64}\n"
+        "train:\n  lr: 1e-5\n  objective: {name: idft, hparams: {beta: '2', gamma_min: 1}}\n")))
+    assert isinstance(config.rewrite, RewriteConfig) and config.rewrite.k_self == 3
+    assert config.rewrite.hinted.beta == 2.0 and isinstance(config.rewrite.hinted.beta, float)
+    assert config.rewrite.sampling.max_new_tokens == 64
+    assert config.train.lr == 1e-5 and isinstance(config.train.lr, float)  # YAML 1.1 reads 1e-5 as a string
+    assert config.train.objective.hparams == {"beta": 2.0, "gamma_min": 1.0}
+    assert all(isinstance(v, float) for v in config.train.objective.hparams.values())
+    assert config.backend_options == {"max_model_len": 1024, "gpu_memory_utilization": 1.0}
+    # the run's one backend setting decides every stage's
+    assert config.eval.backend == "vllm" and config.rewrite.hinted.backend == "vllm"
+    hf = apply_overrides(config, ["backend=hf", "backend_options={}"])
+    assert hf.eval.backend == "hf" and hf.rewrite.hinted.backend == "hf"
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    config = apply_overrides(LoopConfig(), ["backend=hf", "rewrite.m_hinted=2", "baseline.enabled=false"])
+    assert load_config(save_config(config, tmp_path / "c.yaml")) == config
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError, match=r"^--set rewrite\.hinted\.beta=x: rewrite\.hinted\.beta: expected float"):
+        apply_overrides(LoopConfig(), ["train.lr=1e-5", "rewrite.hinted.beta=x"])
+
+
+def test_compare_train_overrides_and_hparams_are_typed(tmp_path):
+    config = load_compare_config(_write(tmp_path, (
+        "train_overrides:\n  sft: {lr: 1e-5, max_steps: 3}\n  target_sft: {teacher: base}\n"
+        "hparams:\n  dpo: {beta: '0.2'}\n")))
+    assert config.train_overrides["sft"] == {"lr": 1e-5, "max_steps": 3}
+    assert isinstance(config.train_overrides["sft"]["lr"], float)
+    assert config.hparams["dpo"] == {"beta": 0.2}
+    for text, message in [
+        ("train_overrides:\n  sft: {lr: fast}\n", "train_overrides.sft: lr: expected float, got 'fast'"),
+        ("train_overrides:\n  sft: {learning_rate: 1}\n", "train_overrides.sft: learning_rate: unknown key"),
+        ("train_overrides:\n  ppo: {lr: 1}\n", "train_overrides: unknown method(s) ['ppo']"),
+        ("train_overrides:\n  sft: {objective: {name: dft}}\n", "train_overrides.sft.objective: the method names"),
+        ("hparams:\n  simpo: {gamma: wide}\n", "hparams.simpo: hparams.gamma: expected float"),
+        ("hparams:\n  dpo: {tau: 1}\n", "hparams.dpo: unknown hyperparameter(s) ['tau']"),
+        ("methods: [sft, ppo]\n", "methods: unknown method(s) ['ppo']"),
+        ("backend: hf\nbackend_options: {max_num_seqs: 8}\n", "backend_options.max_num_seqs: an option of the vllm"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_compare_config(_write(tmp_path, text))
+        assert message in str(err.value), (text, str(err.value))
+
+
+def test_python_callers_may_pass_the_rewrite_as_a_mapping():
+    config = LoopConfig(backend="hf", rewrite={"k_self": 1, "hinted": {"beta": 2}})
+    assert isinstance(config.rewrite, RewriteConfig) and config.rewrite.hinted.beta == 2.0
+    assert CompareConfig(rewrite={"m_hinted": 0}).rewrite.m_hinted == 0
+
