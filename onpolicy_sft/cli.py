@@ -51,30 +51,25 @@ def _config_args(p, what: str = "YAML loop config (experiments/configs/*.yaml)")
                    help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
 
 
-def parse_columns(items: list[str]) -> dict[str, str]:
-    columns = {}
-    for item in items:
-        ours, sep, theirs = item.partition("=")
-        if not sep or not ours.strip() or not theirs.strip():
-            raise ConfigError(f"--columns {item}: expected OURS=THEIRS, e.g. --columns prompt=instruction")
-        columns[ours.strip()] = theirs.strip()
-    return columns
-
-
 def _load_config(args, cls=None):
     """The config with --set overrides, then --columns and --on-error for its data section."""
     config = load_config(args.config, args.overrides) if cls is None else load_config(args.config, args.overrides, cls=cls)
     if getattr(args, "columns", None):
-        config.data.columns = parse_columns(args.columns)
+        config.data.columns = data.parse_columns(args.columns)
     if getattr(args, "on_error", None):
         config.data.on_error = args.on_error
     return config
 
 
-def _read_data(source: str, *, split: str, columns: dict, on_error: str, preferences: bool = False):
-    """Demonstrations (or pairs) with the skipped rows said on the console."""
-    read = data.read_preferences if preferences else data.read_demonstrations
-    dataset, report = read(source, split=split, columns=columns or None, on_error=on_error)
+def _read_data(source: str, *, split: str, columns: dict, on_error: str, preferences: bool = False,
+               require_answer: bool = True):
+    """Demonstrations (or pairs) with the skipped rows said on the console. Training and scoring
+    never grade, so they read rows without a reference answer too (``require_answer=False``)."""
+    if preferences:
+        dataset, report = data.read_preferences(source, split=split, columns=columns or None, on_error=on_error)
+    else:
+        dataset, report = data.read_demonstrations(source, split=split, columns=columns or None, on_error=on_error,
+                                                   require_answer=require_answer)
     if report.n_skipped:
         say(f"{report.source}: skipped {report.n_skipped} rows ({dict(report.skipped)}); kept {report.kept}")
         for message in report.messages:
@@ -141,33 +136,21 @@ def add_data(sub) -> None:
     p.set_defaults(run=run_data)
 
 
-def _clip(row: dict, limit: int) -> tuple[dict, int]:
-    """The row with every string longer than ``limit`` cut, and how many were cut."""
-    cut, clipped = 0, {}
-    for key, value in row.items():
-        if isinstance(value, str) and len(value) > limit:
-            value = f"{value[:limit]}… [{len(value) - limit} more characters]"
-            cut += 1
-        clipped[key] = value
-    return clipped, cut
-
-
 def run_data(args) -> int:
     if args.action == "convert" and not args.out:
         raise ConfigError("data convert needs --out FILE.jsonl|FILE.parquet")
     if args.source == "arithmetic":
         dataset = arithmetic_splits(seed=args.seed, n_train=args.n, n_test=args.n, n_test_hard=args.n)[args.split or "test"]
     else:
-        dataset = _read_data(args.source, split=args.split or "train", columns=parse_columns(args.columns),
+        dataset = _read_data(args.source, split=args.split or "train", columns=data.parse_columns(args.columns),
                              on_error=args.on_error or "raise", preferences=args.preferences)
     if args.action == "convert":
         print(f"wrote {len(dataset)} rows to {data.save_dataset(dataset, args.out)}")
         return 0
-    cut = 0
-    for row in dataset.select(range(min(args.rows, len(dataset)))):
-        row, n = _clip(row, args.max_chars)
-        cut += n
+    shown = data.preview(dataset, args.rows, args.max_chars)
+    for row in shown:
         print(json.dumps(row, ensure_ascii=False, indent=2))
+    cut = sum(isinstance(v, str) and len(v) > args.max_chars for row in dataset.select(range(len(shown))) for v in row.values())
     if cut:
         say(f"note: {cut} field(s) longer than {args.max_chars} characters were cut (--max-chars N shows more)")
     if "response" in dataset.column_names:
@@ -203,7 +186,7 @@ def run_train(args) -> int:
                               "{prompt, chosen, rejected} rows")
         dataset = _read_data(args.data, split=config.data.train_split, preferences=True, **read)
     elif args.data:
-        dataset = _read_data(args.data, split=config.data.train_split, **read)
+        dataset = _read_data(args.data, split=config.data.train_split, require_answer=False, **read)
     else:
         dataset = load_data(config.data).train
     load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
@@ -284,17 +267,18 @@ def add_score(sub) -> None:
     p.set_defaults(run=run_score)
 
 
-def _demonstrations(source: str, split: str, limit: int | None, columns: dict, on_error: str):
+def _demonstrations(source: str, split: str, limit: int | None, columns: dict, on_error: str,
+                    require_answer: bool = True):
     """The built-in arithmetic split, or demonstrations read from a file or hub name; the first `limit` rows."""
     if source == "arithmetic":
         dataset = arithmetic_splits()[split]
     else:
-        dataset = _read_data(source, split=split, columns=columns, on_error=on_error)
+        dataset = _read_data(source, split=split, columns=columns, on_error=on_error, require_answer=require_answer)
     return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
 
 def run_score(args) -> int:
-    columns, on_error = parse_columns(args.columns), args.on_error or "raise"
+    columns, on_error = data.parse_columns(args.columns), args.on_error or "raise"
     state = ddt.process_state()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=state.device)
     sources = {f"{Path(args.data).name}/{args.split}": (args.data, "scored.parquet")}
@@ -304,7 +288,7 @@ def run_score(args) -> int:
     options = {"per_token": args.per_token}
     if args.batch_tokens:
         options["batch_tokens"] = args.batch_tokens
-    corpora = {name: ddt.score(model, tokenizer, _demonstrations(src, args.split, args.limit, columns, on_error), **options)
+    corpora = {name: ddt.score(model, tokenizer, _demonstrations(src, args.split, args.limit, columns, on_error, require_answer=False), **options)
                for name, (src, _) in sources.items()}
     if not state.is_main_process:
         return 0

@@ -77,8 +77,8 @@ def test_bad_data_and_a_missing_model_are_error_lines(tmp_path, capsys, tiny_dir
     config_file = _config_file(tmp_path, tiny_dir)
     assert main(["eval", "--config", str(config_file), "--set", f"model.name={tmp_path / 'no-such-model'}"]) == 1
     assert "no-such-model" in _error_line(capsys)
-    assert main(["data", "show", str(data_file), "--columns", "prompt"]) == 2
-    assert _error_line(capsys) == "error: --columns prompt: expected OURS=THEIRS, e.g. --columns prompt=instruction"
+    assert main(["data", "show", str(data_file), "--columns", "prompt"]) == 1
+    assert _error_line(capsys) == "error: --columns: a column mapping is OURS=THEIRS (e.g. prompt=instruction), not 'prompt'"
     assert main(["loop", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert _error_line(capsys) == f"error: config file {tmp_path / 'missing.yaml'} does not exist"
 
@@ -89,8 +89,8 @@ def test_data_show_cuts_huge_fields(tmp_path, capsys, tiny_dir):
     assert main(["data", "show", str(data_file), "--model", str(tiny_dir), "--max-chars", "300"]) == 0
     captured = capsys.readouterr()
     shown = json.loads(captured.out[: captured.out.index("\n}\n") + 2])
-    assert shown["response"].startswith(huge[:300]) and len(shown["response"]) < 400
-    assert f"[{len(huge) - 300} more characters]" in shown["response"]
+    assert shown["response"].startswith(huge[:200]) and shown["response"].endswith(huge[-100:])
+    assert len(shown["response"]) < 400 and f"[{len(huge) - 300} characters left out]" in shown["response"]
     assert "1 field(s) longer than 300 characters were cut" in captured.err
 
 
