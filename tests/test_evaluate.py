@@ -50,7 +50,7 @@ class ScriptedBackend:
     def _ids(self, text):
         return self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
 
-    def sample(self, prompt_ids, config):
+    def sample(self, prompt_ids, config, seeds=None):
         self.calls.append(config)
         if config.temperature == 0:
             return [[self._ids(t)] for t in self.greedy]
