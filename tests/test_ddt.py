@@ -1,4 +1,4 @@
-"""DDT scoring (METHODS.md §1): exact statistics, the N(0, 1) calibration on the model's own
+"""DDT scoring (docs/methods.md §1): exact statistics, the N(0, 1) calibration on the model's own
 samples, rejection of off-policy text, batch/padding invariance, the report and the CLI."""
 
 from __future__ import annotations
@@ -355,3 +355,93 @@ def test_truncated_responses_are_scored_without_the_end_of_turn(tiny_model, tiny
     full, cut = scored["ddt_phi"]
     assert list(scored["ddt_n_tokens"]) == [len(full), len(cut)] and len(full) == len(cut) + 1
     assert cut == pytest.approx(full[:-1], abs=1e-5)  # the same tokens, less the end-of-turn φ
+
+
+LONG = [("Short?", "yes"), ("Tell me a long story.", "once upon a time " * 30), ("Medium?", "a few words here")]
+
+
+@pytest.mark.parametrize("on_long", ["truncate", "skip"])
+def test_score_caps_long_rows_and_counts_them(tiny_tokenizer, on_long):
+    model = peaked_model(tiny_tokenizer)
+    dataset = _dataset(LONG + [("x" * 80, "too late")])
+    lengths = [len(encode_example(tiny_tokenizer, p, r)["input_ids"]) for p, r in LONG + [("x" * 80, "too late")]]
+    prompt_len = len(encode_prompt(tiny_tokenizer, "x" * 80))
+    max_length = 60
+    assert lengths[0] <= max_length < lengths[1] and prompt_len >= max_length and lengths[2] <= max_length
+    scored = ddt.score(model, tiny_tokenizer, dataset, max_length=max_length, on_long=on_long, per_token=True,
+                       progress=False)
+    want_cut = "truncated" if on_long == "truncate" else "skipped_overlong"
+    assert scored["ddt_cut"] == ["", want_cut, "", "skipped_prompt_too_long"]
+    summary = ddt.summarize(scored)
+    assert (summary["n_truncated"], summary["n_skipped"]) == ((1, 1) if on_long == "truncate" else (0, 2))
+    assert scored["ddt_n_tokens"][3] == 0 and math.isnan(scored["ddt_phi_mean"][3])
+    full = ddt.score(model, tiny_tokenizer, dataset.select([1]), per_token=True, progress=False)
+    if on_long == "truncate":
+        kept = max_length - len(encode_prompt(tiny_tokenizer, LONG[1][0]))
+        assert scored["ddt_n_tokens"][1] == kept
+        # Causal: the kept tokens score exactly as they do in the full row.
+        assert scored["ddt_phi"][1] == pytest.approx(full["ddt_phi"][0][:kept], abs=1e-5)
+    else:
+        assert scored["ddt_n_tokens"][1] == 0 and math.isnan(scored["ddt_z"][1])
+    for i in (0, 2):  # rows within the limit are untouched
+        alone = ddt.score(model, tiny_tokenizer, dataset.select([i]), progress=False)
+        assert scored["ddt_phi_mean"][i] == pytest.approx(alone["ddt_phi_mean"][0], rel=1e-5)
+    assert summary["n_tokens"] == sum(scored["ddt_n_tokens"])
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of scoring."""
+
+
+def test_killed_scoring_resumes_with_the_same_scores(tmp_path, tiny_tokenizer, monkeypatch):
+    model = peaked_model(tiny_tokenizer)
+    examples = EXAMPLES + LONG + [("Another one?", "Yes, " * k) for k in (1, 6, 3)]
+    dataset = _dataset(examples)
+    options = {"batch_tokens": 48, "per_token": True, "progress": False, "max_length": 60}
+    whole = ddt.score(model, tiny_tokenizer, dataset, **options)
+
+    real, calls, die_at = ddt._score_batch, [], [3]
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in die_at:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ddt, "_score_batch", dies_on_the_third_batch)
+    with pytest.raises(Killed):
+        ddt.score(model, tiny_tokenizer, dataset, out_dir=tmp_path / "run", **options)
+    assert len(list((tmp_path / "run" / "shards").glob("batch_*.json"))) == 2
+    calls.clear()
+    die_at.clear()
+    resumed = ddt.score(model, tiny_tokenizer, dataset, out_dir=tmp_path / "run", **options)
+    n_batches = len(list((tmp_path / "run" / "shards").glob("batch_*.json")))
+    assert len(calls) == n_batches - 2 > 0  # only the missing batches were scored again
+    assert resumed.column_names == whole.column_names
+    for column in whole.column_names:  # bit-identical, NaN of the unscored row included
+        if column.startswith("ddt_") and column not in ("ddt_phi", "ddt_cut"):
+            assert np.array_equal(np.asarray(resumed[column], float), np.asarray(whole[column], float), equal_nan=True)
+        else:
+            assert resumed[column] == whole[column], column
+    record = json.loads((tmp_path / "run" / "scoring.json").read_text())
+    assert record["rows"] == len(dataset) and record["skipped_prompt_too_long"] == 1
+    assert record["processes"] == 1 and record["rows_per_process"] == [len(dataset) - 1]
+
+    from onpolicy_sft.rundir import InputsChanged
+
+    with pytest.raises(InputsChanged, match="max_length"):
+        ddt.score(model, tiny_tokenizer, dataset, out_dir=tmp_path / "run", **{**options, "max_length": 50})
+    with pytest.raises(InputsChanged, match="model_weights"):
+        ddt.score(peaked_model(tiny_tokenizer, seed=1), tiny_tokenizer, dataset, out_dir=tmp_path / "run", **options)
+
+
+def test_unwritable_output_fails_before_any_scoring(tmp_path, tiny_tokenizer, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    calls = []
+    monkeypatch.setattr(ddt, "_score_batch", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(ddt, "_encode", lambda *a, **k: calls.append(1))
+    with pytest.raises(OSError, match="not writable"):
+        ddt.score(peaked_model(tiny_tokenizer), tiny_tokenizer, _dataset(EXAMPLES), out_dir=blocker / "out",
+                  progress=False)
+    assert calls == []
