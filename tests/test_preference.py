@@ -12,7 +12,8 @@ import torch
 from decoding.backend import Backend
 from decoding.config import SamplingConfig
 from onpolicy_sft.config import ObjectiveConfig, TrainConfig
-from onpolicy_sft.data import encode_example
+from decoding.reference import reference_sample
+from onpolicy_sft.data import encode_example, encode_prompt
 from onpolicy_sft.preference import add_reference_logps, build_pairs
 
 
@@ -24,7 +25,7 @@ class ScriptedBackend(Backend):
     def __init__(self, tokenizer, completions: list[list[str]]):
         self.tokenizer, self.completions, self.configs = tokenizer, completions, []
 
-    def sample(self, prompt_ids, config):
+    def sample(self, prompt_ids, config, seeds=None):
         self.configs.append(config)
         assert len(prompt_ids) == len(self.completions)
         eos = self.tokenizer.eos_token_id
@@ -69,7 +70,7 @@ def test_pairs_follow_the_rules_with_demonstration_fallback(tiny_tokenizer):
     assert rows["mixed2"]["chosen"] == "\\boxed{9}" and rows["mixed2"]["rejected"] == "\\boxed{10}"
     assert all(r["answer"] == p["answer"] and r["prompt"] == p["prompt"] for r in pairs for p in _prompts() if p["id"] == r["id"])
     assert counts == {"prompts": 4, "samples": 16, "correct_samples": 2 + 0 + 4 + 3, "mixed": 2, "all_incorrect": 1,
-                      "all_correct": 1, "kept": 3, "dropped": 1}
+                      "all_correct": 1, "kept": 3, "dropped": 1, "processes": 1, "rows_per_process": [4]}
 
 
 def test_pairs_drop_prompts_without_a_mixed_pair(tiny_tokenizer):
@@ -94,11 +95,21 @@ def test_pairs_use_only_k_samples_and_reject_bad_settings(tiny_tokenizer):
 
 
 def test_pairs_from_real_sampling_on_a_tiny_model(tiny_model, tiny_tokenizer):
-    """The hf backend end to end: a random model never answers, so every prompt falls back."""
-    pairs, counts = build_pairs(tiny_model, tiny_tokenizer, _prompts(), k=2,
-                                sampling=SamplingConfig(max_new_tokens=5))
-    assert counts["samples"] == 8 and counts["kept"] + counts["dropped"] == 4
-    assert set(pairs["pair_source"]) <= {"samples", "demonstration"}
+    """The hf backend end to end: the rejected side is the model's own first sample, drawn from the
+    stream one plain sampling loop over all prompts gives that row (decoding.reference, no batching);
+    a random model never answers, so each chosen side is the demonstration."""
+    sampling = SamplingConfig(max_new_tokens=5)
+    pairs, counts = build_pairs(tiny_model, tiny_tokenizer, _prompts(), k=2, sampling=sampling, seed=3)
+    prompts = [encode_prompt(tiny_tokenizer, p) for p in _prompts()["prompt"]]
+    oracle = reference_sample(tiny_model, prompts, SamplingConfig(n=2, max_new_tokens=5, seed=3), tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_id
+    assert counts["all_incorrect"] == counts["kept"] == 4 and counts["samples"] == 8
+    assert pairs["chosen"] == _prompts()["response"] and set(pairs["pair_source"]) == {"demonstration"}
+    assert pairs["rejected"] == [tiny_tokenizer.decode(o[0], skip_special_tokens=True) for o in oracle]
+    assert pairs["rejected_truncated"] == [len(o[0]) == 5 and o[0][-1] != eos for o in oracle]
+    assert len(set(pairs["rejected"])) == 4  # no two prompts share a stream
+    other, _ = build_pairs(tiny_model, tiny_tokenizer, _prompts(), k=2, sampling=sampling, seed=4)
+    assert other["rejected"] != pairs["rejected"]
 
 
 def _independent_logp(model, tokenizer, prompt, response, max_length):
@@ -213,8 +224,8 @@ def test_cli_pairwise_objective_needs_preference_data(tiny_dir, tmp_path):
 class CappedBackend(ScriptedBackend):
     """A scripted backend that, like a real one, cuts a sample at max_new_tokens, where it has no eos."""
 
-    def sample(self, prompt_ids, config):
-        return [[s[: config.max_new_tokens] for s in row] for row in super().sample(prompt_ids, config)]
+    def sample(self, prompt_ids, config, seeds=None):
+        return [[s[: config.max_new_tokens] for s in row] for row in super().sample(prompt_ids, config, seeds)]
 
 
 def test_samples_cut_at_the_token_limit_get_no_end_of_turn(tiny_tokenizer, tiny_model):
