@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from onpolicy_sft import ddt, ddt_report
+from onpolicy_sft import cli, ddt, ddt_report
+from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.data import collate, encode_example, encode_prompt
 from onpolicy_sft.ops import IGNORE_INDEX
+from onpolicy_sft.rundir import InputsChanged
 from tiny import make_tiny_model
+
 
 # A random tiny model's next-token distributions are nearly uniform (entropy ≈ log V), so its
 # samples and random text look alike. Scaling the final norm sharpens every distribution
@@ -202,8 +210,6 @@ def test_plan_batches_covers_rows_within_budget():
 
 
 def _dataset(examples):
-    import datasets
-
     return datasets.Dataset.from_dict({
         "id": [f"r{i}" for i in range(len(examples))],
         "prompt": [p for p, _ in examples],
@@ -232,8 +238,6 @@ def test_score_keeps_order_and_matches_sequence_scores(tiny_tokenizer):
 
 
 def _scored(phi_mean, n_tokens, z, frac_below_1=None):
-    import datasets
-
     n = len(phi_mean)
     zero = [0.0] * n
     return datasets.Dataset.from_dict({
@@ -274,8 +278,6 @@ def test_write_report(tmp_path):
 
 
 def test_cli_score(tmp_path, tiny_tokenizer, capsys):
-    from onpolicy_sft import cli
-
     model_dir = tmp_path / "tiny"
     peaked_model(tiny_tokenizer).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -283,7 +285,6 @@ def test_cli_score(tmp_path, tiny_tokenizer, capsys):
     rc = cli.main(["score", "--model", str(model_dir), "--data", "arithmetic", "--compare", "arithmetic",
                    "--split", "test", "--limit", "4", "--out", str(out), "--batch-tokens", "512"])
     assert rc == 0
-    import datasets
 
     scored = datasets.Dataset.from_parquet(str(out / "scored.parquet"))
     assert len(scored) == 4 and "ddt_phi_mean" in scored.column_names
@@ -297,13 +298,6 @@ def test_cli_score(tmp_path, tiny_tokenizer, capsys):
 @pytest.mark.slow
 def test_two_processes_merge_in_input_order(tmp_path, tiny_tokenizer):
     """torchrun with 2 CPU processes (gloo): each scores its share, the result equals one process's."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import datasets
-
     model_dir = tmp_path / "tiny"
     peaked_model(tiny_tokenizer).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -329,8 +323,6 @@ def test_two_processes_merge_in_input_order(tmp_path, tiny_tokenizer):
 
 @pytest.mark.embedded
 def test_embedded_prefers_its_own_greedy_answers(embedded):
-    from onpolicy_sft.arith import arithmetic_splits
-
     model, tokenizer = embedded
     rows = arithmetic_splits(n_train=4, n_test=1, n_test_hard=1)["train"]
     prompts = [encode_prompt(tokenizer, p) for p in rows["prompt"]]
@@ -348,8 +340,6 @@ def test_embedded_prefers_its_own_greedy_answers(embedded):
 
 
 def test_truncated_responses_are_scored_without_the_end_of_turn(tiny_model, tiny_tokenizer):
-    import datasets
-
     rows = [{"prompt": "2+2?", "response": "four, I", "response_truncated": flag} for flag in (False, True)]
     scored = ddt.score(tiny_model, tiny_tokenizer, datasets.Dataset.from_list(rows), per_token=True, progress=False)
     full, cut = scored["ddt_phi"]
@@ -427,7 +417,6 @@ def test_killed_scoring_resumes_with_the_same_scores(tmp_path, tiny_tokenizer, m
     assert record["rows"] == len(dataset) and record["skipped_prompt_too_long"] == 1
     assert record["processes"] == 1 and record["rows_per_process"] == [len(dataset) - 1]
 
-    from onpolicy_sft.rundir import InputsChanged
 
     with pytest.raises(InputsChanged, match="max_length"):
         ddt.score(model, tiny_tokenizer, dataset, out_dir=tmp_path / "run", **{**options, "max_length": 50})

@@ -13,10 +13,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
 
 from onpolicy_sft.objectives import OBJECTIVES, Objective, build, hyperparameters
+from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps, trainer_loss_func
 from onpolicy_sft.objectives.engine import q_target
 from onpolicy_sft.objectives.idft import schedule
+from onpolicy_sft.ops import IGNORE_INDEX
+from tiny import make_tiny_model
+
 
 B, T, H, V = 4, 6, 8, 13
 HP = {
@@ -452,8 +457,6 @@ def test_pair_metrics(name):
 
 
 def _tiny_batch(tokenizer):
-    from onpolicy_sft.ops import IGNORE_INDEX
-
     rows = [tokenizer("2+3=5", add_special_tokens=False)["input_ids"], tokenizer("7*6=42!", add_special_tokens=False)["input_ids"]]
     length = max(map(len, rows))
     ids = torch.full((2, length), tokenizer.pad_token_id)
@@ -467,10 +470,6 @@ def _tiny_batch(tokenizer):
 
 
 def test_causal_lm_loss_matches_full_logits(tiny_tokenizer):
-    from tiny import make_tiny_model
-
-    from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps
-
     model = make_tiny_model(tiny_tokenizer, seed=0).double()
     teacher = make_tiny_model(tiny_tokenizer, seed=1).double()
     batch = _tiny_batch(tiny_tokenizer)
@@ -494,10 +493,6 @@ def test_causal_lm_loss_matches_full_logits(tiny_tokenizer):
 
 
 def test_trainer_loss_func_normalises_by_num_items(tiny_tokenizer):
-    from tiny import make_tiny_model
-
-    from onpolicy_sft.objectives.adapters import trainer_loss_func
-
     model = make_tiny_model(tiny_tokenizer, seed=0).double()
     batch = _tiny_batch(tiny_tokenizer)
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -515,11 +510,6 @@ def test_trainer_loss_func_normalises_by_num_items(tiny_tokenizer):
 
 def test_trainer_loss_func_runs_inside_transformers_trainer(tiny_tokenizer, tmp_path):
     """The signature transformers.Trainer calls: compute_loss_func(outputs, labels, num_items_in_batch=...)."""
-    from tiny import make_tiny_model
-    from transformers import Trainer, TrainingArguments
-
-    from onpolicy_sft.objectives.adapters import trainer_loss_func
-
     model = make_tiny_model(tiny_tokenizer, seed=0)
     batch = _tiny_batch(tiny_tokenizer)
     rows = [{k: v[i] for k, v in batch.items()} for i in range(2)] * 2

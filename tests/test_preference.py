@@ -11,10 +11,14 @@ import torch
 
 from decoding.backend import Backend
 from decoding.config import SamplingConfig
-from onpolicy_sft.config import ObjectiveConfig, TrainConfig
 from decoding.reference import reference_sample
-from onpolicy_sft.data import encode_example, encode_prompt
+from onpolicy_sft import cli, ddt, preference
+from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
+from onpolicy_sft.data import DataError, encode_example, encode_prompt, load_preferences
+from onpolicy_sft.models import load_model
 from onpolicy_sft.preference import add_reference_logps, build_pairs
+from onpolicy_sft.train import tokenize_for_objective, train
+from tiny import make_tiny_model
 
 
 class ScriptedBackend(Backend):
@@ -123,8 +127,6 @@ def _independent_logp(model, tokenizer, prompt, response, max_length):
 
 
 def test_reference_logps_match_full_logits_in_float64(tiny_tokenizer):
-    from tiny import make_tiny_model
-
     model = make_tiny_model(tiny_tokenizer, seed=3, dtype=torch.float64)
     pairs = datasets.Dataset.from_list([
         {"prompt": "2+3?", "system": "", "chosen": "\\boxed{5}", "rejected": "I think it is \\boxed{6}"},
@@ -154,10 +156,6 @@ def _pair_rows():
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_pairwise_training_widens_the_margin(objective, tiny_tokenizer, tmp_path):
-    from tiny import make_tiny_model
-
-    from onpolicy_sft.train import train
-
     pairs = datasets.Dataset.from_list(_pair_rows())
     model = make_tiny_model(tiny_tokenizer, seed=1)
     before = _margin(model, tiny_tokenizer, pairs)
@@ -172,11 +170,6 @@ def test_pairwise_training_widens_the_margin(objective, tiny_tokenizer, tmp_path
 
 
 def test_cli_trains_dpo_on_a_preference_file_with_the_reference_cached(tiny_dir, tmp_path, monkeypatch):
-    from onpolicy_sft import cli, preference
-    from onpolicy_sft.config import LoopConfig, ModelConfig, save_config
-    from onpolicy_sft.data import load_preferences
-    from onpolicy_sft.models import load_model
-
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _pair_rows()))
     train = TrainConfig(lr=3e-3, batch_size=4, micro_batch_size=2, epochs=4.0, max_length=64, warmup_ratio=0.0,
@@ -207,10 +200,6 @@ def test_cli_trains_dpo_on_a_preference_file_with_the_reference_cached(tiny_dir,
 
 
 def test_cli_pairwise_objective_needs_preference_data(tiny_dir, tmp_path):
-    from onpolicy_sft import cli
-    from onpolicy_sft.config import LoopConfig, ModelConfig, save_config
-    from onpolicy_sft.data import DataError
-
     config = save_config(LoopConfig(model=ModelConfig(name=str(tiny_dir))), tmp_path / "c.yaml")
     with pytest.raises(ValueError, match="preference pairs"):
         cli.main(["train", "--config", str(config), "--objective", "simpo", "--out", str(tmp_path / "x")])
@@ -229,9 +218,6 @@ class CappedBackend(ScriptedBackend):
 
 
 def test_samples_cut_at_the_token_limit_get_no_end_of_turn(tiny_tokenizer, tiny_model):
-    from onpolicy_sft import ddt
-    from onpolicy_sft.train import tokenize_for_objective
-
     prompts = datasets.Dataset.from_list([
         {"id": "a", "prompt": "2+3?", "response": "2+3=5 \\boxed{5}", "answer": "5", "system": ""},
         {"id": "b", "prompt": "4+4?", "response": "4+4=8 \\boxed{8}", "answer": "8", "system": ""},
