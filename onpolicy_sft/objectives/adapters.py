@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight
-from onpolicy_sft.objectives.engine import DEFAULT_CHUNK_TOKENS, flatten_valid, token_logps
+from onpolicy_sft.objectives.engine import DEFAULT_CHUNK_TOKENS, Source, flatten_valid, token_logps
 from onpolicy_sft.objectives.objective import Objective
-from onpolicy_sft.ops import IGNORE_INDEX, Source
+from onpolicy_sft.ops import IGNORE_INDEX
 
 
 def _hidden(model, batch) -> torch.Tensor:
