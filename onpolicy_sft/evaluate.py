@@ -77,17 +77,16 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _generate(backend, prompts: list[list[int]], rows: list[int], config: EvalConfig):
-    """(greedy completion, sampled completions or None) of each of ``rows``."""
+def _generate(backend, prompts: list[list[int]], rows: list[int], total: int, config: EvalConfig):
+    """(greedy completion, sampled completions or None) of each prompt, the prompts of ``rows`` of ``total``."""
     if not rows:
         return [], []
-    mine = [prompts[i] for i in rows]
-    greedy = backend.sample(mine, SamplingConfig(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens))
+    greedy = backend.sample(prompts, SamplingConfig(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens))
     if config.n_samples <= 0:
         return greedy, [None] * len(rows)
     sampling = SamplingConfig(n=config.n_samples, temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.max_new_tokens, seed=config.seed)
-    return greedy, backend.sample(mine, sampling, seeds=row_seeds(config.seed, rows, len(prompts), config.n_samples))
+    return greedy, backend.sample(prompts, sampling, seeds=row_seeds(config.seed, rows, total, config.n_samples))
 
 
 def evaluate(model, tokenizer, dataset, config: EvalConfig, *, backend=None, out_dir: str | Path | None = None) -> dict:
@@ -107,12 +106,12 @@ def evaluate(model, tokenizer, dataset, config: EvalConfig, *, backend=None, out
         raise ValueError("evaluate got an empty dataset")
     state = process_state()
     rows = my_share(range(len(dataset)), state)
-    prompts = _prompt_ids(tokenizer, dataset)
+    prompts = _prompt_ids(tokenizer, dataset.select(rows))
     own_backend = backend is None and bool(rows)
     if own_backend:
         backend = make_backend(config.backend, model, tokenizer)
     try:
-        greedy, samples = _generate(backend, prompts, rows, config)
+        greedy, samples = _generate(backend, prompts, rows, len(dataset), config)
     finally:
         if own_backend:
             backend.close()
