@@ -139,7 +139,7 @@ def _encode(tokenizer, dataset, response_column: str, max_length: int | None, on
 def _data_digest(encoded: list[dict | None], cuts: list[str]) -> str:
     hashed = hashlib.sha256()
     for row, cut in zip(encoded, cuts):
-        hashed.update(cut.encode() + b"\x00")
+        hashed.update(f"{cut}\x00{len(row['input_ids']) if row is not None else -1}\x00".encode())
         if row is not None:
             hashed.update(np.asarray(row["input_ids"], dtype=np.int64).tobytes())
             hashed.update(np.asarray(row["labels"], dtype=np.int64).tobytes())
