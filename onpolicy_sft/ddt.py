@@ -1,4 +1,4 @@
-"""DDT: how in-distribution each demonstration is under a model (METHODS.md §1).
+"""DDT: how in-distribution each demonstration is under a model (docs/methods.md §1).
 
 Zhang et al., "Towards On-Policy SFT: Distribution Discriminant Theory and its Applications
 in LLM Training" (arXiv 2602.12222). Per response token φ_t = ℓ_t + H_t, which has mean 0
@@ -13,20 +13,30 @@ chunk, so no [B, T, V] tensor exists; statistics are float32 or wider whatever t
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import torch
 from scipy.stats import norm
+from tqdm.auto import tqdm
 
-from onpolicy_sft.models import decoder_hidden_states, lm_head_weight
+from onpolicy_sft import rundir
+from onpolicy_sft.data import collate, encode_row
+from onpolicy_sft.distributed import gather_in_order, my_share, process_state
+from onpolicy_sft.models import decoder_hidden_states, lm_head_weight, weights_digest
 from onpolicy_sft.ops import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, TokenStats, chunked_token_stats, token_stats
 
-__all__ = ["SCORE_KEYS", "TokenStats", "token_stats", "sequence_scores", "score", "summarize"]
+__all__ = ["SCORE_KEYS", "TokenStats", "token_stats", "sequence_scores", "score", "summarize", "process_state"]
 
 SCORE_KEYS = (
     "phi_mean", "phi_sum", "z", "pvalue",
     "frac_below_1", "frac_below_3", "frac_below_5", "frac_positive", "n_tokens",
 )
 PREFIX = "ddt_"
+CUT_COLUMN = PREFIX + "cut"
+CUTS = ("", "truncated", "skipped_overlong", "skipped_prompt_too_long")
+ON_LONG = ("truncate", "skip")
 DEFAULT_BATCH_TOKENS = 8192
 REJECT_LEVEL = 0.01
 
@@ -110,17 +120,51 @@ def plan_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def process_state():
-    """accelerate's view of the launched processes; without a GPU it joins them over gloo."""
-    from accelerate import PartialState
+def _cut_to_length(encoded: dict, max_length: int | None, on_long: str) -> tuple[dict | None, str]:
+    """(the row as scored or None when skipped, what was done: CUTS)."""
+    if max_length is None or len(encoded["input_ids"]) <= max_length:
+        return encoded, ""
+    if all(label == IGNORE_INDEX for label in encoded["labels"][:max_length]):
+        return None, "skipped_prompt_too_long"  # no response token would be left to score
+    if on_long == "skip":
+        return None, "skipped_overlong"
+    return {"input_ids": encoded["input_ids"][:max_length], "labels": encoded["labels"][:max_length]}, "truncated"
 
-    return PartialState(cpu=not torch.cuda.is_available())
+
+def _encode(tokenizer, dataset, response_column: str, max_length: int | None, on_long: str):
+    rows = [_cut_to_length(encode_row(tokenizer, row, response_column), max_length, on_long) for row in dataset]
+    return [r for r, _ in rows], [cut for _, cut in rows]
 
 
-def _encode(tokenizer, dataset, response_column: str, max_length: int | None) -> list[dict]:
-    from onpolicy_sft.data import encode_row
+def _data_digest(encoded: list[dict | None], cuts: list[str]) -> str:
+    hashed = hashlib.sha256()
+    for row, cut in zip(encoded, cuts):
+        hashed.update(f"{cut}\x00{len(row['input_ids']) if row is not None else -1}\x00".encode())
+        if row is not None:
+            hashed.update(np.asarray(row["input_ids"], dtype=np.int64).tobytes())
+            hashed.update(np.asarray(row["labels"], dtype=np.int64).tobytes())
+    return hashed.hexdigest()[:16]
 
-    return [encode_row(tokenizer, row, response_column, max_length) for row in dataset]
+
+def _skipped_row(per_token: bool) -> dict:
+    row = {key: float("nan") for key in SCORE_KEYS}
+    row["n_tokens"] = 0
+    if per_token:
+        row["phi"] = []
+    return row
+
+
+def _score_batch(model, tokenizer, rows: list[dict], *, chunk_tokens: int, per_token: bool) -> list[dict]:
+    tensors = collate(rows, tokenizer.pad_token_id)
+    scores = sequence_scores(model, tensors["input_ids"], tensors["labels"], tensors["attention_mask"],
+                             chunk_tokens=chunk_tokens, per_token=per_token)
+    out = []
+    for j in range(len(rows)):
+        row = {key: scores[key][j].item() for key in SCORE_KEYS}
+        if per_token:
+            row["phi"] = scores["phi"][j].tolist()
+        out.append(row)
+    return out
 
 
 def score(
@@ -133,10 +177,26 @@ def score(
     progress: bool = True,
     response_column: str = "response",
     max_length: int | None = None,
+    on_long: str = "truncate",
+    out_dir: str | Path | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ):
     """``dataset`` with the ``ddt_`` columns of each response, scored after its prompt in the
     plain chat template (the student context). Rows keep their input order.
+
+    ``max_length`` caps the tokens of a row (prompt + response). A longer row is, by ``on_long``,
+    cut to its first ``max_length`` tokens and scored on the response tokens left ("truncate"),
+    or not scored ("skip"); a row whose prompt alone fills ``max_length`` is never scored. What
+    was done to each row is in the column ``ddt_cut`` ("" | "truncated" | "skipped_overlong" |
+    "skipped_prompt_too_long"); a row that was not scored has NaN scores and ``ddt_n_tokens`` 0,
+    and ``summarize`` counts both kinds.
+
+    With ``out_dir`` the work is resumable: the directory is checked writable before anything
+    is scored, every batch's scores are written there (atomically) as soon as they exist, and a
+    rerun after a kill scores only the batches that are missing. ``out_dir/fingerprint.json``
+    records the model (name and a digest of its weights), the tokenised rows and the options; a
+    rerun with any of them changed is refused, naming what differs. ``out_dir/scoring.json``
+    records the counts and how the rows were shared between processes.
 
     Launched with several processes (``accelerate launch``, or ``torchrun`` on CPU-only
     machines), batches are dealt round-robin to the processes and the scores gathered back,
@@ -145,42 +205,58 @@ def score(
     ``<response_column>_truncated`` marks responses cut off at a generation limit, scored without
     the end-of-turn token (``data.encode_row``).
     """
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
-    from onpolicy_sft.data import collate
-
+    if on_long not in ON_LONG:
+        raise ValueError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a prompt token and a response token), got {max_length}")
+    shards = None
+    if out_dir is not None:
+        shards = rundir.check_writable(Path(out_dir) / "shards")
     state = process_state()
-    encoded = _encode(tokenizer, dataset, response_column, max_length)
-    batches = plan_batches([len(e["input_ids"]) for e in encoded], batch_tokens)
-    mine = batches[state.process_index :: state.num_processes]
+    encoded, cuts = _encode(tokenizer, dataset, response_column, max_length, on_long)
+    scored = [i for i, row in enumerate(encoded) if row is not None]
+    batches = [[scored[j] for j in b] for b in plan_batches([len(encoded[i]["input_ids"]) for i in scored], batch_tokens)]
+    if out_dir is not None:
+        rundir.check_fingerprint(Path(out_dir) / "fingerprint.json", {
+            "model": getattr(model.config, "_name_or_path", ""), "model_weights": weights_digest(model),
+            "data": _data_digest(encoded, cuts), "rows": len(encoded), "batch_tokens": batch_tokens,
+            "per_token": per_token, "response_column": response_column, "max_length": max_length,
+            "on_long": on_long, "chunk_tokens": chunk_tokens,
+        }, "DDT scoring")
+    mine = my_share(batches, state)
     bar = tqdm(
-        total=sum(len(encoded[i]["input_ids"]) for b in mine for i in b),
+        total=sum(len(encoded[i]["input_ids"]) for b in mine for i in batches[b]),
         unit="tok", desc="DDT scoring", disable=not (progress and state.is_local_main_process),
     )
-    results: list[tuple[int, dict]] = []
-    for batch in mine:
-        tensors = collate([encoded[i] for i in batch], tokenizer.pad_token_id)
-        scores = sequence_scores(model, tensors["input_ids"], tensors["labels"], tensors["attention_mask"],
-                                 chunk_tokens=chunk_tokens, per_token=per_token)
-        for j, i in enumerate(batch):
-            row = {key: scores[key][j].item() for key in SCORE_KEYS}
-            if per_token:
-                row["phi"] = scores["phi"][j].tolist()
-            results.append((i, row))
-        bar.update(int(tensors["attention_mask"].sum()))
+    results: list[tuple[int, list[dict]]] = []
+    for b in mine:
+        path = shards / f"batch_{b:06d}.json" if shards is not None else None
+        saved = rundir.read_json(path) if path is not None else None
+        if saved is not None and saved["rows"] == batches[b]:
+            rows = saved["scores"]
+        else:
+            rows = _score_batch(model, tokenizer, [encoded[i] for i in batches[b]], chunk_tokens=chunk_tokens,
+                                per_token=per_token)
+            if path is not None:
+                rundir.write_json(path, {"rows": batches[b], "scores": rows})
+        results.append((b, rows))
+        bar.update(sum(len(encoded[i]["input_ids"]) for i in batches[b]))
     bar.close()
-    if state.num_processes > 1:
-        results = gather_object(results)
-    by_index = dict(results)
-    if len(by_index) != len(dataset):
-        raise RuntimeError(f"DDT scored {len(by_index)} of {len(dataset)} rows; the process group lost some")
+    by_index = {i: _skipped_row(per_token) for i, row in enumerate(encoded) if row is None}
+    for b, rows in enumerate(gather_in_order(results, len(batches), "DDT scoring", state)):
+        by_index.update(zip(batches[b], rows))
+    if out_dir is not None and state.is_main_process:
+        n = state.num_processes
+        rundir.write_json(Path(out_dir) / "scoring.json", {
+            "rows": len(encoded), **{c: cuts.count(c) for c in CUTS if c}, "processes": n,
+            "rows_per_process": [sum(len(batches[b]) for b in range(rank, len(batches), n)) for rank in range(n)],
+        })
     keys = SCORE_KEYS + (("phi",) if per_token else ())
     stale = [c for c in dataset.column_names if c.startswith(PREFIX)]
     out = dataset.remove_columns(stale) if stale else dataset
     for key in keys:
         out = out.add_column(PREFIX + key, [by_index[i][key] for i in range(len(dataset))])
-    return out
+    return out.add_column(CUT_COLUMN, cuts)
 
 
 def summarize(dataset) -> dict:
@@ -192,6 +268,7 @@ def summarize(dataset) -> dict:
     Short rows give each row's test little power, so the corpus as a whole is also tested:
     ``corpus_z`` = Σ_i Z_i / sqrt(n) (Stouffer), N(0, 1) when every row is the model's own
     sample (rows are independent), with one-sided p-value ``corpus_pvalue`` = Φ(corpus_z).
+    ``n_truncated`` and ``n_skipped`` count the rows cut to ``score``'s max_length or left unscored.
     """
     phi_mean = np.asarray(dataset[PREFIX + "phi_mean"], dtype=np.float64)
     n_tokens = np.asarray(dataset[PREFIX + "n_tokens"], dtype=np.float64)
@@ -205,8 +282,11 @@ def summarize(dataset) -> dict:
         values = np.asarray(dataset[PREFIX + name], dtype=np.float64)
         return float(np.nansum(values * n_tokens) / total) if total else float("nan")
 
+    cuts = dataset[CUT_COLUMN] if CUT_COLUMN in dataset.column_names else []
     return {
         "n": int(len(phi_mean)),
+        "n_truncated": sum(c == "truncated" for c in cuts),
+        "n_skipped": sum(c.startswith("skipped") for c in cuts),
         "n_tokens": int(total),
         "phi_mean": float(np.nanmean(phi_mean)) if len(phi_mean) else float("nan"),
         "phi_median": float(np.nanmedian(phi_mean)) if len(phi_mean) else float("nan"),

@@ -3,7 +3,7 @@
 Corpora sit side by side (e.g. original vs rewritten): one column each in the table, one
 colour each in the figures. The figures: a histogram of per-sequence mean φ, and the Z values
 against N(0, 1), which is where Z lies for the model's own temperature-1 samples
-(METHODS.md §1; Zhang et al., arXiv 2602.12222).
+(docs/methods.md §1; Zhang et al., arXiv 2602.12222).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import norm
 
 from onpolicy_sft.ddt import PREFIX, REJECT_LEVEL, summarize
 
@@ -21,6 +22,8 @@ OOD_THRESHOLD = -0.1
 
 _ROWS = (
     ("n", "rows", "{:d}"),
+    ("n_truncated", "rows cut to the length limit", "{:d}"),
+    ("n_skipped", "rows not scored (over the length limit)", "{:d}"),
     ("n_tokens", "response tokens", "{:d}"),
     ("phi_mean", "mean φ (mean over rows of per-row mean)", "{:+.4f}"),
     ("phi_median", "median of per-row mean φ", "{:+.4f}"),
@@ -47,7 +50,7 @@ def summary_table(summaries: dict[str, dict]) -> str:
     names = list(summaries)
     lines = ["| statistic | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, label, template in _ROWS:
-        lines.append(f"| {label} | " + " | ".join(_fmt(template, summaries[n][key]) for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(_fmt(template, summaries[n].get(key, float("nan"))) for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -77,7 +80,6 @@ def _plot_phi_hist(path: Path, corpora: dict) -> None:
 
 def _plot_z(path: Path, corpora: dict) -> None:
     import matplotlib.pyplot as plt
-    from scipy.stats import norm
 
     values = {name: np.sort(_finite(d, "z")) for name, d in corpora.items()}
     fig, (dens, qq) = plt.subplots(1, 2, figsize=(11, 4))

@@ -1,8 +1,14 @@
-"""Evaluation: greedy accuracy, avg@k and unbiased pass@k, and forgetting (METHODS.md §6).
+"""Evaluation: greedy accuracy, avg@k and unbiased pass@k, and forgetting (docs/methods.md §6).
 
 Generation goes through a decoding backend (hf or vllm), so evaluation decodes exactly as the
 rewrite stage does. Standard errors are over examples (or over prompts for forgetting): the
 spread a reader needs to judge a difference between two rounds.
+
+Under ``torchrun`` / ``accelerate launch`` with N processes every function here splits its rows
+across the processes (onpolicy_sft.distributed), each process generating and checking its share
+with its own backend; the results are gathered in input order, so every process returns what one
+process would. Sampling streams are seeded by row (the stream of row i's sample j is the one a
+single process gives it), so the split does not change any sample.
 """
 
 from __future__ import annotations
@@ -14,11 +20,24 @@ from pathlib import Path
 
 import torch
 
+from decoding import make_backend
+from decoding.config import SamplingConfig
+from decoding.mixing import stream_seeds
+from onpolicy_sft import rundir
 from onpolicy_sft.config import EvalConfig
+from onpolicy_sft.data import collate, encode_prompt
+from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
+from onpolicy_sft.grading import is_correct
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight
-from onpolicy_sft.ops import logit_chunks
+from onpolicy_sft.ops import IGNORE_INDEX, Source, softmax_chunks
 
 logger = logging.getLogger(__name__)
+
+def row_seeds(seed: int, rows: list[int], total: int, n: int) -> list[int]:
+    """The first stream seed of each of ``rows`` (indices into all ``total`` prompts), ``n`` samples a
+    row: the streams one call over all the prompts would use, whichever process samples the row."""
+    streams = stream_seeds(seed, total, per_row=n)
+    return [streams[i * n] for i in rows]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -50,8 +69,6 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 
 
 def _prompt_ids(tokenizer, dataset) -> list[list[int]]:
-    from onpolicy_sft.data import encode_prompt
-
     systems = dataset["system"] if "system" in dataset.column_names else [""] * len(dataset)
     return [encode_prompt(tokenizer, p, s or "") for p, s in zip(dataset["prompt"], systems)]
 
@@ -60,102 +77,123 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _generate(backend, prompts: list[list[int]], rows: list[int], total: int, config: EvalConfig):
+    """(greedy completion, sampled completions or None) of each prompt, the prompts of ``rows`` of ``total``."""
+    if not rows:
+        return [], []
+    greedy = backend.sample(prompts, SamplingConfig(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens))
+    if config.n_samples <= 0:
+        return greedy, [None] * len(rows)
+    sampling = SamplingConfig(n=config.n_samples, temperature=config.temperature, top_p=config.top_p,
+                              max_new_tokens=config.max_new_tokens, seed=config.seed)
+    return greedy, backend.sample(prompts, sampling, seeds=row_seeds(config.seed, rows, total, config.n_samples))
+
+
 def evaluate(model, tokenizer, dataset, config: EvalConfig, *, backend=None, out_dir: str | Path | None = None) -> dict:
     """Accuracy of ``model`` on ``dataset`` (columns prompt, answer, optional system and id).
 
     Metrics: ``accuracy`` (greedy) and, with ``config.n_samples`` = n > 0, ``avg@n`` (mean
     accuracy of n samples at config.temperature) and ``pass@k`` for each k in config.pass_k
-    (k ≤ n), each with ``<name>_se``. ``backend`` must already serve ``model``'s weights; without
+    (k ≤ n), each with ``<name>_se``; ``processes`` and ``rows_per_process`` say how the rows
+    were shared. ``backend`` must already serve ``model``'s weights (in this process); without
     one, a ``config.backend`` backend is made for this call. With ``out_dir``, per-example
-    results go to results.jsonl and the metrics to metrics.json there.
+    results go to results.jsonl and the metrics to metrics.json there (by the main process).
     """
-    from decoding import make_backend
-    from decoding.config import SamplingConfig
-    from onpolicy_sft.grading import is_correct
-
     missing = {"prompt", "answer"} - set(dataset.column_names)
     if missing:
         raise ValueError(f"evaluate needs columns prompt and answer; the dataset lacks {sorted(missing)}")
     if len(dataset) == 0:
         raise ValueError("evaluate got an empty dataset")
-    own_backend = backend is None
+    state = process_state()
+    rows = my_share(range(len(dataset)), state)
+    prompts = _prompt_ids(tokenizer, dataset.select(rows))
+    own_backend = backend is None and bool(rows)
     if own_backend:
         backend = make_backend(config.backend, model, tokenizer)
     try:
-        prompts = _prompt_ids(tokenizer, dataset)
-        greedy = backend.sample(prompts, SamplingConfig(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens))
-        samples = None
-        if config.n_samples > 0:
-            sampling = SamplingConfig(n=config.n_samples, temperature=config.temperature, top_p=config.top_p,
-                                      max_new_tokens=config.max_new_tokens, seed=config.seed)
-            samples = backend.sample(prompts, sampling)
+        greedy, samples = _generate(backend, prompts, rows, len(dataset), config)
     finally:
         if own_backend:
             backend.close()
 
     answers = dataset["answer"]
     ids = dataset["id"] if "id" in dataset.column_names else [str(i) for i in range(len(dataset))]
-    records, correct, lengths = [], [], []
-    per_k: dict[int, list[float]] = {k: [] for k in config.pass_k if config.n_samples and k <= config.n_samples}
-    avg: list[float] = []
-    for i, answer in enumerate(answers):
-        text = _decode(tokenizer, greedy[i][0])
-        ok = bool(is_correct(text, answer))
-        correct.append(float(ok))
-        lengths.append(len(greedy[i][0]))
-        record = {"id": ids[i], "prompt": dataset["prompt"][i], "answer": answer, "response": text, "correct": ok}
-        if samples is not None:
-            hits = [bool(is_correct(_decode(tokenizer, s), answer)) for s in samples[i]]
-            c, n = sum(hits), len(hits)
-            avg.append(c / n)
-            for k in per_k:
-                per_k[k].append(pass_at_k(n, c, k))
-            record["samples_correct"] = c
-            record["n_samples"] = n
-        records.append(record)
+    mine = []
+    for i, completion, sampled in zip(rows, greedy, samples):
+        text = _decode(tokenizer, completion[0])
+        record = {"id": ids[i], "prompt": dataset["prompt"][i], "answer": answers[i], "response": text,
+                  "correct": bool(is_correct(text, answers[i])), "response_tokens": len(completion[0])}
+        if sampled is not None:
+            record["samples_correct"] = sum(bool(is_correct(_decode(tokenizer, s), answers[i])) for s in sampled)
+            record["n_samples"] = len(sampled)
+        mine.append((i, record))
+    records = gather_in_order(mine, len(dataset), "evaluation", state)
 
-    metrics: dict[str, float] = {"n_examples": len(records)}
-    metrics["accuracy"], metrics["accuracy_se"] = mean_and_se(correct)
-    metrics["mean_response_tokens"] = sum(lengths) / len(lengths)
-    if samples is not None:
+    metrics: dict = {"n_examples": len(records)}
+    metrics["accuracy"], metrics["accuracy_se"] = mean_and_se([float(r["correct"]) for r in records])
+    metrics["mean_response_tokens"] = sum(r["response_tokens"] for r in records) / len(records)
+    if config.n_samples > 0:
         name = f"avg@{config.n_samples}"
-        metrics[name], metrics[f"{name}_se"] = mean_and_se(avg)
-        for k, values in per_k.items():
-            metrics[f"pass@{k}"], metrics[f"pass@{k}_se"] = mean_and_se(values)
-    if out_dir is not None:
+        metrics[name], metrics[f"{name}_se"] = mean_and_se([r["samples_correct"] / r["n_samples"] for r in records])
+        for k in config.pass_k:
+            if k <= config.n_samples:
+                values = [pass_at_k(r["n_samples"], r["samples_correct"], k) for r in records]
+                metrics[f"pass@{k}"], metrics[f"pass@{k}_se"] = mean_and_se(values)
+    metrics.update(processes=state.num_processes, rows_per_process=shares_per_process(len(dataset), state))
+    if out_dir is not None and state.is_main_process:
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "results.jsonl", "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        rundir.write_text(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        rundir.write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
 def base_responses(base_model, tokenizer, prompts: list[str], *, max_new_tokens: int = 96, backend=None) -> list[list[int]]:
-    """The base model's own greedy answers (token ids) to ``prompts``: the text forgetting is measured on."""
-    from decoding import make_backend
-    from decoding.config import SamplingConfig
-    from onpolicy_sft.data import encode_prompt
+    """The base model's own greedy answers (token ids) to ``prompts``: the text forgetting is measured on.
 
-    own = backend is None
-    backend = backend or make_backend("hf", base_model, tokenizer)
+    Split across launched processes like ``evaluate``; every process returns all the answers.
+    """
+    state = process_state()
+    rows = my_share(prompts, state)
+    own = backend is None and bool(rows)
+    if own:
+        backend = make_backend("hf", base_model, tokenizer)
     try:
-        ids = [encode_prompt(tokenizer, p) for p in prompts]
-        out = backend.sample(ids, SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
+        ids = [encode_prompt(tokenizer, prompts[i]) for i in rows]
+        out = backend.sample(ids, SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)) if rows else []
     finally:
         if own:
             backend.close()
-    return [rows[0] for rows in out]
+    return gather_in_order([(i, completions[0]) for i, completions in zip(rows, out)], len(prompts),
+                           "base responses", state)
 
 
 @torch.no_grad()
-def _response_log_probs(model, batch, positions, chunk_tokens):
-    """(rows, full-vocabulary log-probs [n, V]) at the selected positions, a chunk of rows at a time."""
+def _response_softmax(model, batch, positions, chunk_tokens):
+    """(rows, ``ops.Softmax``) at the selected positions, ``chunk_tokens`` positions at a time."""
     hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])[positions]
-    weight = lm_head_weight(model)
-    for rows, logits in logit_chunks(hidden, weight, chunk_tokens):
-        yield rows, torch.log_softmax(logits.float(), dim=-1)
+    return softmax_chunks(Source(hidden=hidden, weight=lm_head_weight(model)), chunk_tokens=chunk_tokens)
+
+
+@torch.no_grad()
+def _batch_kl(base_model, tuned_model, tokenizer, prompts, responses, chunk_tokens) -> list[tuple[float, int]]:
+    """(Σ_t KL_t, number of tokens) of each prompt's response, one padded batch."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(tuned_model.parameters()).device
+    rows = []
+    for prompt, response in zip(prompts, responses):
+        p = encode_prompt(tokenizer, prompt)
+        rows.append({"input_ids": p + list(response), "labels": [IGNORE_INDEX] * len(p) + list(response)})
+    batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
+    # position t predicts token t+1: the response tokens' predictors are where labels[:, 1:] is set
+    positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    positions[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+    kl = torch.empty(int(positions.sum()), dtype=torch.float32, device=device)
+    for (chunk, base), (_, tuned) in zip(_response_softmax(base_model, batch, positions, chunk_tokens),
+                                         _response_softmax(tuned_model, batch, positions, chunk_tokens)):
+        # ops' −inf policy: an entry masked in both models adds 0·(floor − floor) = 0.
+        kl[chunk] = torch.linalg.vecdot(base.probs, base.log_probs - tuned.log_probs).float()
+    owner = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(positions)[positions]
+    return [(float(kl[owner == r].sum()), int((owner == r).sum())) for r in range(len(rows))]
 
 
 @torch.no_grad()
@@ -171,48 +209,32 @@ def forgetting(
     batch_size: int = 8,
     chunk_tokens: int = 512,
 ) -> dict:
-    """Mean per-token KL(base ‖ tuned) on the base model's own answers to ``prompts`` (METHODS.md §6).
+    """Mean per-token KL(base ‖ tuned) on the base model's own answers to ``prompts`` (docs/methods.md §6).
 
     KL_t = Σ_v p_base(v) (log p_base(v) − log p_tuned(v)) at every response position (full
     vocabulary, temperature 1). ``responses`` are the base answers as token ids (made greedily
     with ``backend`` serving the base model, or HF, when not given); pass them to compare many
     tuned models on the same text. Returns the token mean ``kl``, the mean of per-prompt means
-    ``kl_prompt_mean`` with its standard error ``kl_se``, and the counts.
+    ``kl_prompt_mean`` with its standard error ``kl_se``, the counts, and how the prompts were
+    shared between launched processes: whole batches of ``batch_size`` prompts are dealt
+    round-robin, so each batch is computed exactly as one process computes it.
     """
-    from onpolicy_sft.data import collate, encode_prompt
-
     if not prompts:
         raise ValueError("forgetting needs at least one prompt")
     if responses is None:
         responses = base_responses(base_model, tokenizer, prompts, max_new_tokens=max_new_tokens, backend=backend)
     if len(responses) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    per_prompt: list[float] = []
-    total, count = 0.0, 0
-    device = next(tuned_model.parameters()).device
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        for prompt, response in zip(prompts[start : start + batch_size], responses[start : start + batch_size]):
-            p = encode_prompt(tokenizer, prompt)
-            rows.append({"input_ids": p + list(response), "labels": [-100] * len(p) + list(response)})
-        batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
-        # position t predicts token t+1: the response tokens' predictors are where labels[:, 1:] is set
-        positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
-        positions[:, :-1] = batch["labels"][:, 1:] != -100
-        kl = torch.empty(int(positions.sum()), dtype=torch.float32, device=device)
-        for (rows_b, logp_b), (_, logq_t) in zip(
-            _response_log_probs(base_model, batch, positions, chunk_tokens),
-            _response_log_probs(tuned_model, batch, positions, chunk_tokens),
-        ):
-            kl[rows_b] = (logp_b.exp() * (logp_b - logq_t)).sum(-1)
-        owner = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(positions)[positions]
-        for r in range(len(rows)):
-            values = kl[owner == r]
-            if values.numel():
-                per_prompt.append(float(values.mean()))
-        total += float(kl.sum())
-        count += kl.numel()
+    state = process_state()
+    starts = list(range(0, len(prompts), batch_size))
+    mine = [(b, _batch_kl(base_model, tuned_model, tokenizer, prompts[starts[b] : starts[b] + batch_size],
+                          responses[starts[b] : starts[b] + batch_size], chunk_tokens))
+            for b in my_share(starts, state)]
+    per_row = [row for batch in gather_in_order(mine, len(starts), "forgetting", state) for row in batch]
+    per_prompt = [total / n for total, n in per_row if n]
+    count = sum(n for _, n in per_row)
     prompt_mean, se = mean_and_se(per_prompt)
-    return {"kl": total / max(1, count), "kl_prompt_mean": prompt_mean, "kl_se": se,
-            "n_prompts": len(per_prompt), "n_tokens": count}
+    n = state.num_processes
+    return {"kl": sum(total for total, _ in per_row) / max(1, count), "kl_prompt_mean": prompt_mean, "kl_se": se,
+            "n_prompts": len(per_prompt), "n_tokens": count, "processes": n,
+            "rows_per_process": [sum(len(prompts[s : s + batch_size]) for s in starts[rank::n]) for rank in range(n)]}

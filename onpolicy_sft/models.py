@@ -199,6 +199,20 @@ def _unavailable_message(name: str, err: Exception) -> str:
     )
 
 
+def weights_digest(model, sample: int = 4096) -> str:
+    """A short hash of a model's weights, for the fingerprints of resumable stages: every tensor's
+    name, shape and dtype plus ``sample`` evenly strided values of it. A training step moves
+    values everywhere, so the sample tells two checkpoints apart without hashing every byte."""
+    hashed = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            picked = flat[:: max(1, flat.numel() // sample)][:sample]
+            hashed.update(f"{name}\x00{tuple(tensor.shape)}\x00{tensor.dtype}\x00".encode())
+            hashed.update(picked.to(device="cpu", dtype=torch.float64).contiguous().numpy().tobytes())
+    return hashed.hexdigest()[:16]
+
+
 def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Last hidden states [B, T, H] after the final norm: what the lm_head would multiply.
 

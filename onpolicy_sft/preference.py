@@ -1,4 +1,4 @@
-"""Preference pairs from the model's own samples, for the DPO@k and SimPO@k baselines (METHODS.md §6).
+"""Preference pairs from the model's own samples, for the DPO@k and SimPO@k baselines (docs/methods.md §6).
 
 For each prompt the model draws k answers at temperature 1; each is verified against the
 reference answer. A prompt with at least one correct and one incorrect sample gives the pair
@@ -24,12 +24,46 @@ import json
 import logging
 from pathlib import Path
 
+import datasets
 import torch
+
+from decoding import make_backend
+from decoding.config import SamplingConfig
+from decoding.reference import eos_ids
+from onpolicy_sft.data import collate, encode_prompt
+from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
+from onpolicy_sft.evaluate import row_seeds
+from onpolicy_sft.grading import is_correct
+from onpolicy_sft.objectives.adapters import sequence_logps
+from onpolicy_sft.train import tokenize_for_objective
 
 logger = logging.getLogger(__name__)
 
 NO_PAIR_CHOICES = ("demonstration", "drop")
-PAIR_SOURCES = ("samples", "demonstration")
+COLUMNS = ["id", "prompt", "system", "chosen", "rejected", "chosen_truncated", "rejected_truncated", "answer",
+           "pair_source", "n_correct"]
+
+
+def _pair(row: dict, samples: list[list[int]], tokenizer, stops: set[int], max_new_tokens: int, no_pair: str):
+    """(the pair of one prompt or None, which case it was, its numbers of samples and of correct ones)."""
+    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
+    truncated = [len(s) >= max_new_tokens and (not s or s[-1] not in stops) for s in samples]
+    verdicts = [bool(is_correct(t, row["answer"])) for t in texts]
+    correct = [(t, cut) for t, cut, ok in zip(texts, truncated, verdicts) if ok]
+    wrong = [(t, cut) for t, cut, ok in zip(texts, truncated, verdicts) if not ok]
+    if correct and wrong:
+        case, chosen, source = "mixed", correct[0], "samples"
+    elif wrong:
+        case = "all_incorrect"
+        chosen, source = ((row["response"], False), "demonstration") if no_pair == "demonstration" else (None, None)
+    else:
+        case, chosen, source = "all_correct", None, None
+    counted = (len(samples), len(correct))
+    if chosen is None:
+        return None, case, counted
+    return {"id": row["id"], "prompt": row["prompt"], "system": row["system"], "chosen": chosen[0],
+            "rejected": wrong[0][0], "chosen_truncated": chosen[1], "rejected_truncated": wrong[0][1],
+            "answer": str(row["answer"]), "pair_source": source, "n_correct": len(correct)}, case, counted
 
 
 def build_pairs(
@@ -49,21 +83,15 @@ def build_pairs(
     ``no_pair == "demonstration"``; optional id and system). ``sampling`` is a
     ``decoding.config.SamplingConfig`` for everything but n and seed, which are always ``k``
     and ``seed``; by default temperature 1, top-p 1, 256 new tokens. ``backend`` must serve
-    ``model``'s weights; without one an hf backend is made for this call.
+    ``model``'s weights (in this process); without one an hf backend is made for this call.
+    Under launched processes the prompts are split between them (each sample's stream is
+    seeded by its row, so the pairs equal one process's) and every process returns all pairs.
 
     pairs: a Dataset with id, prompt, system, chosen, rejected, chosen_truncated, rejected_truncated
     (cut off at the token limit), answer, pair_source ("samples" | "demonstration") and n_correct
     (correct samples of the prompt). counts: prompts, samples, correct_samples, mixed,
-    all_incorrect, all_correct, kept, dropped.
+    all_incorrect, all_correct, kept, dropped, and processes / rows_per_process (the split).
     """
-    import datasets
-
-    from decoding import make_backend
-    from decoding.config import SamplingConfig
-    from decoding.reference import eos_ids
-    from onpolicy_sft.grading import is_correct
-    from onpolicy_sft.data import encode_prompt
-
     if no_pair not in NO_PAIR_CHOICES:
         raise ValueError(f"no_pair must be one of {NO_PAIR_CHOICES}, got {no_pair!r}")
     if k < 2:
@@ -76,52 +104,37 @@ def build_pairs(
     sampling = dataclasses.replace(sampling, n=k, seed=seed)
 
     n = len(dataset)
+    state = process_state()
+    rows = my_share(range(n), state)
     systems = dataset["system"] if "system" in dataset.column_names else [""] * n
     ids = dataset["id"] if "id" in dataset.column_names else [str(i) for i in range(n)]
-    prompts = [encode_prompt(tokenizer, p, s or "") for p, s in zip(dataset["prompt"], systems)]
-    own_backend = backend is None
+    prompts = [encode_prompt(tokenizer, dataset[i]["prompt"], systems[i] or "") for i in rows]
+    own_backend = backend is None and bool(rows)
     if own_backend:
         backend = make_backend("hf", model, tokenizer)
     try:
-        samples = backend.sample(prompts, sampling)
+        samples = backend.sample(prompts, sampling, seeds=row_seeds(seed, rows, n, k)) if rows else []
+        stops = eos_ids(model, tokenizer)
     finally:
         if own_backend:
             backend.close()
+    mine = []
+    for i, completions in zip(rows, samples):
+        row = {**dataset[i], "id": ids[i], "system": systems[i] or ""}
+        mine.append((i, _pair(row, completions, tokenizer, stops, sampling.max_new_tokens, no_pair)))
+    results = gather_in_order(mine, n, "preference pairs", state)
 
-    counts = {"prompts": n, "samples": 0, "correct_samples": 0, "mixed": 0, "all_incorrect": 0, "all_correct": 0,
-              "kept": 0, "dropped": 0}
-    stops = eos_ids(model, tokenizer)
-    rows = []
-    for i, row in enumerate(dataset):
-        texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples[i]]
-        truncated = [len(s) >= sampling.max_new_tokens and (not s or s[-1] not in stops) for s in samples[i]]
-        verdicts = [bool(is_correct(t, row["answer"])) for t in texts]
-        correct = [(t, cut) for t, cut, ok in zip(texts, truncated, verdicts) if ok]
-        wrong = [(t, cut) for t, cut, ok in zip(texts, truncated, verdicts) if not ok]
-        counts["samples"] += len(texts)
-        counts["correct_samples"] += len(correct)
-        if correct and wrong:
-            counts["mixed"] += 1
-            chosen, source = correct[0], "samples"
-        elif wrong:
-            counts["all_incorrect"] += 1
-            chosen, source = ((row["response"], False), "demonstration") if no_pair == "demonstration" else (None, None)
-        else:
-            counts["all_correct"] += 1
-            chosen, source = None, None
-        if chosen is None:
-            counts["dropped"] += 1
-            continue
-        counts["kept"] += 1
-        rows.append({"id": ids[i], "prompt": row["prompt"], "system": systems[i] or "", "chosen": chosen[0],
-                     "rejected": wrong[0][0], "chosen_truncated": chosen[1], "rejected_truncated": wrong[0][1],
-                     "answer": str(row["answer"]), "pair_source": source, "n_correct": len(correct)})
+    counts = {"prompts": n, "samples": sum(c[0] for _, _, c in results), "correct_samples": sum(c[1] for _, _, c in results),
+              "mixed": 0, "all_incorrect": 0, "all_correct": 0}
+    for _, case, _ in results:
+        counts[case] += 1
+    pairs = [pair for pair, _, _ in results if pair is not None]
+    counts.update(kept=len(pairs), dropped=n - len(pairs), processes=state.num_processes,
+                  rows_per_process=shares_per_process(n, state))
     logger.info("preference pairs: %s", counts)
-    columns = ["id", "prompt", "system", "chosen", "rejected", "chosen_truncated", "rejected_truncated", "answer",
-               "pair_source", "n_correct"]
-    if not rows:
-        return datasets.Dataset.from_dict({c: [] for c in columns}), counts
-    return datasets.Dataset.from_list(rows), counts
+    if not pairs:
+        return datasets.Dataset.from_dict({c: [] for c in COLUMNS}), counts
+    return datasets.Dataset.from_list(pairs), counts
 
 
 @torch.no_grad()
@@ -132,10 +145,6 @@ def add_reference_logps(ref_model, tokenizer, pairs, *, max_length: int, batch_s
     reuses exactly the tokens the reference log-probs were computed on. Sums are float32 from
     ``objectives.adapters.sequence_logps`` (chunked over tokens, no full [B, T, V] logits).
     """
-    from onpolicy_sft.data import collate
-    from onpolicy_sft.objectives.adapters import sequence_logps
-    from onpolicy_sft.train import tokenize_for_objective
-
     pairs = tokenize_for_objective(pairs, tokenizer, max_length=max_length, pairwise=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(ref_model.parameters()).device
@@ -161,8 +170,6 @@ def add_reference_logps(ref_model, tokenizer, pairs, *, max_length: int, batch_s
 def cached_reference_logps(ref_model, tokenizer, pairs, cache_dir: str | Path, *, max_length: int):
     """``add_reference_logps`` computed once per ``cache_dir`` and saved there: a rerun on the same
     pairs and max_length (a resumed training, say) reads them back instead of running the reference."""
-    import datasets
-
     cache_dir = Path(cache_dir)
     columns = ("prompt", "system", "chosen", "rejected", "chosen_truncated", "rejected_truncated")
     content = json.dumps([list(pairs[c]) for c in columns if c in pairs.column_names])

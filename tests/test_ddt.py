@@ -1,21 +1,29 @@
-"""DDT scoring (METHODS.md §1): exact statistics, the N(0, 1) calibration on the model's own
+"""DDT scoring (docs/methods.md §1): exact statistics, the N(0, 1) calibration on the model's own
 samples, rejection of off-policy text, batch/padding invariance, the report and the CLI."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from onpolicy_sft import ddt, ddt_report
+from onpolicy_sft import cli, ddt, ddt_report
+from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.data import collate, encode_example, encode_prompt
 from onpolicy_sft.ops import IGNORE_INDEX
+from onpolicy_sft.rundir import InputsChanged
 from tiny import make_tiny_model
+
 
 # A random tiny model's next-token distributions are nearly uniform (entropy ≈ log V), so its
 # samples and random text look alike. Scaling the final norm sharpens every distribution
@@ -202,8 +210,6 @@ def test_plan_batches_covers_rows_within_budget():
 
 
 def _dataset(examples):
-    import datasets
-
     return datasets.Dataset.from_dict({
         "id": [f"r{i}" for i in range(len(examples))],
         "prompt": [p for p, _ in examples],
@@ -232,8 +238,6 @@ def test_score_keeps_order_and_matches_sequence_scores(tiny_tokenizer):
 
 
 def _scored(phi_mean, n_tokens, z, frac_below_1=None):
-    import datasets
-
     n = len(phi_mean)
     zero = [0.0] * n
     return datasets.Dataset.from_dict({
@@ -274,8 +278,6 @@ def test_write_report(tmp_path):
 
 
 def test_cli_score(tmp_path, tiny_tokenizer, capsys):
-    from onpolicy_sft import cli
-
     model_dir = tmp_path / "tiny"
     peaked_model(tiny_tokenizer).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -283,7 +285,6 @@ def test_cli_score(tmp_path, tiny_tokenizer, capsys):
     rc = cli.main(["score", "--model", str(model_dir), "--data", "arithmetic", "--compare", "arithmetic",
                    "--split", "test", "--limit", "4", "--out", str(out), "--batch-tokens", "512"])
     assert rc == 0
-    import datasets
 
     scored = datasets.Dataset.from_parquet(str(out / "scored.parquet"))
     assert len(scored) == 4 and "ddt_phi_mean" in scored.column_names
@@ -297,13 +298,6 @@ def test_cli_score(tmp_path, tiny_tokenizer, capsys):
 @pytest.mark.slow
 def test_two_processes_merge_in_input_order(tmp_path, tiny_tokenizer):
     """torchrun with 2 CPU processes (gloo): each scores its share, the result equals one process's."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import datasets
-
     model_dir = tmp_path / "tiny"
     peaked_model(tiny_tokenizer).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -329,8 +323,6 @@ def test_two_processes_merge_in_input_order(tmp_path, tiny_tokenizer):
 
 @pytest.mark.embedded
 def test_embedded_prefers_its_own_greedy_answers(embedded):
-    from onpolicy_sft.arith import arithmetic_splits
-
     model, tokenizer = embedded
     rows = arithmetic_splits(n_train=4, n_test=1, n_test_hard=1)["train"]
     prompts = [encode_prompt(tokenizer, p) for p in rows["prompt"]]
@@ -348,10 +340,97 @@ def test_embedded_prefers_its_own_greedy_answers(embedded):
 
 
 def test_truncated_responses_are_scored_without_the_end_of_turn(tiny_model, tiny_tokenizer):
-    import datasets
-
     rows = [{"prompt": "2+2?", "response": "four, I", "response_truncated": flag} for flag in (False, True)]
     scored = ddt.score(tiny_model, tiny_tokenizer, datasets.Dataset.from_list(rows), per_token=True, progress=False)
     full, cut = scored["ddt_phi"]
     assert list(scored["ddt_n_tokens"]) == [len(full), len(cut)] and len(full) == len(cut) + 1
     assert cut == pytest.approx(full[:-1], abs=1e-5)  # the same tokens, less the end-of-turn φ
+
+
+LONG = [("Short?", "yes"), ("Tell me a long story.", "once upon a time " * 30), ("Medium?", "a few words here")]
+
+
+@pytest.mark.parametrize("on_long", ["truncate", "skip"])
+def test_score_caps_long_rows_and_counts_them(tiny_tokenizer, on_long):
+    model = peaked_model(tiny_tokenizer)
+    dataset = _dataset(LONG + [("x" * 80, "too late")])
+    lengths = [len(encode_example(tiny_tokenizer, p, r)["input_ids"]) for p, r in LONG + [("x" * 80, "too late")]]
+    prompt_len = len(encode_prompt(tiny_tokenizer, "x" * 80))
+    max_length = 60
+    assert lengths[0] <= max_length < lengths[1] and prompt_len >= max_length and lengths[2] <= max_length
+    scored = ddt.score(model, tiny_tokenizer, dataset, max_length=max_length, on_long=on_long, per_token=True,
+                       progress=False)
+    want_cut = "truncated" if on_long == "truncate" else "skipped_overlong"
+    assert scored["ddt_cut"] == ["", want_cut, "", "skipped_prompt_too_long"]
+    summary = ddt.summarize(scored)
+    assert (summary["n_truncated"], summary["n_skipped"]) == ((1, 1) if on_long == "truncate" else (0, 2))
+    assert scored["ddt_n_tokens"][3] == 0 and math.isnan(scored["ddt_phi_mean"][3])
+    full = ddt.score(model, tiny_tokenizer, dataset.select([1]), per_token=True, progress=False)
+    if on_long == "truncate":
+        kept = max_length - len(encode_prompt(tiny_tokenizer, LONG[1][0]))
+        assert scored["ddt_n_tokens"][1] == kept
+        # Causal: the kept tokens score exactly as they do in the full row.
+        assert scored["ddt_phi"][1] == pytest.approx(full["ddt_phi"][0][:kept], abs=1e-5)
+    else:
+        assert scored["ddt_n_tokens"][1] == 0 and math.isnan(scored["ddt_z"][1])
+    for i in (0, 2):  # rows within the limit are untouched
+        alone = ddt.score(model, tiny_tokenizer, dataset.select([i]), progress=False)
+        assert scored["ddt_phi_mean"][i] == pytest.approx(alone["ddt_phi_mean"][0], rel=1e-5)
+    assert summary["n_tokens"] == sum(scored["ddt_n_tokens"])
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of scoring."""
+
+
+def test_killed_scoring_resumes_with_the_same_scores(tmp_path, tiny_tokenizer, monkeypatch):
+    model = peaked_model(tiny_tokenizer)
+    examples = EXAMPLES + LONG + [("Another one?", "Yes, " * k) for k in (1, 6, 3)]
+    dataset = _dataset(examples)
+    options = {"batch_tokens": 48, "per_token": True, "progress": False, "max_length": 60}
+    whole = ddt.score(model, tiny_tokenizer, dataset, **options)
+
+    real, calls, die_at = ddt._score_batch, [], [3]
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in die_at:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ddt, "_score_batch", dies_on_the_third_batch)
+    with pytest.raises(Killed):
+        ddt.score(model, tiny_tokenizer, dataset, out_dir=tmp_path / "run", **options)
+    assert len(list((tmp_path / "run" / "shards").glob("batch_*.json"))) == 2
+    calls.clear()
+    die_at.clear()
+    resumed = ddt.score(model, tiny_tokenizer, dataset, out_dir=tmp_path / "run", **options)
+    n_batches = len(list((tmp_path / "run" / "shards").glob("batch_*.json")))
+    assert len(calls) == n_batches - 2 > 0  # only the missing batches were scored again
+    assert resumed.column_names == whole.column_names
+    for column in whole.column_names:  # bit-identical, NaN of the unscored row included
+        if column.startswith("ddt_") and column not in ("ddt_phi", "ddt_cut"):
+            assert np.array_equal(np.asarray(resumed[column], float), np.asarray(whole[column], float), equal_nan=True)
+        else:
+            assert resumed[column] == whole[column], column
+    record = json.loads((tmp_path / "run" / "scoring.json").read_text())
+    assert record["rows"] == len(dataset) and record["skipped_prompt_too_long"] == 1
+    assert record["processes"] == 1 and record["rows_per_process"] == [len(dataset) - 1]
+
+
+    with pytest.raises(InputsChanged, match="max_length"):
+        ddt.score(model, tiny_tokenizer, dataset, out_dir=tmp_path / "run", **{**options, "max_length": 50})
+    with pytest.raises(InputsChanged, match="model_weights"):
+        ddt.score(peaked_model(tiny_tokenizer, seed=1), tiny_tokenizer, dataset, out_dir=tmp_path / "run", **options)
+
+
+def test_unwritable_output_fails_before_any_scoring(tmp_path, tiny_tokenizer, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    calls = []
+    monkeypatch.setattr(ddt, "_score_batch", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(ddt, "_encode", lambda *a, **k: calls.append(1))
+    with pytest.raises(OSError, match="not writable"):
+        ddt.score(peaked_model(tiny_tokenizer), tiny_tokenizer, _dataset(EXAMPLES), out_dir=blocker / "out",
+                  progress=False)
+    assert calls == []

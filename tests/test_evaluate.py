@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from onpolicy_sft.config import EvalConfig
-from onpolicy_sft.evaluate import forgetting, mean_and_se, pass_at_k
+from onpolicy_sft.data import encode_prompt
+from onpolicy_sft.evaluate import evaluate, forgetting, mean_and_se, pass_at_k
+from tiny import make_tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +52,7 @@ class ScriptedBackend:
     def _ids(self, text):
         return self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
 
-    def sample(self, prompt_ids, config):
+    def sample(self, prompt_ids, config, seeds=None):
         self.calls.append(config)
         if config.temperature == 0:
             return [[self._ids(t)] for t in self.greedy]
@@ -83,22 +85,16 @@ def test_evaluate_accuracy_avg_pass_and_per_example_file(tiny_tokenizer, tmp_pat
 
 
 def evaluate_with(ds, backend, config, out_dir):
-    from onpolicy_sft.evaluate import evaluate
-
     return evaluate(None, backend.tok, ds, config, backend=backend, out_dir=out_dir)
 
 
 def test_evaluate_rejects_missing_answer_column(tiny_tokenizer):
-    from onpolicy_sft.evaluate import evaluate
-
     ds = datasets.Dataset.from_list([{"prompt": "x"}])
     with pytest.raises(ValueError, match="answer"):
         evaluate(None, tiny_tokenizer, ds, EvalConfig(), backend=ScriptedBackend(tiny_tokenizer, [], []))
 
 
 def _independent_kl(base, tuned, tokenizer, prompt, response):
-    from onpolicy_sft.data import encode_prompt
-
     p = encode_prompt(tokenizer, prompt)
     ids = torch.tensor([p + response])
     with torch.no_grad():
@@ -109,8 +105,6 @@ def _independent_kl(base, tuned, tokenizer, prompt, response):
 
 
 def test_forgetting_matches_full_logit_kl(tiny_tokenizer):
-    from tiny import make_tiny_model
-
     base = make_tiny_model(tiny_tokenizer, seed=0)
     tuned = make_tiny_model(tiny_tokenizer, seed=1)
     prompts = ["write a poem", "name a colour", "hello there, friend"]
@@ -128,8 +122,6 @@ def test_forgetting_matches_full_logit_kl(tiny_tokenizer):
 
 
 def test_forgetting_generates_base_answers_when_not_given(tiny_tokenizer):
-    from tiny import make_tiny_model
-
     base = make_tiny_model(tiny_tokenizer, seed=0)
     out = forgetting(base, make_tiny_model(tiny_tokenizer, seed=3), tiny_tokenizer, ["hi", "bye"], max_new_tokens=4)
     assert out["n_prompts"] == 2 and 2 <= out["n_tokens"] <= 8 and out["kl"] > 0

@@ -1,8 +1,8 @@
-"""The objectives against independent, straightforward implementations (METHODS.md §2–4).
+"""The objectives against independent, straightforward implementations (docs/methods.md §2–4).
 
 Each method is checked three ways in float64: the reported value and its autograd gradient from
 a plain [B, T, V] implementation written here, and the closed-form logit gradient w·(p − Q) from
-the METHODS table. The fused path must then equal from_logits (value and gradients wrt hidden and
+the methods table. The fused path must then equal from_logits (value and gradients wrt hidden and
 lm_head weight), whatever the chunk size.
 """
 
@@ -13,9 +13,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
 
-from onpolicy_sft.objectives import OBJECTIVES, build, hyperparameters
+from onpolicy_sft.objectives import OBJECTIVES, Objective, build, hyperparameters
+from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps, trainer_loss_func
+from onpolicy_sft.objectives.engine import q_target
 from onpolicy_sft.objectives.idft import schedule
+from onpolicy_sft.ops import IGNORE_INDEX
+from tiny import make_tiny_model
+
 
 B, T, H, V = 4, 6, 8, 13
 HP = {
@@ -85,17 +91,17 @@ def reference_loss(case: str, logits, labels, ctx):
     """The reported loss value of each method, as plain differentiable torch code (sg = detach)."""
     name, hp = _name(case), dict(hyperparameters(_name(case)), **HP.get(case, {}))
     valid = labels != -100
-    logq = torch.log_softmax(logits, -1)
-    p = logq.exp()
-    ell = logq.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    log_p = torch.log_softmax(logits, -1)
+    p = log_p.exp()
+    ell = log_p.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     p_y = ell.detach().exp()
-    entropy = -(p * logq).sum(-1).detach()
+    entropy = -(p * log_p).sum(-1).detach()
     common = V
     teacher = torch.softmax(ctx["teacher_logits"][..., :common], -1) if "teacher_logits" in ctx else None
     ref = torch.softmax(ctx["ref_logits"], -1) if "ref_logits" in ctx else None
 
     def ce(q):
-        return -(q * logq[..., : q.shape[-1]]).sum(-1)
+        return -(q * log_p[..., : q.shape[-1]]).sum(-1)
 
     def kl(q):
         return (q * q.log()).sum(-1) + ce(q)
@@ -121,7 +127,7 @@ def reference_loss(case: str, logits, labels, ctx):
     elif name == "threshold":
         per = -(p_y > hp["tau"]).double() * ell
     elif name == "label_smoothing":
-        per = -(1 - hp["epsilon"]) * ell - hp["epsilon"] * logq.mean(-1)
+        per = -(1 - hp["epsilon"]) * ell - hp["epsilon"] * log_p.mean(-1)
     elif name == "sft_kl":
         per = -ell + hp["lam"] * kl(ref)
     elif name == "asft":
@@ -145,7 +151,7 @@ def reference_loss(case: str, logits, labels, ctx):
 
 
 def closed_form_grad(case: str, logits, labels, ctx):
-    """w·(p − Q) straight from the METHODS table's gradient column, divided by the token count."""
+    """w·(p − Q) straight from the methods table's gradient column, divided by the token count."""
     name, hp = _name(case), dict(hyperparameters(_name(case)), **HP.get(case, {}))
     valid = labels != -100
     logits = logits.detach()
@@ -220,7 +226,10 @@ def test_value_and_gradient_against_autograd_and_closed_form(case):
 
 
 def _fused_and_logits(case, d, chunk_tokens=5):
-    obj = objective(case, chunk_tokens=chunk_tokens)
+    return _fused_and_logits_of(objective(case, chunk_tokens=chunk_tokens), d, case)
+
+
+def _fused_and_logits_of(obj, d, case="sft"):
     h = d["hidden"].clone().requires_grad_()
     w = d["weight"].clone().requires_grad_()
     loss_f, m_f = obj.fused(h, w, d["labels"], **contexts(case, d, "hidden"))
@@ -319,6 +328,49 @@ def test_extreme_probabilities_stay_finite(case):
     assert all(math.isfinite(v) for v in metrics.values())
 
 
+def _custom(method):
+    return Objective(name="custom", method=method, needs=frozenset(), accepts=frozenset(), chunk_tokens=5)
+
+
+@pytest.mark.parametrize("view", ["itself", "a view"])
+def test_residual_that_is_the_engines_own_p_gets_the_right_gradient(view):
+    """π̃ = c.probs (the buffer the engine reuses for the gradient) with γ = sg(p_y) is DFT: the engine
+    must read π̃ before overwriting p, on both entry points; checked in float64 against autograd."""
+
+    def target(c):
+        residual = c.probs if view == "itself" else c.probs[:, :]
+        return q_target(c, value=-c.p_y * c.logp, gamma=c.p_y, residual=residual)
+
+    d = make_batch()
+    fused, logits = _fused_and_logits_of(_custom(target), d)
+    logits_ref = (d["hidden"] @ d["weight"].T).requires_grad_()
+    log_p = torch.log_softmax(logits_ref, -1)
+    p_y = log_p.gather(-1, d["labels"].clamp_min(0).unsqueeze(-1)).squeeze(-1).exp().detach()
+    valid = d["labels"] != -100
+    (expected,) = torch.autograd.grad((-p_y * log_p.gather(-1, d["labels"].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+                                       * valid).sum() / valid.sum(), logits_ref)
+    h, w = d["hidden"], d["weight"]
+    for _, gh, gw, _ in (fused, logits):
+        torch.testing.assert_close(gh, expected @ w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gw, expected.flatten(0, 1).T @ h.flatten(0, 1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("field", ["probs", "log_probs", "logp", "entropy"])
+def test_an_objective_that_writes_into_the_chunk_is_stopped(field):
+    def target(c):
+        getattr(c, field).mul_(0.5)
+        return q_target(c, value=-c.logp)
+
+    d = make_batch()
+    for kind in ("fused", "logits"):
+        with pytest.raises(RuntimeError, match="modified a Chunk tensor in place"):
+            obj = _custom(target)
+            if kind == "fused":
+                obj.fused(d["hidden"].requires_grad_(), d["weight"], d["labels"])
+            else:
+                obj.from_logits((d["hidden"] @ d["weight"].T).requires_grad_(), d["labels"])
+
+
 def test_unknown_names_and_hyperparameters_raise():
     with pytest.raises(ValueError, match="sft.*simpo|valid"):
         build("sftt")
@@ -405,8 +457,6 @@ def test_pair_metrics(name):
 
 
 def _tiny_batch(tokenizer):
-    from onpolicy_sft.ops import IGNORE_INDEX
-
     rows = [tokenizer("2+3=5", add_special_tokens=False)["input_ids"], tokenizer("7*6=42!", add_special_tokens=False)["input_ids"]]
     length = max(map(len, rows))
     ids = torch.full((2, length), tokenizer.pad_token_id)
@@ -420,10 +470,6 @@ def _tiny_batch(tokenizer):
 
 
 def test_causal_lm_loss_matches_full_logits(tiny_tokenizer):
-    from tiny import make_tiny_model
-
-    from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps
-
     model = make_tiny_model(tiny_tokenizer, seed=0).double()
     teacher = make_tiny_model(tiny_tokenizer, seed=1).double()
     batch = _tiny_batch(tiny_tokenizer)
@@ -440,17 +486,13 @@ def test_causal_lm_loss_matches_full_logits(tiny_tokenizer):
         torch.testing.assert_close(a, b)
     assert metrics["n_tokens"] == float((batch["labels"][:, 1:] != -100).sum())
 
-    logq = torch.log_softmax(out(model), -1).detach()
+    log_p = torch.log_softmax(out(model), -1).detach()
     labels = batch["labels"][:, 1:]
-    expected = (logq.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels != -100)).sum(-1)
+    expected = (log_p.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels != -100)).sum(-1)
     torch.testing.assert_close(sequence_logps(model, batch), expected)
 
 
 def test_trainer_loss_func_normalises_by_num_items(tiny_tokenizer):
-    from tiny import make_tiny_model
-
-    from onpolicy_sft.objectives.adapters import trainer_loss_func
-
     model = make_tiny_model(tiny_tokenizer, seed=0).double()
     batch = _tiny_batch(tiny_tokenizer)
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -468,11 +510,6 @@ def test_trainer_loss_func_normalises_by_num_items(tiny_tokenizer):
 
 def test_trainer_loss_func_runs_inside_transformers_trainer(tiny_tokenizer, tmp_path):
     """The signature transformers.Trainer calls: compute_loss_func(outputs, labels, num_items_in_batch=...)."""
-    from tiny import make_tiny_model
-    from transformers import Trainer, TrainingArguments
-
-    from onpolicy_sft.objectives.adapters import trainer_loss_func
-
     model = make_tiny_model(tiny_tokenizer, seed=0)
     batch = _tiny_batch(tiny_tokenizer)
     rows = [{k: v[i] for k, v in batch.items()} for i in range(2)] * 2

@@ -11,9 +11,14 @@ import torch
 
 from decoding.backend import Backend
 from decoding.config import SamplingConfig
-from onpolicy_sft.config import ObjectiveConfig, TrainConfig
-from onpolicy_sft.data import encode_example
+from decoding.reference import reference_sample
+from onpolicy_sft import cli, ddt, preference
+from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
+from onpolicy_sft.data import DataError, encode_example, encode_prompt, load_preferences
+from onpolicy_sft.models import load_model
 from onpolicy_sft.preference import add_reference_logps, build_pairs
+from onpolicy_sft.train import tokenize_for_objective, train
+from tiny import make_tiny_model
 
 
 class ScriptedBackend(Backend):
@@ -24,7 +29,7 @@ class ScriptedBackend(Backend):
     def __init__(self, tokenizer, completions: list[list[str]]):
         self.tokenizer, self.completions, self.configs = tokenizer, completions, []
 
-    def sample(self, prompt_ids, config):
+    def sample(self, prompt_ids, config, seeds=None):
         self.configs.append(config)
         assert len(prompt_ids) == len(self.completions)
         eos = self.tokenizer.eos_token_id
@@ -69,7 +74,7 @@ def test_pairs_follow_the_rules_with_demonstration_fallback(tiny_tokenizer):
     assert rows["mixed2"]["chosen"] == "\\boxed{9}" and rows["mixed2"]["rejected"] == "\\boxed{10}"
     assert all(r["answer"] == p["answer"] and r["prompt"] == p["prompt"] for r in pairs for p in _prompts() if p["id"] == r["id"])
     assert counts == {"prompts": 4, "samples": 16, "correct_samples": 2 + 0 + 4 + 3, "mixed": 2, "all_incorrect": 1,
-                      "all_correct": 1, "kept": 3, "dropped": 1}
+                      "all_correct": 1, "kept": 3, "dropped": 1, "processes": 1, "rows_per_process": [4]}
 
 
 def test_pairs_drop_prompts_without_a_mixed_pair(tiny_tokenizer):
@@ -94,11 +99,21 @@ def test_pairs_use_only_k_samples_and_reject_bad_settings(tiny_tokenizer):
 
 
 def test_pairs_from_real_sampling_on_a_tiny_model(tiny_model, tiny_tokenizer):
-    """The hf backend end to end: a random model never answers, so every prompt falls back."""
-    pairs, counts = build_pairs(tiny_model, tiny_tokenizer, _prompts(), k=2,
-                                sampling=SamplingConfig(max_new_tokens=5))
-    assert counts["samples"] == 8 and counts["kept"] + counts["dropped"] == 4
-    assert set(pairs["pair_source"]) <= {"samples", "demonstration"}
+    """The hf backend end to end: the rejected side is the model's own first sample, drawn from the
+    stream one plain sampling loop over all prompts gives that row (decoding.reference, no batching);
+    a random model never answers, so each chosen side is the demonstration."""
+    sampling = SamplingConfig(max_new_tokens=5)
+    pairs, counts = build_pairs(tiny_model, tiny_tokenizer, _prompts(), k=2, sampling=sampling, seed=3)
+    prompts = [encode_prompt(tiny_tokenizer, p) for p in _prompts()["prompt"]]
+    oracle = reference_sample(tiny_model, prompts, SamplingConfig(n=2, max_new_tokens=5, seed=3), tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_id
+    assert counts["all_incorrect"] == counts["kept"] == 4 and counts["samples"] == 8
+    assert pairs["chosen"] == _prompts()["response"] and set(pairs["pair_source"]) == {"demonstration"}
+    assert pairs["rejected"] == [tiny_tokenizer.decode(o[0], skip_special_tokens=True) for o in oracle]
+    assert pairs["rejected_truncated"] == [len(o[0]) == 5 and o[0][-1] != eos for o in oracle]
+    assert len(set(pairs["rejected"])) == 4  # no two prompts share a stream
+    other, _ = build_pairs(tiny_model, tiny_tokenizer, _prompts(), k=2, sampling=sampling, seed=4)
+    assert other["rejected"] != pairs["rejected"]
 
 
 def _independent_logp(model, tokenizer, prompt, response, max_length):
@@ -112,8 +127,6 @@ def _independent_logp(model, tokenizer, prompt, response, max_length):
 
 
 def test_reference_logps_match_full_logits_in_float64(tiny_tokenizer):
-    from tiny import make_tiny_model
-
     model = make_tiny_model(tiny_tokenizer, seed=3, dtype=torch.float64)
     pairs = datasets.Dataset.from_list([
         {"prompt": "2+3?", "system": "", "chosen": "\\boxed{5}", "rejected": "I think it is \\boxed{6}"},
@@ -143,10 +156,6 @@ def _pair_rows():
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_pairwise_training_widens_the_margin(objective, tiny_tokenizer, tmp_path):
-    from tiny import make_tiny_model
-
-    from onpolicy_sft.train import train
-
     pairs = datasets.Dataset.from_list(_pair_rows())
     model = make_tiny_model(tiny_tokenizer, seed=1)
     before = _margin(model, tiny_tokenizer, pairs)
@@ -161,11 +170,6 @@ def test_pairwise_training_widens_the_margin(objective, tiny_tokenizer, tmp_path
 
 
 def test_cli_trains_dpo_on_a_preference_file_with_the_reference_cached(tiny_dir, tmp_path, monkeypatch):
-    from onpolicy_sft import cli, preference
-    from onpolicy_sft.config import LoopConfig, ModelConfig, save_config
-    from onpolicy_sft.data import load_preferences
-    from onpolicy_sft.models import load_model
-
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _pair_rows()))
     train = TrainConfig(lr=3e-3, batch_size=4, micro_batch_size=2, epochs=4.0, max_length=64, warmup_ratio=0.0,
@@ -196,9 +200,6 @@ def test_cli_trains_dpo_on_a_preference_file_with_the_reference_cached(tiny_dir,
 
 
 def test_cli_pairwise_objective_needs_preference_data(tiny_dir, tmp_path, capsys):
-    from onpolicy_sft import cli
-    from onpolicy_sft.config import LoopConfig, ModelConfig, save_config
-
     config = save_config(LoopConfig(model=ModelConfig(name=str(tiny_dir))), tmp_path / "c.yaml")
     assert cli.main(["train", "--config", str(config), "--objective", "simpo", "--out", str(tmp_path / "x")]) == 2
     assert "preference pairs" in capsys.readouterr().err
@@ -212,14 +213,11 @@ def test_cli_pairwise_objective_needs_preference_data(tiny_dir, tmp_path, capsys
 class CappedBackend(ScriptedBackend):
     """A scripted backend that, like a real one, cuts a sample at max_new_tokens, where it has no eos."""
 
-    def sample(self, prompt_ids, config):
-        return [[s[: config.max_new_tokens] for s in row] for row in super().sample(prompt_ids, config)]
+    def sample(self, prompt_ids, config, seeds=None):
+        return [[s[: config.max_new_tokens] for s in row] for row in super().sample(prompt_ids, config, seeds)]
 
 
 def test_samples_cut_at_the_token_limit_get_no_end_of_turn(tiny_tokenizer, tiny_model):
-    from onpolicy_sft import ddt
-    from onpolicy_sft.train import tokenize_for_objective
-
     prompts = datasets.Dataset.from_list([
         {"id": "a", "prompt": "2+3?", "response": "2+3=5 \\boxed{5}", "answer": "5", "system": ""},
         {"id": "b", "prompt": "4+4?", "response": "4+4=8 \\boxed{8}", "answer": "8", "system": ""},

@@ -186,7 +186,7 @@ def test_rejects_labels_without_response_tokens(tiny_tokenizer, tmp_path):
 
 
 OBJECTIVES = {
-    "sft": {}, "dft": {}, "power": {"alpha": 0.5}, "eaft": {}, "threshold": {"tau": 0.0}, "label_smoothing": {"epsilon": 0.1},
+    "sft": {}, "dft": {}, "power": {"alpha": 0.5}, "eaft": {}, "threshold": {"tau": 0.01}, "label_smoothing": {"epsilon": 0.1},
     "sft_kl": {"lam": 0.1}, "asft": {"lam": 0.1}, "distill": {}, "hybrid_distill": {"lam": 0.5},
     "target_sft": {"eta": 0.5}, "idft": {}, "dpo": {"beta": 0.1}, "simpo": {},
 }

@@ -26,6 +26,12 @@ from pathlib import Path
 
 import torch
 
+from onpolicy_sft import ddt
+from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.data import collate, encode_example
+from onpolicy_sft.models import load_model
+from onpolicy_sft.ops import token_stats
+
 RESULTS = Path(__file__).parent / "results"
 WAYS = ("forward", "ddt", "whole_logits")
 
@@ -38,10 +44,6 @@ def _rss_kib(field: str) -> int:
 
 
 def make_batches(tokenizer, n_rows: int, batch_tokens: int) -> list[dict]:
-    from onpolicy_sft import ddt
-    from onpolicy_sft.arith import arithmetic_splits
-    from onpolicy_sft.data import collate, encode_example
-
     rows = arithmetic_splits()["train"].select(range(n_rows))
     encoded = [encode_example(tokenizer, p, r) for p, r in zip(rows["prompt"], rows["response"])]
     plan = ddt.plan_batches([len(e["input_ids"]) for e in encoded], batch_tokens)
@@ -50,10 +52,6 @@ def make_batches(tokenizer, n_rows: int, batch_tokens: int) -> list[dict]:
 
 def run_way(way: str, model_name: str, n_rows: int, batch_tokens: int, repeats: int) -> dict:
     """One way, in this process: seconds per pass (best of ``repeats``), peak memory above the loaded model."""
-    from onpolicy_sft import ddt
-    from onpolicy_sft.models import load_model
-    from onpolicy_sft.ops import token_stats
-
     model, tokenizer = load_model(model_name)
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(tokenizer, n_rows, batch_tokens)]

@@ -21,11 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from onpolicy_sft.objectives import build
+from onpolicy_sft.objectives.engine import DEFAULT_CHUNK_TOKENS
 
 H, V = 576, 49152
 METHODS = ["sft", "dft", "idft", "target_sft", "dpo"]
@@ -33,8 +41,6 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _inputs(n: int, method: str):
-    import torch
-
     g = torch.Generator().manual_seed(0)
     rows = 8 if method == "dpo" else 1  # dpo: 4 pairs of n/8 tokens each
     hidden = torch.randn(rows, n // rows, H, generator=g)
@@ -49,11 +55,6 @@ def _inputs(n: int, method: str):
 
 
 def _step(path: str, method: str, hidden, weight, labels, ctx, chunk: int):
-    import torch
-    import torch.nn.functional as F
-
-    from onpolicy_sft.objectives import build
-
     h, w = hidden, weight
     h.grad = w.grad = None
     if path == "fused":
@@ -74,9 +75,6 @@ def _step(path: str, method: str, hidden, weight, labels, ctx, chunk: int):
 
 
 def run_one(n: int, method: str, path: str, reps: int, chunk: int) -> dict:
-    import psutil
-    import torch
-
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     hidden, weight, labels, ctx = _inputs(n, method)
     inputs = (hidden.requires_grad_(), weight.requires_grad_(), labels, ctx)
@@ -94,10 +92,9 @@ def run_one(n: int, method: str, path: str, reps: int, chunk: int) -> dict:
 
 
 def predicted_mb(n: int, path: str, method: str) -> float:
-    """A guess of a path's peak, to skip what would not fit: [N, V] float32 buffers alive.
-
-    At N = 8k from_logits peaked at ≈ 2 [N, V] buffers (3.5 GB), 3 with a teacher; torch_ce at ≈ 3.
-    """
+    """A guess of a path's peak, to skip what would not fit: the [N, V] float32 buffers each path
+    keeps alive (from_logits: logits and their gradient, plus the teacher's logits; torch_ce: logits,
+    softmax and gradient), plus a fixed allowance for the process."""
     nv = n * V * 4 / 2**20
     per_path = {"fused": 0.0, "torch_lce": 0.5, "from_logits": 2.0, "torch_ce": 3.0}[path]
     if method == "target_sft" and path == "from_logits":
@@ -116,14 +113,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "objectives"))
     args = parser.parse_args()
     if args.chunk is None:
-        from onpolicy_sft.objectives.engine import DEFAULT_CHUNK_TOKENS
-
         args.chunk = DEFAULT_CHUNK_TOKENS
     if args.one:
         print(json.dumps(run_one(int(args.one[0]), args.one[1], args.one[2], args.reps, args.chunk)))
         return
-
-    import psutil
 
     rows = []
     for n in args.sizes:
@@ -149,10 +142,6 @@ def main() -> None:
 
 
 def write(rows: list[dict], out: Path, args) -> None:
-    import platform
-
-    import torch
-
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"H": H, "V": V, "dtype": "float32", "device": "cpu", "threads": int(os.environ.get("BENCH_THREADS", "2")),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "reps": args.reps,

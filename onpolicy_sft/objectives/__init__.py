@@ -1,7 +1,7 @@
 """Training objectives: ``build(name, **hparams)`` -> Objective with ``from_logits`` and ``fused``.
 
 Every token method is a target distribution Q_t = γ_t δ_t + (1 − γ_t) π̃_t with a scale w_t
-(METHODS.md §2–3); DPO and SimPO (§4) reuse the same chunked engine with per-sequence weights.
+(docs/methods.md §2–3); DPO and SimPO (§4) reuse the same chunked engine with per-sequence weights.
 The hyperparameters of a method are the keyword arguments of its factory (token.py, idft.py,
 preference.py), defaults included; ``chunk_tokens`` (tokens per chunk) is accepted by all.
 """

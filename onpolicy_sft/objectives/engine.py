@@ -1,6 +1,6 @@
 """One chunked engine for every token objective: loss value and logit gradient a·p − b·δ − c·π̃.
 
-METHODS.md §2 (Xie et al., "A Unifying Lens on Supervised Fine-Tuning Through Target
+docs/methods.md §2 (Xie et al., "A Unifying Lens on Supervised Fine-Tuning Through Target
 Distribution Design", arXiv 2606.11189): a token loss L_t = w_t·CE(sg(Q_t), p_t) with
 Q_t = γ_t δ_t + (1 − γ_t) π̃_t has logit gradient w_t (p_t − Q_t). A method therefore only says,
 per token, three stop-gradient coefficients (a = w, b = w·γ, c = w·(1 − γ)), the residual π̃
@@ -11,6 +11,14 @@ chunk, and folds it into grad_hidden (rows of the chunk) and grad_W (a running s
 backward pass only scales the saved gradients by grad_output: no [N, V] tensor for all N tokens
 is ever alive, and no logits are recomputed. Logits given directly (``from_logits``) go through
 the same per-chunk code, so the two entry points agree to rounding.
+
+Names follow the papers: p is the model's softmax (``Chunk.probs``/``Chunk.log_probs``, from
+``ops.softmax``, whose −inf policy holds here too), Q the target a method defines.
+
+A method must not modify what it reads: the engine reuses the chunk's p as the gradient buffer
+once the method has returned. A residual that is (a view of) ``Chunk.probs`` itself is therefore
+copied before that reuse, and a method that writes into a chunk tensor in place is stopped with
+an error instead of corrupting the gradient.
 """
 
 from __future__ import annotations
@@ -20,19 +28,19 @@ from typing import Callable
 
 import torch
 
-from onpolicy_sft.ops import IGNORE_INDEX, stats_dtype
+from onpolicy_sft.ops import IGNORE_INDEX, Source, softmax_chunks, stats_dtype
 
 DEFAULT_CHUNK_TOKENS = 512  # [512, V] float32 buffers: ~100 MB each at V = 49152
 
 
 @dataclass
 class Chunk:
-    """What a method may read about one chunk of n counted tokens (all stop-gradient)."""
+    """What a method may read about one chunk of n counted tokens (all stop-gradient, read-only)."""
 
-    logq: torch.Tensor  # [n, V] log-softmax in float32 or wider (−inf clamped to the dtype's minimum)
-    p: torch.Tensor  # [n, V] softmax
+    log_probs: torch.Tensor  # [n, V] log p in float32 or wider (masked entries at ops.log_floor)
+    probs: torch.Tensor  # [n, V] p
     labels: torch.Tensor  # [n]
-    logp: torch.Tensor  # [n] ℓ_t
+    logp: torch.Tensor  # [n] ℓ_t = log p_t(y_t)
     entropy: torch.Tensor  # [n] H_t
     others: dict[str, torch.Tensor]  # "teacher"/"ref" logits [n, V'] sliced to the common vocabulary
     rows: torch.Tensor  # [n] sequence index of each token (only for sequence objectives)
@@ -48,12 +56,12 @@ class Chunk:
 
     @property
     def vocab(self) -> int:
-        return self.logq.shape[-1]
+        return self.log_probs.shape[-1]
 
     def cross_entropy(self, dist: torch.Tensor) -> torch.Tensor:
         """−Σ_v dist(v) log p(v) over the first dist.shape[-1] entries; 0·log 0 counts as 0."""
-        logq = self.logq[:, : dist.shape[-1]]
-        return -torch.where(dist > 0, dist * logq, torch.zeros((), dtype=logq.dtype)).sum(-1)
+        log_probs = self.log_probs[:, : dist.shape[-1]]
+        return -torch.where(dist > 0, dist * log_probs, torch.zeros((), dtype=log_probs.dtype)).sum(-1)
 
 
 @dataclass
@@ -90,32 +98,6 @@ Method = Callable[[Chunk], Target]
 
 
 @dataclass
-class Source:
-    """Where a model's logits come from: given logits [N, V], or hidden [N, H] times an lm_head [V, H]."""
-
-    logits: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-
-    @property
-    def n(self) -> int:
-        return (self.logits if self.logits is not None else self.hidden).shape[0]
-
-    @property
-    def vocab(self) -> int:
-        return (self.logits if self.logits is not None else self.weight).shape[-2 if self.logits is None else -1]
-
-    def tensors(self) -> tuple:
-        return (self.logits,) if self.logits is not None else (self.hidden, self.weight)
-
-    def chunk(self, rows: slice, dtype: torch.dtype, weight: torch.Tensor | None = None) -> torch.Tensor:
-        if self.logits is not None:
-            return self.logits[rows].to(dtype)
-        w = weight if weight is not None else self.weight.to(dtype)
-        return self.hidden[rows].to(dtype) @ w.T
-
-
-@dataclass
 class Plan:
     """Everything the autograd function needs besides tensors; metrics come back in ``sums``."""
 
@@ -142,37 +124,51 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return dtype
 
 
-def _softmax_chunk(z: torch.Tensor, labels: torch.Tensor, owned: bool):
-    """(logq, p, ℓ, H) of a logits chunk, with as few [n, V] temporaries as possible.
+def _widened(source: Source, dtype: torch.dtype) -> Source:
+    """The source with its lm_head in ``dtype`` once, so every chunk's matmul runs in ``dtype``."""
+    return source if source.weight is None else Source(hidden=source.hidden, weight=source.weight.to(dtype))
 
-    ``owned``: z is a fresh buffer (a matmul result) that may be overwritten by log p.
-    """
-    lse = torch.logsumexp(z, -1, keepdim=True)
-    logq = z.sub_(lse) if owned else z - lse
-    # A masked (−inf) logit would make 0·(−inf) = NaN in sums below; its p is 0 either way.
-    logq.clamp_(min=torch.finfo(logq.dtype).min)
-    p = logq.exp()
-    entropy = -torch.linalg.vecdot(p, logq)
-    logp = logq.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return logq, p, logp, entropy
+
+def _shares_memory(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _versions(chunk: Chunk) -> list[int]:
+    tensors = [chunk.log_probs, chunk.probs, chunk.labels, chunk.logp, chunk.entropy, *chunk.others.values()]
+    return [t._version for t in tensors]
+
+
+def _call(method: Method, chunk: Chunk) -> Target:
+    """The method's target, refusing a method that wrote into the chunk (the gradient would be wrong)."""
+    before = _versions(chunk)
+    target = method(chunk)
+    if _versions(chunk) != before:
+        raise RuntimeError(
+            "an objective modified a Chunk tensor in place; methods must treat the chunk as read-only "
+            "(the engine reuses its buffers for the gradient): compute new tensors instead"
+        )
+    # The engine overwrites p with the gradient below: a target tensor that is (a view of) p must be
+    # copied first, or the gradient would read back the overwritten values.
+    for name in ("a", "b", "c", "residual"):
+        value = getattr(target, name)
+        if _shares_memory(value, chunk.probs):
+            setattr(target, name, value.clone())
+    return target
 
 
 def _chunk_loop(plan: Plan, source: Source, dtype: torch.dtype, want_grad: bool):
     """Yield (rows, gradient wrt the chunk's logits or None); accumulate loss and metrics in plan.sums."""
-    weight = source.weight.to(dtype) if source.weight is not None else None
-    other_weights = {k: (s.weight.to(dtype) if s.weight is not None else None) for k, s in plan.others.items()}
-    common = min([source.vocab] + [s.vocab for s in plan.others.values()])
+    others = {k: _widened(s, dtype) for k, s in plan.others.items()}
+    common = min([source.vocab] + [s.vocab for s in others.values()])
     sums = plan.sums
-    for start in range(0, source.n, plan.chunk_tokens):
-        rows = slice(start, min(start + plan.chunk_tokens, source.n))
-        labels = plan.labels[rows]
-        logq, p, logp, entropy = _softmax_chunk(source.chunk(rows, dtype, weight), labels, source.logits is None)
-        others = {k: s.chunk(rows, dtype, other_weights[k])[:, :common] for k, s in plan.others.items()}
+    for rows, sm in softmax_chunks(source, plan.labels, chunk_tokens=plan.chunk_tokens, dtype=dtype):
+        labels, p, logp, entropy = plan.labels[rows], sm.probs, sm.logp, sm.entropy
         chunk = Chunk(
-            logq=logq, p=p, labels=labels, logp=logp, entropy=entropy, others=others,
+            log_probs=sm.log_probs, probs=p, labels=labels, logp=logp, entropy=entropy,
+            others={k: s.chunk(rows, dtype)[:, :common] for k, s in others.items()},
             rows=plan.rows[rows] if plan.rows is not None else None, progress=plan.progress,
         )
-        target = plan.method(chunk)
+        target = _call(plan.method, chunk)
         for key, values in {
             "value": target.value, "phi": logp + entropy, "weight": target.b, "p_y": logp.exp(), "entropy": entropy,
             **target.extra,
@@ -181,7 +177,7 @@ def _chunk_loop(plan: Plan, source: Source, dtype: torch.dtype, want_grad: bool)
         if not want_grad:
             yield rows, None
             continue
-        del logq, chunk
+        del sm, chunk  # log p is no longer needed: free it before the gradient
         # g = scale·(a·p − b·δ − c·π̃), written over p to save one [n, V] buffer.
         grad = p.mul_((plan.scale * target.a).unsqueeze(-1))
         grad.scatter_add_(-1, labels.unsqueeze(-1), -(plan.scale * target.b).unsqueeze(-1))
@@ -263,17 +259,12 @@ def token_loss(plan: Plan, source: Source) -> torch.Tensor:
 def token_logps(source: Source, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
     """(ℓ, H) per token of a source, chunked, without gradient (the first pass of DPO/SimPO)."""
     dtype = compute_dtype(*source.tensors())
-    weight = source.weight.to(dtype) if source.weight is not None else None
-    logps, entropies = [], []
-    for start in range(0, source.n, chunk_tokens):
-        rows = slice(start, min(start + chunk_tokens, source.n))
-        _, _, logp, entropy = _softmax_chunk(source.chunk(rows, dtype, weight), labels[rows], source.logits is None)
-        logps.append(logp)
-        entropies.append(entropy)
-    if not logps:
+    parts = [(sm.logp, sm.entropy)
+             for _, sm in softmax_chunks(_widened(source, dtype), labels, chunk_tokens=chunk_tokens, dtype=dtype)]
+    if not parts:
         empty = torch.zeros(0, dtype=dtype, device=labels.device)
         return empty, empty
-    return torch.cat(logps), torch.cat(entropies)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def flatten_valid(labels: torch.Tensor, *tensors: torch.Tensor | None):

@@ -1,4 +1,4 @@
-"""IDFT, in-distribution fine-tuning (METHODS.md §3; Zhang et al., arXiv 2602.12222).
+"""IDFT, in-distribution fine-tuning (docs/methods.md §3; Zhang et al., arXiv 2602.12222).
 
 γ_raw = clip(exp(−φ/β), γ_min, γ_max), γ = 1 + λ_s (γ_raw − 1), L = −sg(p_y^γ) ℓ: tokens the model
 finds plausible (φ ≥ 0) get near-SFT updates, off-distribution ones are damped harder than DFT.

@@ -1,6 +1,6 @@
 """The Objective object: the two entry points (from_logits, fused) around the chunked engine.
 
-Token objectives run one engine pass. Sequence objectives (DPO, SimPO; METHODS.md §4) run a
+Token objectives run one engine pass. Sequence objectives (DPO, SimPO; docs/methods.md §4) run a
 gradient-free chunked pass for the per-sequence sums of ℓ, differentiate the pair loss wrt
 those sums (B numbers), and then run the engine with per-token weight −∂L/∂s_row(t), whose
 logit gradient −∂L/∂s (p − δ) is exactly the chain rule through s = Σ_t ℓ_t.
@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from onpolicy_sft.objectives import engine
-from onpolicy_sft.objectives.engine import DEFAULT_CHUNK_TOKENS, Chunk, Plan, Source, Target
+from onpolicy_sft.objectives.engine import DEFAULT_CHUNK_TOKENS, Chunk, Plan, Target
+from onpolicy_sft.ops import Source
 
 CONTEXT_KEYS = frozenset(
     {"teacher_logits", "ref_logits", "ref_logps", "progress", "teacher_hidden", "teacher_lm_head_weight",

@@ -1,4 +1,4 @@
-"""Sequence objectives on preference pairs: DPO and SimPO (METHODS.md §4).
+"""Sequence objectives on preference pairs: DPO and SimPO (docs/methods.md §4).
 
 s(y) = Σ_t ℓ_t; the batch is [chosen_0 … chosen_{P−1}, rejected_0 … rejected_{P−1}].
 DPO (Rafailov et al. 2023): L = −log σ(β[(s_c − r_c) − (s_r − r_r)]), r the frozen reference's s.

@@ -1,4 +1,4 @@
-"""Token objectives as targets Q_t = γ_t δ_t + (1 − γ_t) π̃_t with scale w_t (METHODS.md §2).
+"""Token objectives as targets Q_t = γ_t δ_t + (1 − γ_t) π̃_t with scale w_t (docs/methods.md §2).
 
 Each factory takes the method's hyperparameters (its signature is the list build() accepts)
 and returns a function from a chunk to its Target: the method's whole definition. Gradients
@@ -14,6 +14,7 @@ import math
 import torch
 
 from onpolicy_sft.objectives.engine import Chunk, Target, q_target
+from onpolicy_sft.ops import softmax
 
 
 def _positive(name: str, value: float) -> float:
@@ -29,9 +30,9 @@ def _unit(name: str, value: float) -> float:
 
 
 def _dist(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax, log-softmax) of a frozen model's logits chunk."""
-    logq = torch.log_softmax(logits, -1)
-    return logq.exp(), logq
+    """(p, log p) of a frozen model's logits chunk, by the same softmax (and −inf policy) as the model's."""
+    s = softmax(logits)
+    return s.probs, s.log_probs
 
 
 def _kl(c: Chunk, ref: torch.Tensor, log_ref: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ def label_smoothing(epsilon: float = 0.1):
 
     def target(c: Chunk) -> Target:
         uniform = torch.full((c.logp.shape[0], 1), 1.0 / c.vocab, dtype=c.logp.dtype, device=c.logp.device)
-        value = -(1 - epsilon) * c.logp - epsilon * c.logq.mean(-1)
+        value = -(1 - epsilon) * c.logp - epsilon * c.log_probs.mean(-1)
         return q_target(c, value=value, gamma=1 - epsilon, residual=uniform)
 
     return target
@@ -161,7 +162,7 @@ def target_sft(eta: float = 0.5):
         if teacher is None:
             return q_target(c, value=-p_y * c.logp + (1 - p_y) * c.entropy, gamma=p_y, residual="self")
         # log p differs from z by a per-row constant, which the softmax ignores.
-        residual = torch.softmax((1 - eta) * c.logq[:, : teacher.shape[-1]] + eta * teacher, -1)
+        residual = torch.softmax((1 - eta) * c.log_probs[:, : teacher.shape[-1]] + eta * teacher, -1)
         value = -p_y * c.logp + (1 - p_y) * c.cross_entropy(residual)
         return q_target(c, value=value, gamma=p_y, residual=residual)
 
