@@ -24,7 +24,8 @@ from onpolicy_sft.evaluate import evaluate, forgetting
 from onpolicy_sft.models import EMBEDDED_MODEL, ModelUnavailableError, load_model, load_tokenizer, resolve_model_path
 from onpolicy_sft.objectives import build
 from onpolicy_sft.preference import cached_reference_logps
-from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, write_json
+from onpolicy_sft.distributed import process_state
+from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, check_writable, write_json
 from onpolicy_sft.stages import load_data, open_backend, route_logs, say
 from onpolicy_sft.train import has_cached_ref_logps, train
 
@@ -264,6 +265,10 @@ def add_score(sub) -> None:
     p.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per batch")
     p.add_argument("--per-token", action="store_true", help="also store each row's per-token φ (ddt_phi)")
     p.add_argument("--dtype", help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max-length", type=int, default=4096,
+                   help="tokens per row (prompt + response); longer rows are cut or skipped, and counted")
+    p.add_argument("--on-long", choices=["truncate", "skip"], default="truncate",
+                   help="what to do with a row longer than --max-length")
     p.set_defaults(run=run_score)
 
 
@@ -279,21 +284,23 @@ def _demonstrations(source: str, split: str, limit: int | None, columns: dict, o
 
 def run_score(args) -> int:
     columns, on_error = data.parse_columns(args.columns), args.on_error or "raise"
-    state = ddt.process_state()
+    out = check_writable(args.out)  # before any work: a scoring run that cannot write its result is lost
+    state = process_state()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=state.device)
-    sources = {f"{Path(args.data).name}/{args.split}": (args.data, "scored.parquet")}
+    sources = {f"{Path(args.data).name}/{args.split}": (args.data, "scored.parquet", "data")}
     if args.compare:
         name = f"{Path(args.compare).name}/{args.split}"
-        sources[name if name not in sources else f"{name} (compare)"] = (args.compare, "scored_compare.parquet")
-    options = {"per_token": args.per_token}
+        sources[name if name not in sources else f"{name} (compare)"] = (args.compare, "scored_compare.parquet", "compare")
+    options = {"per_token": args.per_token, "max_length": args.max_length, "on_long": args.on_long}
     if args.batch_tokens:
         options["batch_tokens"] = args.batch_tokens
-    corpora = {name: ddt.score(model, tokenizer, _demonstrations(src, args.split, args.limit, columns, on_error, require_answer=False), **options)
-               for name, (src, _) in sources.items()}
+    # Each corpus keeps its finished batches under out/scoring/, so a killed run rescores only the rest.
+    corpora = {name: ddt.score(model, tokenizer,
+                               _demonstrations(src, args.split, args.limit, columns, on_error, require_answer=False),
+                               out_dir=out / "scoring" / part, **options)
+               for name, (src, _, part) in sources.items()}
     if not state.is_main_process:
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, scored in corpora.items():
         scored.to_parquet(str(out / sources[name][1]))
