@@ -529,3 +529,55 @@ def save_dataset(ds, path) -> Path:
     else:
         raise ValueError(f"write .jsonl or .parquet, not {path.suffix!r}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Training rows (moved here from train.py): tokenizing for an objective and collating its micro-batches
+
+
+def tokenize_for_objective(dataset, tokenizer, *, max_length: int, pairwise: bool):
+    """Add input_ids/labels (or chosen_/rejected_ versions for pairs) unless already there."""
+    if pairwise:
+        if {"chosen_input_ids", "rejected_input_ids"} <= set(dataset.column_names):
+            return dataset
+        missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(f"a pairwise objective needs columns prompt, chosen, rejected; missing {sorted(missing)}")
+
+        def encode(row):
+            out = {}
+            for side in ("chosen", "rejected"):
+                enc = encode_row(tokenizer, row, side, max_length)
+                out[f"{side}_input_ids"] = enc["input_ids"]
+                out[f"{side}_labels"] = enc["labels"]
+            return out
+
+        return dataset.map(encode, desc="tokenizing pairs")
+    if {"input_ids", "labels"} <= set(dataset.column_names):
+        return dataset
+    return tokenize_dataset(dataset, tokenizer, max_length=max_length)
+
+
+def collate_rows(dataset, indices: list[int], pad_token_id: int, pairwise: bool, device) -> dict[str, torch.Tensor] | None:
+    if not indices:
+        return None
+    rows = dataset.select(indices)
+    if pairwise:
+        flat = [{"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"]} for side in ("chosen", "rejected") for r in rows]
+    else:
+        flat = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    batch = collate(flat, pad_token_id)
+    if pairwise and has_cached_ref_logps(dataset):
+        batch["ref_logps"] = torch.tensor(list(rows["ref_chosen_logp"]) + list(rows["ref_rejected_logp"]), dtype=torch.float32)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def has_cached_ref_logps(dataset) -> bool:
+    """Pairs carrying the reference's summed log-probs, computed once (preference.add_reference_logps)."""
+    return {"ref_chosen_logp", "ref_rejected_logp"} <= set(dataset.column_names)
+
+
+def row_lengths(dataset, pairwise: bool) -> list[int]:
+    if pairwise:
+        return [len(c) + len(r) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
+    return [len(ids) for ids in dataset["input_ids"]]

@@ -15,25 +15,34 @@ what makes 1×8 and 4×2 the same update, and what lets a resumed run replay the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
 import shutil
-import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import set_seed
 from torch import nn
+from tqdm.auto import tqdm
 
 from onpolicy_sft.config import TrainConfig, to_dict
+from onpolicy_sft.data import collate_rows, has_cached_ref_logps, row_lengths, tokenize_for_objective
+from onpolicy_sft.models import load_model
+from onpolicy_sft.objectives import Objective, build
+from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps
 from onpolicy_sft.ops import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-KILL_AFTER_STEP_ENV = "ONPOLICY_SFT_KILL_AFTER_STEP"  # test hook: SIGKILL this process after that step
 STATE_DIR = "trainer_state"
 DONE_FILE = "training_complete.json"
 
@@ -110,13 +119,9 @@ class ObjectiveModel(nn.Module):
         teacher, ref = self._frozen["teacher"], self._frozen["ref"]
         ref_logps = batch.get("ref_logps")  # cached with the pairs (preference.add_reference_logps)
         if ref_logps is None and "ref_logps" in self.objective.needs:
-            from onpolicy_sft.objectives.adapters import sequence_logps
-
             with torch.no_grad():
                 ref_logps = sequence_logps(ref, batch)
         if self.fused:
-            from onpolicy_sft.objectives.adapters import causal_lm_loss
-
             return causal_lm_loss(
                 self.model, self.objective, batch, teacher=teacher, ref=ref, progress=progress, ref_logps=ref_logps
             )
@@ -170,7 +175,7 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
         if batch is None:
             continue
         share = units / total_units
-        sync = accelerator.no_sync(wrapped) if (accelerator is not None and not last) else _nullcontext()
+        sync = accelerator.no_sync(wrapped) if (accelerator is not None and not last) else contextlib.nullcontext()
         with sync:
             loss, batch_metrics = wrapped(batch, progress=progress)
             scaled = loss * (share * num_processes)
@@ -185,67 +190,6 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
     return step_loss, metrics, total_units, tokens
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def tokenize_for_objective(dataset, tokenizer, *, max_length: int, pairwise: bool):
-    """Add input_ids/labels (or chosen_/rejected_ versions for pairs) unless already there."""
-    if pairwise:
-        if {"chosen_input_ids", "rejected_input_ids"} <= set(dataset.column_names):
-            return dataset
-        missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
-        if missing:
-            raise ValueError(f"a pairwise objective needs columns prompt, chosen, rejected; missing {sorted(missing)}")
-        from onpolicy_sft.data import encode_row
-
-        def encode(row):
-            out = {}
-            for side in ("chosen", "rejected"):
-                enc = encode_row(tokenizer, row, side, max_length)
-                out[f"{side}_input_ids"] = enc["input_ids"]
-                out[f"{side}_labels"] = enc["labels"]
-            return out
-
-        return dataset.map(encode, desc="tokenizing pairs")
-    if {"input_ids", "labels"} <= set(dataset.column_names):
-        return dataset
-    from onpolicy_sft.data import tokenize_dataset
-
-    return tokenize_dataset(dataset, tokenizer, max_length=max_length)
-
-
-def collate_rows(dataset, indices: list[int], pad_token_id: int, pairwise: bool, device) -> dict[str, torch.Tensor] | None:
-    if not indices:
-        return None
-    from onpolicy_sft.data import collate
-
-    rows = dataset.select(indices)
-    if pairwise:
-        flat = [{"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"]} for side in ("chosen", "rejected") for r in rows]
-    else:
-        flat = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-    batch = collate(flat, pad_token_id)
-    if pairwise and has_cached_ref_logps(dataset):
-        batch["ref_logps"] = torch.tensor(list(rows["ref_chosen_logp"]) + list(rows["ref_rejected_logp"]), dtype=torch.float32)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def has_cached_ref_logps(dataset) -> bool:
-    """Pairs carrying the reference's summed log-probs, computed once (preference.add_reference_logps)."""
-    return {"ref_chosen_logp", "ref_rejected_logp"} <= set(dataset.column_names)
-
-
-def _row_lengths(dataset, pairwise: bool) -> list[int]:
-    if pairwise:
-        return [len(c) + len(r) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
-    return [len(ids) for ids in dataset["input_ids"]]
-
-
 def _frozen(model):
     model = copy.deepcopy(model) if model is not None else None
     if model is not None:
@@ -258,8 +202,6 @@ def _load_frozen(spec: str | None, starting_model, role: str, device, dtype):
         return None
     if spec == "base":
         return _frozen(starting_model)
-    from onpolicy_sft.models import load_model
-
     logger.info("loading %s model %s (frozen)", role, spec)
     model, _ = load_model(spec, device=device, dtype=dtype)
     return model.requires_grad_(False)
@@ -293,39 +235,34 @@ def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float, min_lr_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _jsonl_tracker_class():
-    from accelerate.tracking import GeneralTracker
+class JsonlTracker(GeneralTracker):
+    """One JSON object per logged step in ``<logging_dir>/<run>/metrics.jsonl``."""
 
-    class JsonlTracker(GeneralTracker):
-        """One JSON object per logged step in ``<logging_dir>/<run>/metrics.jsonl``."""
+    name = "jsonl"
+    requires_logging_directory = True
 
-        name = "jsonl"
-        requires_logging_directory = True
+    def __init__(self, run_name: str, logging_dir):
+        super().__init__()
+        self.path = Path(logging_dir) / run_name / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
-        def __init__(self, run_name: str, logging_dir):
-            super().__init__()
-            self.path = Path(logging_dir) / run_name / "metrics.jsonl"
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+    @property
+    def tracker(self):
+        return self.path
 
-        @property
-        def tracker(self):
-            return self.path
+    def store_init_configuration(self, values: dict):
+        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
 
-        def store_init_configuration(self, values: dict):
-            (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
-
-        def log(self, values: dict, step: int | None = None, **kwargs):
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
-
-    return JsonlTracker
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
 
 
 def _trackers(names: list[str], logging_dir: Path):
     out = []
     for name in names:
         if name == "jsonl":
-            out.append(_jsonl_tracker_class()("train", logging_dir))
+            out.append(JsonlTracker("train", logging_dir))
         else:
             out.append(name)
     return out
@@ -356,37 +293,17 @@ def _latest_state(out_dir: Path) -> tuple[int, Path] | None:
     return info["step"], out_dir / STATE_DIR / info["dir"]
 
 
-def train(
-    model,
-    tokenizer,
-    dataset,
-    config: TrainConfig,
-    *,
-    out_dir: str | Path,
-    teacher=None,
-    ref=None,
-    objective=None,
-) -> Path:
-    """Fine-tune ``model`` in place on ``dataset`` and save it to ``out_dir`` (save_pretrained format).
-
-    ``dataset`` has prompt/response columns (or prompt/chosen/rejected for pairwise objectives),
-    or is already tokenized (input_ids and unshifted labels). ``objective`` defaults to
-    ``objectives.build(config.objective.name, **config.objective.hparams)``. A teacher or
-    reference the objective needs and that is not passed is loaded from ``config.teacher`` /
-    ``config.ref`` ("base": a frozen copy of the starting model; the default for a reference).
-    With ``config.save_every`` > 0 the run is resumable: calling ``train`` again with the same
-    out_dir after a kill continues from the last saved step and ends with the same weights.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def setup_objective(config: TrainConfig, objective: Objective | None = None) -> Objective:
+    """The objective passed in, or the one ``config.objective`` names with its hyperparameters."""
     if objective is None:
-        from onpolicy_sft.objectives import build
-
         objective = build(config.objective.name, **config.objective.hparams)
+    return objective
+
+
+def setup_frozen_models(model, objective: Objective, config: TrainConfig, dataset, *, teacher=None, ref=None):
+    """(teacher, ref): those passed in, else loaded from ``config.teacher`` / ``config.ref`` when the
+    objective needs them ("base": a frozen copy of the starting model; the reference's default). A
+    reference is not loaded when the pairs already carry its log-probs."""
     needs = set(objective.needs)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -401,69 +318,102 @@ def train(
     cached_ref = (needs & {"ref", "ref_logps"}) == {"ref_logps"} and has_cached_ref_logps(dataset)
     if needs & {"ref", "ref_logps"} and ref is None and not cached_ref:
         ref = _load_frozen(config.ref or "base", model, "reference", device, dtype)
-    pairwise = bool(objective.pairwise)
+    return teacher, ref
 
+
+def setup_accelerator(config: TrainConfig, out_dir: Path) -> Accelerator:
     set_seed(config.seed)
-    logging_dir = out_dir / "logs"
-    accelerator = Accelerator(
+    return Accelerator(
         mixed_precision=_mixed_precision(config.mixed_precision),
-        log_with=_trackers(config.trackers, logging_dir) or None,
+        log_with=_trackers(config.trackers, out_dir / "logs") or None,
         project_dir=str(out_dir),
         step_scheduler_with_optimizer=False,
     )
+
+
+@dataclass
+class TrainData:
+    """The tokenized rows and the plan of which rows every process runs at every step."""
+
+    dataset: object  # datasets.Dataset with input_ids/labels (or chosen_/rejected_ versions)
+    plan: list[list[list[list[int]]]]  # plan_steps' steps[s][p] = micro-batches of row indices
+    pairwise: bool
+    pad_token_id: int
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan)
+
+    def micro_batches(self, step: int, process_index: int, device) -> list[dict[str, torch.Tensor] | None]:
+        return [collate_rows(self.dataset, rows, self.pad_token_id, self.pairwise, device)
+                for rows in self.plan[step][process_index]]
+
+
+def setup_data(dataset, tokenizer, objective: Objective, config: TrainConfig, num_processes: int) -> TrainData:
+    pairwise = bool(objective.pairwise)
     dataset = tokenize_for_objective(dataset, tokenizer, max_length=config.max_length, pairwise=pairwise)
     if len(dataset) == 0:
         raise ValueError(f"no training row is left after tokenizing: do the prompts fit train.max_length "
                          f"({config.max_length})?")
     plan = plan_steps(
-        _row_lengths(dataset, pairwise),
+        row_lengths(dataset, pairwise),
         batch_size=config.batch_size,
         micro_batch_size=config.micro_batch_size,
-        num_processes=accelerator.num_processes,
+        num_processes=num_processes,
         epochs=config.epochs,
         seed=config.seed,
         group_by_length=config.group_by_length,
     )
     if config.max_steps is not None:
         plan = plan[: config.max_steps]
-    total_steps = len(plan)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TrainData(dataset=dataset, plan=plan, pairwise=pairwise, pad_token_id=pad_id)
 
+
+def setup_model(model, objective: Objective, config: TrainConfig, accelerator: Accelerator, *, teacher=None,
+                ref=None) -> ObjectiveModel:
+    """The trained model in training mode with its objective; the frozen models on the training device."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     for frozen in (teacher, ref):
         if frozen is not None:
             frozen.to(accelerator.device)
-    wrapped = ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref)
+    return ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref)
+
+
+def setup_optimizer(model, config: TrainConfig, total_steps: int):
+    """(optimizer, scheduler): AdamW and the warmup+cosine schedule over ``total_steps``."""
     optimizer = build_optimizer(model, config)
-    scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio, config.min_lr_ratio)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    return optimizer, cosine_with_warmup(optimizer, total_steps, config.warmup_ratio, config.min_lr_ratio)
 
-    start_step = 0
+
+def setup_state(accelerator: Accelerator, out_dir: Path, total_steps: int) -> int:
+    """The step to start at: 0, or the last saved step of a killed run, whose state is loaded."""
     resumed = _latest_state(out_dir)
-    if resumed is not None:
-        start_step, state_path = resumed
-        accelerator.load_state(str(state_path))
-        logger.info("resuming training at step %d/%d from %s", start_step, total_steps, state_path)
-    flat_config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in to_dict(config).items()}
-    accelerator.init_trackers("train", config=flat_config)
+    if resumed is None:
+        return 0
+    start_step, state_path = resumed
+    accelerator.load_state(str(state_path))
+    logger.info("resuming training at step %d/%d from %s", start_step, total_steps, state_path)
+    return start_step
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
-    bar = tqdm(
-        total=total_steps, initial=start_step, desc=f"train {objective.name}", unit="step",
-        disable=not (config.progress and accelerator.is_local_main_process),
-    )
+
+def train_loop(accelerator: Accelerator, wrapped, optimizer, scheduler, data: TrainData, config: TrainConfig, *,
+               out_dir: Path, start_step: int = 0, desc: str = "train",
+               on_step: Callable[[int], None] | None = None) -> None:
+    """Run the optimizer steps ``start_step`` .. end: gradients, clipping, update, log, save state.
+    ``on_step(step)`` is called after each step (and its state save) with the number of steps done."""
+    total_steps = data.total_steps
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
+               disable=not (config.progress and accelerator.is_local_main_process))
     started, seen_tokens = time.perf_counter(), 0
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-        micro = [
-            collate_rows(dataset, rows, pad_id, pairwise, accelerator.device) for rows in plan[step][accelerator.process_index]
-        ]
+        micro = data.micro_batches(step, accelerator.process_index, accelerator.device)
         loss, metrics, units, tokens = step_gradients(
-            wrapped, micro, pairwise=pairwise, progress=step / total_steps, accelerator=accelerator
+            wrapped, micro, pairwise=data.pairwise, progress=step / total_steps, accelerator=accelerator
         )
         grad_norm = None
         if config.max_grad_norm:
@@ -486,10 +436,14 @@ def train(
         bar.update(1)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
             _save_state(accelerator, out_dir, step + 1)
-        if kill_after and step + 1 == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if on_step is not None:
+            on_step(step + 1)
     bar.close()
 
+
+def save_final(accelerator: Accelerator, wrapped, tokenizer, out_dir: Path, *, total_steps: int,
+               objective: Objective) -> None:
+    """The trained weights and tokenizer in save_pretrained format; the resume state goes."""
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(wrapped)
     if accelerator.is_main_process:
@@ -499,6 +453,48 @@ def train(
         tokenizer.save_pretrained(out_dir)
         (out_dir / DONE_FILE).write_text(json.dumps({"steps": total_steps, "objective": objective.name}))
         shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
+
+
+def train(
+    model,
+    tokenizer,
+    dataset,
+    config: TrainConfig,
+    *,
+    out_dir: str | Path,
+    teacher=None,
+    ref=None,
+    objective: Objective | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Path:
+    """Fine-tune ``model`` in place on ``dataset`` and save it to ``out_dir`` (save_pretrained format).
+
+    ``dataset`` has prompt/response columns (or prompt/chosen/rejected for pairwise objectives),
+    or is already tokenized (input_ids and unshifted labels). ``objective`` defaults to
+    ``objectives.build(config.objective.name, **config.objective.hparams)``. A teacher or
+    reference the objective needs and that is not passed is loaded from ``config.teacher`` /
+    ``config.ref`` ("base": a frozen copy of the starting model; the default for a reference).
+    With ``config.save_every`` > 0 the run is resumable: calling ``train`` again with the same
+    out_dir after a kill continues from the last saved step and ends with the same weights.
+    ``on_step(steps_done)`` is called after every optimizer step.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objective = setup_objective(config, objective)
+    teacher, ref = setup_frozen_models(model, objective, config, dataset, teacher=teacher, ref=ref)
+    accelerator = setup_accelerator(config, out_dir)
+    data = setup_data(dataset, tokenizer, objective, config, accelerator.num_processes)
+    wrapped = setup_model(model, objective, config, accelerator, teacher=teacher, ref=ref)
+    optimizer, scheduler = setup_optimizer(model, config, data.total_steps)
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    start_step = setup_state(accelerator, out_dir, data.total_steps)
+    flat_config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in to_dict(config).items()}
+    accelerator.init_trackers("train", config=flat_config)
+
+    train_loop(accelerator, wrapped, optimizer, scheduler, data, config, out_dir=out_dir, start_step=start_step,
+               desc=f"train {objective.name}", on_step=on_step)
+    save_final(accelerator, wrapped, tokenizer, out_dir, total_steps=data.total_steps, objective=objective)
     accelerator.end_training()
     model.eval()
     return out_dir

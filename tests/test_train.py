@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import torch
 
 from onpolicy_sft.config import ObjectiveConfig, TrainConfig
 from onpolicy_sft.ops import IGNORE_INDEX
-from onpolicy_sft.train import DONE_FILE, KILL_AFTER_STEP_ENV, plan_steps, step_gradients, train, ObjectiveModel
+from onpolicy_sft.train import DONE_FILE, ObjectiveModel, plan_steps, step_gradients, train
 
 TESTS = Path(__file__).parent
 
@@ -236,14 +237,25 @@ def test_loss_falls_on_tiny_overfit_set(name, tiny_tokenizer, tmp_path):
         assert after < before - 0.05, (before, after)
 
 
-def _resume_run(out_dir):
+def kill_after(steps: int):
+    """An ``on_step`` callback that SIGKILLs this process once ``steps`` optimizer steps are done."""
+
+    def on_step(done: int) -> None:
+        if done == steps:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+def _resume_run(out_dir, kill_after_step: int | None = None):
     """The run the resume test kills and repeats: 5 steps, state saved every 2, warmup and clipping on."""
     from tiny import make_tiny_model, make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     model = make_tiny_model(tok, seed=4)
     train(model, tok, _rows(tok, 20), _config(batch_size=4, micro_batch_size=2, lr=1e-2, warmup_ratio=0.2,
-          max_grad_norm=1.0, save_every=2), out_dir=out_dir)
+          max_grad_norm=1.0, save_every=2), out_dir=out_dir,
+          on_step=kill_after(kill_after_step) if kill_after_step else None)
 
 
 KILLED_SCRIPT = textwrap.dedent(
@@ -252,7 +264,7 @@ KILLED_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_train import _resume_run
-    _resume_run(sys.argv[1])
+    _resume_run(sys.argv[1], kill_after_step=int(sys.argv[2]))
     """
 )
 
@@ -264,8 +276,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 
     script = tmp_path / "run.py"
     script.write_text(KILLED_SCRIPT.format(tests=str(TESTS)))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", KILL_AFTER_STEP_ENV: "3"}
-    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env,
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed"), "3"], env=env,
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert json.loads((tmp_path / "resumed" / "trainer_state" / "latest.json").read_text())["step"] == 2
