@@ -537,25 +537,60 @@ def save_dataset(ds, path) -> Path:
 
 def tokenize_for_objective(dataset, tokenizer, *, max_length: int, pairwise: bool):
     """Add input_ids/labels (or chosen_/rejected_ versions for pairs) unless already there."""
+    return tokenize_for_training(dataset, tokenizer, max_length=max_length, pairwise=pairwise)[0]
+
+
+def tokenize_for_training(dataset, tokenizer, *, max_length: int, pairwise: bool) -> tuple[object, dict]:
+    """``tokenize_for_objective`` and what it did to the rows: how many came in, were kept, truncated
+    to ``max_length`` or skipped (with the reason). Rows that arrive tokenized are taken as they are.
+    A pair where either side's prompt alone fills ``max_length`` is skipped: that side has no
+    response token, so the pair compares nothing."""
+    counts = {"rows": len(dataset), "kept": len(dataset), "truncated": 0, "skipped_overlong": 0,
+              "skipped_prompt_too_long": 0, "max_length": max_length}
     if pairwise:
         if {"chosen_input_ids", "rejected_input_ids"} <= set(dataset.column_names):
-            return dataset
+            return dataset, counts
         missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
         if missing:
             raise ValueError(f"a pairwise objective needs columns prompt, chosen, rejected; missing {sorted(missing)}")
 
         def encode(row):
-            out = {}
+            out, cut, empty = {}, False, False
             for side in ("chosen", "rejected"):
-                enc = encode_row(tokenizer, row, side, max_length)
-                out[f"{side}_input_ids"] = enc["input_ids"]
-                out[f"{side}_labels"] = enc["labels"]
-            return out
+                enc = encode_row(tokenizer, row, side)
+                cut |= len(enc["input_ids"]) > max_length
+                ids, labels = enc["input_ids"][:max_length], enc["labels"][:max_length]
+                empty |= all(x == IGNORE_INDEX for x in labels)
+                out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
+            return {**out, "_cut": cut, "_empty": empty}
 
-        return dataset.map(encode, desc="tokenizing pairs")
+        encoded = dataset.map(encode, desc="tokenizing pairs")
+        keep = [i for i, empty in enumerate(encoded["_empty"]) if not empty]
+        counts["skipped_prompt_too_long"] = len(encoded) - len(keep)
+        counts["truncated"] = sum(cut for cut, empty in zip(encoded["_cut"], encoded["_empty"]) if not empty)
+        if len(keep) < len(encoded):
+            encoded = encoded.select(keep)
+        counts["kept"] = len(encoded)
+        return encoded.remove_columns(["_cut", "_empty"]), counts
     if {"input_ids", "labels"} <= set(dataset.column_names):
-        return dataset
-    return tokenize_dataset(dataset, tokenizer, max_length=max_length)
+        return dataset, counts
+    out, report = tokenize_with_report(dataset, tokenizer, max_length=max_length)
+    counts.update(kept=report.kept, truncated=report.truncated, skipped_overlong=report.skipped_overlong,
+                  skipped_prompt_too_long=report.skipped_prompt_too_long)
+    return out, counts
+
+
+def duplicate_rows(dataset, pairwise: bool) -> int:
+    """How many tokenized rows repeat an earlier row token for token (labels included)."""
+    columns = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"] if pairwise \
+        else ["input_ids", "labels"]
+    seen, repeats = set(), 0
+    for batch in dataset.select_columns(columns).iter(batch_size=1024):
+        for row in zip(*(batch[c] for c in columns)):
+            key = hashlib.sha256(json.dumps(row, separators=(",", ":")).encode()).digest()
+            repeats += key in seen
+            seen.add(key)
+    return repeats
 
 
 def collate_rows(dataset, indices: list[int], pad_token_id: int, pairwise: bool, device) -> dict[str, torch.Tensor] | None:
