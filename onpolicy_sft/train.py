@@ -165,12 +165,15 @@ def count_units(batch: dict[str, torch.Tensor], pairwise: bool) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, accelerator=None):
+def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, accelerator=None, filler=None):
     """Accumulate the gradient of one optimizer step; returns (loss, metrics, units, tokens) of the step.
 
     ``micro_batches`` are this process's collated batches (None for an empty one). Each loss is
     scaled by its share of the step's units over all processes (see the module docstring); DDP
-    averages gradients over processes, hence the extra factor ``num_processes``.
+    averages gradients over processes, hence the extra factor ``num_processes``. An empty
+    micro-batch runs another batch with weight 0 instead (``filler`` when this process has none
+    at all: a last step with fewer rows than processes), so that every process makes the same
+    collective calls.
     """
     num_processes = accelerator.num_processes if accelerator is not None else 1
     local_units = [count_units(b, pairwise) if b is not None else 0 for b in micro_batches]
@@ -181,7 +184,7 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
     if total_units == 0:
         raise ValueError("an optimizer step has no response tokens: check the labels (all −100?)")
     step_loss, metrics, tokens = 0.0, {}, 0
-    fallback = next(b for b in micro_batches if b is not None) if any(b is not None for b in micro_batches) else None
+    fallback = next((b for b in micro_batches if b is not None), filler)
     for i, (batch, units) in enumerate(zip(micro_batches, local_units)):
         last = i == len(micro_batches) - 1
         if batch is None:
@@ -514,6 +517,11 @@ class TrainData:
         return [collate_rows(self.dataset, rows, self.pad_token_id, self.pairwise, device)
                 for rows in self.plan[step][process_index]]
 
+    def filler(self, step: int, device) -> dict[str, torch.Tensor]:
+        """One row of the step, for a process whose share of it is empty (run with weight 0)."""
+        first = next(rows for process in self.plan[step] for rows in process if rows)
+        return collate_rows(self.dataset, first[:1], self.pad_token_id, self.pairwise, device)
+
 
 def setup_data(dataset, tokenizer, objective: Objective, config: TrainConfig, num_processes: int) -> TrainData:
     """Tokenize, count what was truncated, skipped or repeated (a WARNING when any), and plan the steps."""
@@ -623,9 +631,13 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         step_start = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         micro = data.micro_batches(step, accelerator.process_index, accelerator.device)
+        filler = data.filler(step, accelerator.device) if all(b is None for b in micro) else None
         loss, metrics, units, tokens = step_gradients(
-            wrapped, micro, pairwise=data.pairwise, progress=step / total_steps, accelerator=accelerator
+            wrapped, micro, pairwise=data.pairwise, progress=step / total_steps, accelerator=accelerator,
+            filler=filler,
         )
+        if accelerator.num_processes > 1:  # each process holds its share of the step's loss and metrics
+            loss, tokens, metrics = _summed_over_processes(accelerator, loss, tokens, metrics)
         grad_norm = None
         if config.max_grad_norm:
             grad_norm = float(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm))
@@ -633,7 +645,7 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        seen_tokens += tokens * accelerator.num_processes
+        seen_tokens += tokens
         now = time.perf_counter()
         speed = seen_tokens / max(1e-9, now - started)
         if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
@@ -651,6 +663,12 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         if on_step is not None:
             on_step(step + 1)
     bar.close()
+
+
+def _summed_over_processes(accelerator: Accelerator, loss: float, tokens: int, metrics: dict):
+    values = torch.tensor([loss, float(tokens), *metrics.values()], dtype=torch.float64)
+    values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu().tolist()
+    return values[0], int(values[1]), dict(zip(metrics, values[2:]))
 
 
 def save_final(accelerator: Accelerator, wrapped, tokenizer, out_dir: Path, *, data: TrainData,
