@@ -545,3 +545,15 @@ def test_two_processes_equal_one_and_only_the_main_process_writes(tmp_path):
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_default_settings_leave_resumable_state(tiny_tokenizer, tmp_path):
+    """``train --out`` without a config says "rerun to resume": the default config must save state."""
+    from tiny import make_tiny_model
+
+    defaults = TrainConfig(batch_size=1, micro_batch_size=1, trackers=["jsonl"], progress=False)
+    steps = defaults.save_every + 1
+    with pytest.raises(_Stop):
+        train(make_tiny_model(tiny_tokenizer), tiny_tokenizer, _rows(tiny_tokenizer, steps + 1), defaults,
+              out_dir=tmp_path, on_step=_stop_after(steps))
+    assert json.loads((tmp_path / "trainer_state" / "latest.json").read_text())["step"] == defaults.save_every
