@@ -11,6 +11,11 @@ mean over the step, whatever the micro-batching or process count. Pairwise objec
 The rows of an optimizer step are fixed by the seed alone (``plan_steps``); only how they are
 split into micro-batches depends on the micro-batch size and the number of processes. That is
 what makes 1×8 and 4×2 the same update, and what lets a resumed run replay the same data.
+
+Besides the weights, a run's directory holds ``train_inputs.json`` (what the weights depend on:
+a resume or rerun with other inputs is refused), ``train_data.json`` (rows truncated, skipped and
+repeated), ``logs/train/metrics.jsonl`` and, while it runs, ``trainer_state/step_<n>/``: weights,
+optimizer, scheduler and RNG states as safetensors and JSON, so that nothing read back is a pickle.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ DONE_FILE = "training_complete.json"
 FINGERPRINT_FILE = "train_inputs.json"  # what the run's weights depend on (``fingerprint``)
 DATA_RECORD = "train_data.json"  # what happened to the rows: truncated, skipped, duplicated
 METRICS_FILE = Path("logs") / "train" / "metrics.jsonl"
+STATE_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.json")
 
 
 def plan_steps(
@@ -375,6 +381,10 @@ def latest_state(out_dir: Path) -> tuple[int, Path] | None:
 
 def load_state(accelerator: Accelerator, model, optimizer, scheduler, state_dir: Path) -> None:
     """Restore what ``save_state`` wrote. Only the files it names are read, all safetensors or JSON."""
+    missing_files = [name for name in STATE_FILES if not (state_dir / name).exists()]
+    if missing_files:
+        raise FileNotFoundError(f"{state_dir} lacks {', '.join(missing_files)}: it is not resume state this version "
+                                f"wrote (or not all of it); delete {state_dir.parent} to train from the start")
     missing, unexpected = safetensors.torch.load_model(model, str(state_dir / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{state_dir}: the saved weights do not fit this model (missing {sorted(missing)[:5]}, "
