@@ -409,8 +409,9 @@ DISPLAY_FIELDS = ("progress", "trackers", "log_every", "save_every")  # change t
 
 
 def _model_identity(model) -> dict | None:
-    """Name, size and a content digest of a model's weights (each tensor's float64 sum and a
-    strided sample of its bytes): what tells a starting model apart without hashing gigabytes."""
+    """Size and a content digest of a model's weights (each tensor's float64 sum and a strided
+    sample of its bytes): what tells a starting model apart without hashing gigabytes. Not its
+    path: the same weights moved or named another way are the same start."""
     if model is None:
         return None
     parts = []
@@ -420,9 +421,7 @@ def _model_identity(model) -> dict | None:
             sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
             parts.append([name, list(tensor.shape), str(tensor.dtype), float(flat.sum(dtype=torch.float64)),
                           hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]])
-    config = getattr(model, "config", None)
-    return {"name": getattr(config, "_name_or_path", None) or type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()), "weights": digest(parts)}
+    return {"parameters": sum(p.numel() for p in model.parameters()), "weights": digest(parts)}
 
 
 def _data_digest(dataset) -> str:
