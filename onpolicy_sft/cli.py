@@ -27,7 +27,7 @@ from onpolicy_sft.preference import cached_reference_logps
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, check_writable, write_json
 from onpolicy_sft.stages import load_data, open_backend, route_logs, say
-from onpolicy_sft.train import has_cached_ref_logps, train
+from onpolicy_sft.train import train
 
 # What a user can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ModelUnavailableError, InputsChanged, DirectoryLocked, BackendUnavailable)
@@ -192,7 +192,7 @@ def run_train(args) -> int:
         dataset = load_data(config.data).train
     load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
     model, tokenizer = load_model(config.model.name, **load)
-    if "ref_logps" in objective.needs and not has_cached_ref_logps(dataset):
+    if "ref_logps" in objective.needs and not data.has_cached_ref_logps(dataset):
         # The reference is the starting model unless the config names another.
         ref = model if config.train.ref in (None, "base") else load_model(config.train.ref, **load)[0]
         dataset = cached_reference_logps(ref, tokenizer, dataset, Path(args.out) / "reference_logps",

@@ -30,12 +30,11 @@ import torch
 from decoding import make_backend
 from decoding.config import SamplingConfig
 from decoding.reference import eos_ids
-from onpolicy_sft.data import collate, encode_prompt
+from onpolicy_sft.data import collate, encode_prompt, tokenize_for_objective
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.evaluate import row_seeds
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.objectives.adapters import sequence_logps
-from onpolicy_sft.train import tokenize_for_objective
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,6 @@ from onpolicy_sft.data import (
     duplicate_rows,
     has_cached_ref_logps,
     row_lengths,
-    tokenize_for_objective,  # noqa: F401 (preference.py imports it from here)
     tokenize_for_training,
 )
 from onpolicy_sft.distributed import process_state

@@ -14,10 +14,10 @@ from decoding.config import SamplingConfig
 from decoding.reference import reference_sample
 from onpolicy_sft import cli, ddt, preference
 from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
-from onpolicy_sft.data import DataError, encode_example, encode_prompt, load_preferences
+from onpolicy_sft.data import DataError, encode_example, encode_prompt, load_preferences, tokenize_for_objective
 from onpolicy_sft.models import load_model
 from onpolicy_sft.preference import add_reference_logps, build_pairs
-from onpolicy_sft.train import tokenize_for_objective, train
+from onpolicy_sft.train import train
 from tiny import make_tiny_model
 
 
