@@ -43,9 +43,3 @@ def packed_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
     hidden = body(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
     return unpack(hidden, index, tuple(input_ids.shape))
 
-
-def padding_fraction(lengths: list[int], micro_batches: list[list[int]]) -> float:
-    """Share of the padded positions that are padding, over the given micro-batches of row indices."""
-    padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in micro_batches if mb)
-    real = sum(lengths[i] for mb in micro_batches for i in mb)
-    return 1.0 - real / padded if padded else 0.0

@@ -1,0 +1,134 @@
+"""LoRA through peft: the fused path trains only the adapters, merged = adapted, checkpoints round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from onpolicy_sft.config import PeftConfig, TrainConfig  # noqa: E402
+from onpolicy_sft.data import collate  # noqa: E402
+from onpolicy_sft.lora import ADAPTER_DIR, apply_lora, merged_copy, save_lora  # noqa: E402
+from onpolicy_sft.objectives import build  # noqa: E402
+from onpolicy_sft.objectives.adapters import causal_lm_loss  # noqa: E402
+from onpolicy_sft.ops import IGNORE_INDEX  # noqa: E402
+from tiny import make_tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batch(tokenizer, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(6, 14, (1,), generator=g))
+        ids = torch.randint(4, len(tokenizer), (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
+    return collate(rows, tokenizer.pad_token_id)
+
+
+def _adapted(tokenizer, dtype=torch.float64, **peft):
+    model = make_tiny_model(tokenizer, seed=0, dtype=dtype)
+    config = PeftConfig(rank=4, alpha=8.0, **peft)
+    adapted = apply_lora(model, config).train()
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA starts with B = 0 (a no-op); give every adapter a nonzero update
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return adapted
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_only_adapters_train_and_loss_falls_on_tiny_overfit_set(tiny_tokenizer):
+    # initializer_range 0.1: the default 0.02 gives a frozen tied head too small to fit any row
+    model = apply_lora(make_tiny_model(tiny_tokenizer, initializer_range=0.1), PeftConfig(rank=8, alpha=16.0)).train()
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    objective, batch = build("sft"), _batch(tiny_tokenizer)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss, _ = causal_lm_loss(model, objective, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.2 * losses[0]
+    for name, p in model.named_parameters():  # the base weights and the lm_head did not move
+        if name in base:
+            assert torch.equal(p, base[name]), name
+
+
+def test_merged_model_logits_equal_adapted_logits(tiny_tokenizer, tmp_path):
+    model = _adapted(tiny_tokenizer)
+    batch = _batch(tiny_tokenizer, seed=1)
+    adapted = _logits(model, batch)
+    merged = merged_copy(model)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(merged, batch), adapted, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(_logits(model, batch), adapted, rtol=0, atol=0)  # the copy was merged, not the model
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    save_lora(model, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    torch.testing.assert_close(_logits(reloaded, batch), adapted, rtol=1e-10, atol=1e-10)
+    fresh = make_tiny_model(tiny_tokenizer, seed=0, dtype=torch.float64)
+    with_adapter = PeftModel.from_pretrained(fresh, tmp_path / ADAPTER_DIR)
+    torch.testing.assert_close(_logits(with_adapter, batch), adapted, rtol=1e-10, atol=1e-10)
+
+
+def _grads(model, batch, fused: bool):
+    objective = build("idft")
+    model.zero_grad(set_to_none=True)
+    if fused:
+        loss, _ = causal_lm_loss(model, objective, batch)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        loss, _ = objective.from_logits(logits, batch["labels"][:, 1:])
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_gradients_equal_full_logits_with_lm_head_targeted_float64(tiny_tokenizer):
+    """With the head targeted, the fused path must see the head's adapters (W + ΔW), not W alone."""
+    model = _adapted(tiny_tokenizer, target_modules=["q_proj", "v_proj", "lm_head"])
+    batch = _batch(tiny_tokenizer, seed=2)
+    fused, full = _grads(model, batch, True), _grads(model, batch, False)
+    assert any("lm_head" in n for n in fused)
+    for name in full:
+        torch.testing.assert_close(fused[name], full[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_gradient_checkpointing_with_lora_keeps_gradients_float64(tiny_tokenizer):
+    """Frozen embeddings give the first checkpointed layer inputs without grad; the adapters must still get theirs."""
+    batch = _batch(tiny_tokenizer, seed=3)
+    plain = _grads(_adapted(tiny_tokenizer), batch, True)
+    model = _adapted(tiny_tokenizer)
+    model.gradient_checkpointing_enable()
+    checkpointed = _grads(model, batch, True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_config_refuses_bad_peft_settings():
+    with pytest.raises(ValueError, match="rank"):
+        PeftConfig(rank=-1)
+    with pytest.raises(ValueError, match="lm_head"):
+        TrainConfig(peft=PeftConfig(rank=4, dropout=0.1, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="fused"):
+        TrainConfig(packing=True, fused=False)
+
+
+def test_unknown_target_module_is_refused(tiny_tokenizer):
+    with pytest.raises(ValueError, match="qkv"):
+        apply_lora(make_tiny_model(tiny_tokenizer), PeftConfig(rank=2, target_modules=["qkv"]))
