@@ -529,3 +529,90 @@ def save_dataset(ds, path) -> Path:
     else:
         raise ValueError(f"write .jsonl or .parquet, not {path.suffix!r}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Training rows (moved here from train.py): tokenizing for an objective and collating its micro-batches
+
+
+def tokenize_for_objective(dataset, tokenizer, *, max_length: int, pairwise: bool):
+    """Add input_ids/labels (or chosen_/rejected_ versions for pairs) unless already there."""
+    return tokenize_for_training(dataset, tokenizer, max_length=max_length, pairwise=pairwise)[0]
+
+
+def tokenize_for_training(dataset, tokenizer, *, max_length: int, pairwise: bool) -> tuple[object, dict]:
+    """``tokenize_for_objective`` and what it did to the rows: how many came in, were kept, truncated
+    to ``max_length`` or skipped (with the reason). Rows that arrive tokenized are taken as they are.
+    A pair where either side's prompt alone fills ``max_length`` is skipped: that side has no
+    response token, so the pair compares nothing."""
+    counts = {"rows": len(dataset), "kept": len(dataset), "truncated": 0, "skipped_overlong": 0,
+              "skipped_prompt_too_long": 0, "max_length": max_length}
+    if pairwise:
+        if {"chosen_input_ids", "rejected_input_ids"} <= set(dataset.column_names):
+            return dataset, counts
+        missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(f"a pairwise objective needs columns prompt, chosen, rejected; missing {sorted(missing)}")
+
+        def encode(row):
+            out, cut, empty = {}, False, False
+            for side in ("chosen", "rejected"):
+                enc = encode_row(tokenizer, row, side)
+                cut |= len(enc["input_ids"]) > max_length
+                ids, labels = enc["input_ids"][:max_length], enc["labels"][:max_length]
+                empty |= all(x == IGNORE_INDEX for x in labels)
+                out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
+            return {**out, "_cut": cut, "_empty": empty}
+
+        encoded = dataset.map(encode, desc="tokenizing pairs")
+        keep = [i for i, empty in enumerate(encoded["_empty"]) if not empty]
+        counts["skipped_prompt_too_long"] = len(encoded) - len(keep)
+        counts["truncated"] = sum(cut for cut, empty in zip(encoded["_cut"], encoded["_empty"]) if not empty)
+        if len(keep) < len(encoded):
+            encoded = encoded.select(keep)
+        counts["kept"] = len(encoded)
+        return encoded.remove_columns(["_cut", "_empty"]), counts
+    if {"input_ids", "labels"} <= set(dataset.column_names):
+        return dataset, counts
+    out, report = tokenize_with_report(dataset, tokenizer, max_length=max_length)
+    counts.update(kept=report.kept, truncated=report.truncated, skipped_overlong=report.skipped_overlong,
+                  skipped_prompt_too_long=report.skipped_prompt_too_long)
+    return out, counts
+
+
+def duplicate_rows(dataset, pairwise: bool) -> int:
+    """How many tokenized rows repeat an earlier row token for token (labels included)."""
+    columns = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"] if pairwise \
+        else ["input_ids", "labels"]
+    seen, repeats = set(), 0
+    for batch in dataset.select_columns(columns).iter(batch_size=1024):
+        for row in zip(*(batch[c] for c in columns)):
+            key = hashlib.sha256(json.dumps(row, separators=(",", ":")).encode()).digest()
+            repeats += key in seen
+            seen.add(key)
+    return repeats
+
+
+def collate_rows(dataset, indices: list[int], pad_token_id: int, pairwise: bool, device) -> dict[str, torch.Tensor] | None:
+    if not indices:
+        return None
+    rows = dataset.select(indices)
+    if pairwise:
+        flat = [{"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"]} for side in ("chosen", "rejected") for r in rows]
+    else:
+        flat = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    batch = collate(flat, pad_token_id)
+    if pairwise and has_cached_ref_logps(dataset):
+        batch["ref_logps"] = torch.tensor(list(rows["ref_chosen_logp"]) + list(rows["ref_rejected_logp"]), dtype=torch.float32)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def has_cached_ref_logps(dataset) -> bool:
+    """Pairs carrying the reference's summed log-probs, computed once (preference.add_reference_logps)."""
+    return {"ref_chosen_logp", "ref_rejected_logp"} <= set(dataset.column_names)
+
+
+def row_lengths(dataset, pairwise: bool) -> list[int]:
+    if pairwise:
+        return [len(c) + len(r) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
+    return [len(ids) for ids in dataset["input_ids"]]

@@ -15,27 +15,50 @@ what makes 1×8 and 4×2 the same update, and what lets a resumed run replay the
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
-import os
+import random
 import shutil
-import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
+import safetensors.torch
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
 from torch import nn
+from tqdm.auto import tqdm
 
 from onpolicy_sft.config import TrainConfig, to_dict
+from onpolicy_sft.data import (
+    collate_rows,
+    duplicate_rows,
+    has_cached_ref_logps,
+    row_lengths,
+    tokenize_for_objective,  # noqa: F401 (preference.py imports it from here)
+    tokenize_for_training,
+)
+from onpolicy_sft.distributed import process_state
+from onpolicy_sft.models import load_model
+from onpolicy_sft.objectives import Objective, build
+from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps
 from onpolicy_sft.ops import IGNORE_INDEX
+from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, digest, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-KILL_AFTER_STEP_ENV = "ONPOLICY_SFT_KILL_AFTER_STEP"  # test hook: SIGKILL this process after that step
 STATE_DIR = "trainer_state"
 DONE_FILE = "training_complete.json"
+FINGERPRINT_FILE = "train_inputs.json"  # what the run's weights depend on (``fingerprint``)
+DATA_RECORD = "train_data.json"  # what happened to the rows: truncated, skipped, duplicated
+METRICS_FILE = Path("logs") / "train" / "metrics.jsonl"
 
 
 def plan_steps(
@@ -110,13 +133,9 @@ class ObjectiveModel(nn.Module):
         teacher, ref = self._frozen["teacher"], self._frozen["ref"]
         ref_logps = batch.get("ref_logps")  # cached with the pairs (preference.add_reference_logps)
         if ref_logps is None and "ref_logps" in self.objective.needs:
-            from onpolicy_sft.objectives.adapters import sequence_logps
-
             with torch.no_grad():
                 ref_logps = sequence_logps(ref, batch)
         if self.fused:
-            from onpolicy_sft.objectives.adapters import causal_lm_loss
-
             return causal_lm_loss(
                 self.model, self.objective, batch, teacher=teacher, ref=ref, progress=progress, ref_logps=ref_logps
             )
@@ -170,7 +189,7 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
         if batch is None:
             continue
         share = units / total_units
-        sync = accelerator.no_sync(wrapped) if (accelerator is not None and not last) else _nullcontext()
+        sync = accelerator.no_sync(wrapped) if (accelerator is not None and not last) else contextlib.nullcontext()
         with sync:
             loss, batch_metrics = wrapped(batch, progress=progress)
             scaled = loss * (share * num_processes)
@@ -185,67 +204,6 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
     return step_loss, metrics, total_units, tokens
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def tokenize_for_objective(dataset, tokenizer, *, max_length: int, pairwise: bool):
-    """Add input_ids/labels (or chosen_/rejected_ versions for pairs) unless already there."""
-    if pairwise:
-        if {"chosen_input_ids", "rejected_input_ids"} <= set(dataset.column_names):
-            return dataset
-        missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
-        if missing:
-            raise ValueError(f"a pairwise objective needs columns prompt, chosen, rejected; missing {sorted(missing)}")
-        from onpolicy_sft.data import encode_row
-
-        def encode(row):
-            out = {}
-            for side in ("chosen", "rejected"):
-                enc = encode_row(tokenizer, row, side, max_length)
-                out[f"{side}_input_ids"] = enc["input_ids"]
-                out[f"{side}_labels"] = enc["labels"]
-            return out
-
-        return dataset.map(encode, desc="tokenizing pairs")
-    if {"input_ids", "labels"} <= set(dataset.column_names):
-        return dataset
-    from onpolicy_sft.data import tokenize_dataset
-
-    return tokenize_dataset(dataset, tokenizer, max_length=max_length)
-
-
-def collate_rows(dataset, indices: list[int], pad_token_id: int, pairwise: bool, device) -> dict[str, torch.Tensor] | None:
-    if not indices:
-        return None
-    from onpolicy_sft.data import collate
-
-    rows = dataset.select(indices)
-    if pairwise:
-        flat = [{"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"]} for side in ("chosen", "rejected") for r in rows]
-    else:
-        flat = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-    batch = collate(flat, pad_token_id)
-    if pairwise and has_cached_ref_logps(dataset):
-        batch["ref_logps"] = torch.tensor(list(rows["ref_chosen_logp"]) + list(rows["ref_rejected_logp"]), dtype=torch.float32)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def has_cached_ref_logps(dataset) -> bool:
-    """Pairs carrying the reference's summed log-probs, computed once (preference.add_reference_logps)."""
-    return {"ref_chosen_logp", "ref_rejected_logp"} <= set(dataset.column_names)
-
-
-def _row_lengths(dataset, pairwise: bool) -> list[int]:
-    if pairwise:
-        return [len(c) + len(r) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
-    return [len(ids) for ids in dataset["input_ids"]]
-
-
 def _frozen(model):
     model = copy.deepcopy(model) if model is not None else None
     if model is not None:
@@ -258,8 +216,6 @@ def _load_frozen(spec: str | None, starting_model, role: str, device, dtype):
         return None
     if spec == "base":
         return _frozen(starting_model)
-    from onpolicy_sft.models import load_model
-
     logger.info("loading %s model %s (frozen)", role, spec)
     model, _ = load_model(spec, device=device, dtype=dtype)
     return model.requires_grad_(False)
@@ -293,100 +249,221 @@ def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float, min_lr_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _jsonl_tracker_class():
-    from accelerate.tracking import GeneralTracker
+def _trackers(names: list[str]) -> list[str]:
+    """The accelerate trackers (tensorboard, wandb, ...); "jsonl" is our own ``MetricsLog``."""
+    return [name for name in names if name != "jsonl"]
 
-    class JsonlTracker(GeneralTracker):
-        """One JSON object per logged step in ``<logging_dir>/<run>/metrics.jsonl``."""
 
-        name = "jsonl"
-        requires_logging_directory = True
+class MetricsLog:
+    """``logs/train/metrics.jsonl``: one JSON object per logged step, written by the main process only.
 
-        def __init__(self, run_name: str, logging_dir):
-            super().__init__()
-            self.path = Path(logging_dir) / run_name / "metrics.jsonl"
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+    Opened at ``start_step`` it keeps the lines of steps up to there and drops the rest (steps a
+    killed run logged after its last saved state, which the resumed run replays), so every step
+    appears once.
+    """
 
-        @property
-        def tracker(self):
-            return self.path
+    def __init__(self, path: Path, *, start_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if start_step and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the half-written last line of a killed run
+                    continue
+                if record.get("step", 0) <= start_step:
+                    kept.append(line + "\n")
+        write_text(path, "".join(kept))
 
-        def store_init_configuration(self, values: dict):
-            (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
-
-        def log(self, values: dict, step: int | None = None, **kwargs):
-            with open(self.path, "a") as f:
+    def log(self, values: dict, step: int) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
-    return JsonlTracker
+
+# ---------------------------------------------------------------------------------------------
+# Resume state: safetensors and JSON only, so reading it back can never run code (no pickle).
 
 
-def _trackers(names: list[str], logging_dir: Path):
-    out = []
-    for name in names:
-        if name == "jsonl":
-            out.append(_jsonl_tracker_class()("train", logging_dir))
-        else:
-            out.append(name)
-    return out
+def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *map(_plain, numpy_state[2:])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
-def _save_state(accelerator, out_dir: Path, step: int) -> None:
-    """accelerate state (weights, optimizer, scheduler, RNG) of ``step``, switched to atomically."""
-    root = out_dir / STATE_DIR
-    target = root / f"step_{step}"
-    accelerator.save_state(str(target))
-    accelerator.wait_for_everyone()
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _optimizer_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict split into tensors (for safetensors) and the rest (for JSON)."""
+    state = optimizer.state_dict()
+    tensors, values = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                values[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "values": values}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in [*tensors.items(), *meta["values"].items()]:
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_state(accelerator: Accelerator, model, optimizer, scheduler, out_dir: Path, step: int) -> None:
+    """Everything a resumed run needs to continue bit-exactly after ``step``: the model's weights,
+    the optimizer and scheduler, the grad scaler, and every process's RNG states. The main process
+    writes it to ``step_<n>/`` and then moves the ``latest.json`` pointer, so a kill at any moment
+    leaves the previous complete state in use."""
+    rng = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
     if accelerator.is_main_process:
-        pointer = root / "latest.json"
-        tmp = root / "latest.json.tmp"
-        tmp.write_text(json.dumps({"step": step, "dir": target.name}))
-        os.replace(tmp, pointer)
+        root = out_dir / STATE_DIR
+        target = root / f"step_{step}"
+        shutil.rmtree(target, ignore_errors=True)  # a half-written one from a killed attempt
+        target.mkdir(parents=True)
+        safetensors.torch.save_model(model, str(target / "model.safetensors"))
+        tensors, meta = _optimizer_files(optimizer)
+        safetensors.torch.save_file(tensors, str(target / "optimizer.safetensors"))
+        write_json(target / "optimizer.json", meta)
+        write_json(target / "scheduler.json", scheduler.state_dict())
+        if accelerator.scaler is not None:
+            write_json(target / "scaler.json", accelerator.scaler.state_dict())
+        write_json(target / "rng.json", rng)
+        write_json(root / "latest.json", {"step": step, "dir": target.name})
         for old in root.glob("step_*"):
             if old.name != target.name:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def _latest_state(out_dir: Path) -> tuple[int, Path] | None:
-    pointer = out_dir / STATE_DIR / "latest.json"
-    if not pointer.exists():
+def latest_state(out_dir: Path) -> tuple[int, Path] | None:
+    """(step, directory) of the last complete resume state in ``out_dir``, or None."""
+    info = read_json(out_dir / STATE_DIR / "latest.json")
+    if info is None:
         return None
-    info = json.loads(pointer.read_text())
     return info["step"], out_dir / STATE_DIR / info["dir"]
 
 
-def train(
-    model,
-    tokenizer,
-    dataset,
-    config: TrainConfig,
-    *,
-    out_dir: str | Path,
-    teacher=None,
-    ref=None,
-    objective=None,
-) -> Path:
-    """Fine-tune ``model`` in place on ``dataset`` and save it to ``out_dir`` (save_pretrained format).
+def load_state(accelerator: Accelerator, model, optimizer, scheduler, state_dir: Path) -> None:
+    """Restore what ``save_state`` wrote. Only the files it names are read, all safetensors or JSON."""
+    missing, unexpected = safetensors.torch.load_model(model, str(state_dir / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{state_dir}: the saved weights do not fit this model (missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}); was the run started from another model?")
+    optimizer.load_state_dict(_optimizer_state(safetensors.torch.load_file(str(state_dir / "optimizer.safetensors")),
+                                               read_json(state_dir / "optimizer.json")))
+    scheduler.load_state_dict(read_json(state_dir / "scheduler.json"))
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(read_json(state_dir / "scaler.json"))
+    rng = read_json(state_dir / "rng.json")
+    if len(rng) != accelerator.num_processes:
+        logger.warning("the state in %s was saved by %d processes, resumed by %d: random streams are not "
+                       "replayed exactly", state_dir, len(rng), accelerator.num_processes)
+    _set_rng_state(rng[accelerator.process_index % len(rng)])
 
-    ``dataset`` has prompt/response columns (or prompt/chosen/rejected for pairwise objectives),
-    or is already tokenized (input_ids and unshifted labels). ``objective`` defaults to
-    ``objectives.build(config.objective.name, **config.objective.hparams)``. A teacher or
-    reference the objective needs and that is not passed is loaded from ``config.teacher`` /
-    ``config.ref`` ("base": a frozen copy of the starting model; the default for a reference).
-    With ``config.save_every`` > 0 the run is resumable: calling ``train`` again with the same
-    out_dir after a kill continues from the last saved step and ends with the same weights.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+# ---------------------------------------------------------------------------------------------
+# What a run's result depends on, and the record of its rows
+
+
+DISPLAY_FIELDS = ("progress", "trackers", "log_every", "save_every")  # change the output's looks, not its weights
+
+
+def _model_identity(model) -> dict | None:
+    """Name, size and a content digest of a model's weights (each tensor's float64 sum and a
+    strided sample of its bytes): what tells a starting model apart without hashing gigabytes."""
+    if model is None:
+        return None
+    parts = []
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+            parts.append([name, list(tensor.shape), str(tensor.dtype), float(flat.double().sum()),
+                          hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]])
+    config = getattr(model, "config", None)
+    return {"name": getattr(config, "_name_or_path", None) or type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()), "weights": digest(parts)}
+
+
+def _data_digest(dataset) -> str:
+    columns = sorted(c for c in dataset.column_names
+                     if c.endswith(("input_ids", "labels")) or c in ("ref_chosen_logp", "ref_rejected_logp"))
+    hasher = hashlib.sha256(json.dumps(columns).encode())
+    for batch in dataset.select_columns(columns).iter(batch_size=1024):
+        hasher.update(json.dumps([batch[c] for c in columns], separators=(",", ":")).encode())
+    return hasher.hexdigest()[:16]
+
+
+def fingerprint(config: TrainConfig, objective: Objective, data: "TrainData", model, *, teacher=None,
+                ref=None) -> dict:
+    """What determines a run's weights, flat so that a refused resume names the field that differs:
+    the config (less its display fields), the objective and its hyperparameters, a digest of the
+    tokenized rows, and the identity of the starting model and of any teacher or reference."""
+    settings = {k: v for k, v in to_dict(config).items() if k not in DISPLAY_FIELDS and k != "objective"}
+    flat = {f"train.{k}": v for k, v in settings.items()}
+    flat["objective.name"] = objective.name
+    flat["objective.chunk_tokens"] = objective.chunk_tokens
+    if config.objective.name == objective.name:
+        flat["objective.hparams"] = config.objective.hparams
+    flat["data.rows"] = len(data.dataset)
+    flat["data.digest"] = _data_digest(data.dataset)
+    for role, value in (("model", model), ("teacher", teacher), ("ref", ref)):
+        identity = _model_identity(value)
+        for key, item in (identity or {}).items():
+            flat[f"{role}.{key}"] = item
+    return flat
+
+
+def check_config(config: TrainConfig) -> None:
+    """Settings that would train something other than what was asked, refused before any work."""
+    if not config.epochs > 0:
+        raise ValueError(f"train.epochs must be > 0 (got {config.epochs}); to skip training, leave the stage out")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"train.max_steps must be >= 1 or null (got {config.max_steps})")
+    if config.save_every < 0 or config.log_every < 1:
+        raise ValueError(f"train.save_every must be >= 0 and train.log_every >= 1 "
+                         f"(got {config.save_every} and {config.log_every})")
+
+
+def setup_objective(config: TrainConfig, objective: Objective | None = None) -> Objective:
+    """The objective passed in, or the one ``config.objective`` names with its hyperparameters."""
     if objective is None:
-        from onpolicy_sft.objectives import build
-
         objective = build(config.objective.name, **config.objective.hparams)
+    return objective
+
+
+def setup_frozen_models(model, objective: Objective, config: TrainConfig, dataset, *, teacher=None, ref=None):
+    """(teacher, ref): those passed in, else loaded from ``config.teacher`` / ``config.ref`` when the
+    objective needs them ("base": a frozen copy of the starting model; the reference's default). A
+    reference is not loaded when the pairs already carry its log-probs. An objective that only
+    uses a teacher when given one (target_sft) says so when it has none."""
     needs = set(objective.needs)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -398,72 +475,156 @@ def train(
                 "(a model path/name, or 'base' for the frozen starting model)"
             )
         teacher = _load_frozen(config.teacher, model, "teacher", device, dtype)
+    if "teacher" in objective.accepts and teacher is None:
+        logger.warning("objective %r without a teacher targets the model's own detached distribution, which "
+                       "gives the same gradient as dft; set train.teacher (a model, or 'base') for a teacher",
+                       objective.name)
     cached_ref = (needs & {"ref", "ref_logps"}) == {"ref_logps"} and has_cached_ref_logps(dataset)
     if needs & {"ref", "ref_logps"} and ref is None and not cached_ref:
         ref = _load_frozen(config.ref or "base", model, "reference", device, dtype)
-    pairwise = bool(objective.pairwise)
+    return teacher, ref
 
+
+def setup_accelerator(config: TrainConfig, out_dir: Path) -> Accelerator:
     set_seed(config.seed)
-    logging_dir = out_dir / "logs"
-    accelerator = Accelerator(
+    return Accelerator(
         mixed_precision=_mixed_precision(config.mixed_precision),
-        log_with=_trackers(config.trackers, logging_dir) or None,
+        log_with=_trackers(config.trackers) or None,
         project_dir=str(out_dir),
         step_scheduler_with_optimizer=False,
     )
-    dataset = tokenize_for_objective(dataset, tokenizer, max_length=config.max_length, pairwise=pairwise)
+
+
+@dataclass
+class TrainData:
+    """The tokenized rows, the plan of which rows every process runs at every step, and the
+    record of what tokenizing did to the rows."""
+
+    dataset: object  # datasets.Dataset with input_ids/labels (or chosen_/rejected_ versions)
+    plan: list[list[list[list[int]]]]  # plan_steps' steps[s][p] = micro-batches of row indices
+    pairwise: bool
+    pad_token_id: int
+    record: dict = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan)
+
+    def micro_batches(self, step: int, process_index: int, device) -> list[dict[str, torch.Tensor] | None]:
+        return [collate_rows(self.dataset, rows, self.pad_token_id, self.pairwise, device)
+                for rows in self.plan[step][process_index]]
+
+
+def setup_data(dataset, tokenizer, objective: Objective, config: TrainConfig, num_processes: int) -> TrainData:
+    """Tokenize, count what was truncated, skipped or repeated (a WARNING when any), and plan the steps."""
+    pairwise = bool(objective.pairwise)
+    dataset, record = tokenize_for_training(dataset, tokenizer, max_length=config.max_length, pairwise=pairwise)
     if len(dataset) == 0:
-        raise ValueError(f"no training row is left after tokenizing: do the prompts fit train.max_length "
-                         f"({config.max_length})?")
+        raise ValueError(f"no training row is left after tokenizing ({record['rows']} rows in, "
+                         f"{record['skipped_prompt_too_long']} with a prompt that fills train.max_length "
+                         f"({config.max_length}), {record['skipped_overlong']} over it)")
+    record["duplicates"] = duplicate_rows(dataset, pairwise)
+    changed = {k: record[k] for k in ("truncated", "skipped_overlong", "skipped_prompt_too_long", "duplicates")
+               if record[k]}
+    if changed:
+        logger.warning("training rows: %d in, %d kept; %s (max_length %d)", record["rows"], record["kept"],
+                       ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in changed.items()), config.max_length)
     plan = plan_steps(
-        _row_lengths(dataset, pairwise),
+        row_lengths(dataset, pairwise),
         batch_size=config.batch_size,
         micro_batch_size=config.micro_batch_size,
-        num_processes=accelerator.num_processes,
+        num_processes=num_processes,
         epochs=config.epochs,
         seed=config.seed,
         group_by_length=config.group_by_length,
     )
     if config.max_steps is not None:
         plan = plan[: config.max_steps]
-    total_steps = len(plan)
+    record["steps"] = len(plan)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TrainData(dataset=dataset, plan=plan, pairwise=pairwise, pad_token_id=pad_id, record=record)
 
+
+def setup_run_dir(out_dir: Path, inputs: dict, is_main: bool) -> str:
+    """What ``out_dir`` holds for this run: "new", "resume" (saved state of a run with the same
+    ``inputs``) or "finished" (a completed run with the same inputs). A directory whose saved
+    state or finished weights came from other inputs is refused (``rundir.InputsChanged``),
+    naming each input that differs; one with neither is started afresh."""
+    finished = (out_dir / DONE_FILE).exists()
+    if not finished and latest_state(out_dir) is None:
+        if is_main:
+            (out_dir / FINGERPRINT_FILE).unlink(missing_ok=True)
+            check_fingerprint(out_dir / FINGERPRINT_FILE, inputs, "training run")
+        return "new"
+    if is_main:
+        check_fingerprint(out_dir / FINGERPRINT_FILE, inputs, "finished training run" if finished else "training run")
+    return "finished" if finished else "resume"
+
+
+def load_finished(model, out_dir: Path) -> None:
+    """Load the weights of a finished run in ``out_dir`` into ``model`` (tied weights are saved once)."""
+    files = sorted(out_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{out_dir} records a finished training run but holds no weights; "
+                                "use another output directory, or delete it to train again")
+    weights = {}
+    for path in files:
+        weights.update(safetensors.torch.load_file(str(path)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in weights if k in state}
+    untied = [k for k in missing if state[k].data_ptr() not in loaded]  # a tied weight shares a loaded one's storage
+    if untied or unexpected:
+        raise RuntimeError(f"{out_dir}: the finished weights do not fit this model (missing {sorted(untied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]})")
+
+
+def setup_model(model, objective: Objective, config: TrainConfig, accelerator: Accelerator, *, teacher=None,
+                ref=None) -> ObjectiveModel:
+    """The trained model in training mode with its objective; the frozen models on the training device."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     for frozen in (teacher, ref):
         if frozen is not None:
             frozen.to(accelerator.device)
-    wrapped = ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref)
+    return ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref)
+
+
+def setup_optimizer(model, config: TrainConfig, total_steps: int):
+    """(optimizer, scheduler): AdamW and the warmup+cosine schedule over ``total_steps``."""
     optimizer = build_optimizer(model, config)
-    scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio, config.min_lr_ratio)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    return optimizer, cosine_with_warmup(optimizer, total_steps, config.warmup_ratio, config.min_lr_ratio)
 
-    start_step = 0
-    resumed = _latest_state(out_dir)
-    if resumed is not None:
-        start_step, state_path = resumed
-        accelerator.load_state(str(state_path))
-        logger.info("resuming training at step %d/%d from %s", start_step, total_steps, state_path)
-    flat_config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in to_dict(config).items()}
-    accelerator.init_trackers("train", config=flat_config)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
-    bar = tqdm(
-        total=total_steps, initial=start_step, desc=f"train {objective.name}", unit="step",
-        disable=not (config.progress and accelerator.is_local_main_process),
-    )
+def setup_state(accelerator: Accelerator, model, optimizer, scheduler, out_dir: Path, total_steps: int) -> int:
+    """The step to start at: 0, or the last saved step of a killed run, whose state is loaded."""
+    resumed = latest_state(out_dir)
+    if resumed is None:
+        return 0
+    start_step, state_dir = resumed
+    load_state(accelerator, model, optimizer, scheduler, state_dir)
+    logger.warning("resuming training at step %d/%d from %s", start_step, total_steps, state_dir)
+    return start_step
+
+
+def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, data: TrainData,
+               config: TrainConfig, *, out_dir: Path, start_step: int = 0, desc: str = "train",
+               on_step: Callable[[int], None] | None = None) -> None:
+    """Run the optimizer steps ``start_step`` .. end: gradients, clipping, update, log, save state.
+    ``on_step(steps_done)`` is called after each step (and its state save)."""
+    total_steps = data.total_steps
+    metrics_log = MetricsLog(out_dir / METRICS_FILE, start_step=start_step,
+                             enabled="jsonl" in config.trackers and accelerator.is_main_process)
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
+               disable=not (config.progress and accelerator.is_local_main_process))
     started, seen_tokens = time.perf_counter(), 0
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-        micro = [
-            collate_rows(dataset, rows, pad_id, pairwise, accelerator.device) for rows in plan[step][accelerator.process_index]
-        ]
+        micro = data.micro_batches(step, accelerator.process_index, accelerator.device)
         loss, metrics, units, tokens = step_gradients(
-            wrapped, micro, pairwise=pairwise, progress=step / total_steps, accelerator=accelerator
+            wrapped, micro, pairwise=data.pairwise, progress=step / total_steps, accelerator=accelerator
         )
         grad_norm = None
         if config.max_grad_norm:
@@ -481,15 +642,21 @@ def train(
             if grad_norm is not None:
                 values["train/grad_norm"] = grad_norm
             values.update({f"train/{k}": v for k, v in metrics.items()})
+            metrics_log.log(values, step + 1)
             accelerator.log(values, step=step + 1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")
         bar.update(1)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            _save_state(accelerator, out_dir, step + 1)
-        if kill_after and step + 1 == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+            save_state(accelerator, model, optimizer, scheduler, out_dir, step + 1)
+        if on_step is not None:
+            on_step(step + 1)
     bar.close()
 
+
+def save_final(accelerator: Accelerator, wrapped, tokenizer, out_dir: Path, *, data: TrainData,
+               objective: Objective) -> None:
+    """The trained weights and tokenizer in save_pretrained format, then the done marker; the
+    resume state goes."""
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(wrapped)
     if accelerator.is_main_process:
@@ -497,8 +664,70 @@ def train(
         trained = accelerator.unwrap_model(wrapped).model
         trained.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-        (out_dir / DONE_FILE).write_text(json.dumps({"steps": total_steps, "objective": objective.name}))
+        write_json(out_dir / DONE_FILE, {"steps": data.total_steps, "objective": objective.name,
+                                         "processes": accelerator.num_processes, "rows": data.record})
         shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
-    accelerator.end_training()
-    model.eval()
-    return out_dir
+    accelerator.wait_for_everyone()
+
+
+def train(
+    model,
+    tokenizer,
+    dataset,
+    config: TrainConfig,
+    *,
+    out_dir: str | Path,
+    teacher=None,
+    ref=None,
+    objective: Objective | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Path:
+    """Fine-tune ``model`` in place on ``dataset`` and save it to ``out_dir`` (save_pretrained format).
+
+    ``dataset`` has prompt/response columns (or prompt/chosen/rejected for pairwise objectives),
+    or is already tokenized (input_ids and unshifted labels). ``objective`` defaults to
+    ``objectives.build(config.objective.name, **config.objective.hparams)``. A teacher or
+    reference the objective needs and that is not passed is loaded from ``config.teacher`` /
+    ``config.ref`` ("base": a frozen copy of the starting model; the default for a reference).
+
+    With ``config.save_every`` > 0 the run is resumable: calling ``train`` again with the same
+    out_dir after a kill continues from the last saved step and ends with the same weights. The
+    inputs that determine the weights are recorded (``fingerprint``); a rerun with other inputs
+    is refused, naming what differs, and a rerun of a finished run loads its weights into
+    ``model`` instead of training again. One run at a time per out_dir (``rundir.RunLock``).
+    What tokenizing did to the rows is in ``train_data.json`` and on the console.
+    ``on_step(steps_done)`` is called after every optimizer step.
+    """
+    check_config(config)
+    out_dir = check_writable(out_dir)
+    is_main = process_state().is_main_process
+    with RunLock(out_dir, "training run") if is_main else contextlib.nullcontext():
+        objective = setup_objective(config, objective)
+        accelerator = setup_accelerator(config, out_dir)
+        data = setup_data(dataset, tokenizer, objective, config, accelerator.num_processes)
+        inputs = fingerprint(config, objective, data, model, teacher=teacher, ref=ref)
+        status = setup_run_dir(out_dir, inputs, accelerator.is_main_process)
+        if status == "finished":
+            load_finished(model, out_dir)
+            model.eval()
+            logger.warning("%s already holds this finished training run; its weights are loaded, not retrained",
+                           out_dir)
+            return out_dir
+        if accelerator.is_main_process:
+            write_json(out_dir / DATA_RECORD, data.record)
+            write_json(out_dir / "logs" / "train" / "config.json", to_dict(config))
+        teacher, ref = setup_frozen_models(model, objective, config, data.dataset, teacher=teacher, ref=ref)
+        wrapped = setup_model(model, objective, config, accelerator, teacher=teacher, ref=ref)
+        optimizer, scheduler = setup_optimizer(model, config, data.total_steps)
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+        start_step = setup_state(accelerator, model, optimizer, scheduler, out_dir, data.total_steps)
+        flat_config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
+                       for k, v in to_dict(config).items()}
+        accelerator.init_trackers("train", config=flat_config)
+
+        train_loop(accelerator, model, wrapped, optimizer, scheduler, data, config, out_dir=out_dir,
+                   start_step=start_step, desc=f"train {objective.name}", on_step=on_step)
+        save_final(accelerator, wrapped, tokenizer, out_dir, data=data, objective=objective)
+        accelerator.end_training()
+        model.eval()
+        return out_dir

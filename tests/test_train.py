@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import torch
 
 from onpolicy_sft.config import ObjectiveConfig, TrainConfig
 from onpolicy_sft.ops import IGNORE_INDEX
-from onpolicy_sft.train import DONE_FILE, KILL_AFTER_STEP_ENV, plan_steps, step_gradients, train, ObjectiveModel
+from onpolicy_sft.train import DONE_FILE, ObjectiveModel, plan_steps, step_gradients, train
 
 TESTS = Path(__file__).parent
 
@@ -236,14 +237,25 @@ def test_loss_falls_on_tiny_overfit_set(name, tiny_tokenizer, tmp_path):
         assert after < before - 0.05, (before, after)
 
 
-def _resume_run(out_dir):
+def kill_after(steps: int):
+    """An ``on_step`` callback that SIGKILLs this process once ``steps`` optimizer steps are done."""
+
+    def on_step(done: int) -> None:
+        if done == steps:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+def _resume_run(out_dir, kill_after_step: int | None = None, on_step=None):
     """The run the resume test kills and repeats: 5 steps, state saved every 2, warmup and clipping on."""
     from tiny import make_tiny_model, make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     model = make_tiny_model(tok, seed=4)
     train(model, tok, _rows(tok, 20), _config(batch_size=4, micro_batch_size=2, lr=1e-2, warmup_ratio=0.2,
-          max_grad_norm=1.0, save_every=2), out_dir=out_dir)
+          max_grad_norm=1.0, save_every=2), out_dir=out_dir,
+          on_step=kill_after(kill_after_step) if kill_after_step else on_step)
 
 
 KILLED_SCRIPT = textwrap.dedent(
@@ -252,28 +264,214 @@ KILLED_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_train import _resume_run
-    _resume_run(sys.argv[1])
+    _resume_run(sys.argv[1], kill_after_step=int(sys.argv[2]))
     """
 )
 
 
+class _Planted:
+    """Unpickling this creates ``marker``: proof that a file was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant_pickles(state_root: Path, marker: Path) -> None:
+    """Malicious pickles under every name accelerate's save_state used, in the state root and its step dirs."""
+    import pickle
+
+    payload = pickle.dumps(_Planted(marker))
+    for directory in [state_root, *state_root.glob("step_*")]:
+        for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "pytorch_model.bin",
+                     "scheduler.bin", "scaler.pt"):
+            (directory / name).write_bytes(payload)
+
+
+def _steps_logged(out_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out_dir / "logs" / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     """SIGKILL after step 3 of 5 (state saved at step 2) in a child process; resuming here replays
-    step 3 and must end with the weights of an uninterrupted run."""
+    step 3 and must end with exactly the weights of an uninterrupted run. Pickles planted in the
+    state directory are never unpickled, and the metrics log holds every step once."""
     from safetensors.torch import load_file
 
     script = tmp_path / "run.py"
     script.write_text(KILLED_SCRIPT.format(tests=str(TESTS)))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", KILL_AFTER_STEP_ENV: "3"}
-    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env,
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed"), "3"], env=env,
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert json.loads((tmp_path / "resumed" / "trainer_state" / "latest.json").read_text())["step"] == 2
+    state_root = tmp_path / "resumed" / "trainer_state"
+    assert json.loads((state_root / "latest.json").read_text())["step"] == 2
     assert not (tmp_path / "resumed" / DONE_FILE).exists()
-    for out in ("resumed", "straight"):
-        _resume_run(tmp_path / out)
+    assert _steps_logged(tmp_path / "resumed") == [1, 2, 3]  # step 3 was logged, then lost with the kill
+    marker = tmp_path / "pickle_ran"
+    _plant_pickles(state_root, marker)
+    replayed = []
+    _resume_run(tmp_path / "resumed", on_step=replayed.append)
+    _resume_run(tmp_path / "straight")
+    assert replayed == [3, 4, 5]  # resumed from the state of step 2, not started over
+    assert not marker.exists()
+    assert _steps_logged(tmp_path / "resumed") == [1, 2, 3, 4, 5]
     a = load_file(tmp_path / "resumed" / "model.safetensors")
     b = load_file(tmp_path / "straight" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_state_round_trips_optimizer_scheduler_and_rng(tiny_tokenizer, tmp_path):
+    """save_state then load_state into fresh objects restores every tensor and number exactly."""
+    import random
+
+    import numpy as np
+    from accelerate import Accelerator
+    from onpolicy_sft.train import load_state, save_state, setup_optimizer
+    from tiny import make_tiny_model
+
+    model = make_tiny_model(tiny_tokenizer, seed=0)
+    config = _config(warmup_ratio=0.3)
+    optimizer, scheduler = setup_optimizer(model, config, total_steps=10)
+    for _ in range(3):
+        model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(11), random.seed(12), np.random.seed(13)
+    save_state(accelerator, model, optimizer, scheduler, tmp_path, 3)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    fresh = make_tiny_model(tiny_tokenizer, seed=1)
+    fresh_opt, fresh_sched = setup_optimizer(fresh, config, total_steps=10)
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    load_state(accelerator, fresh, fresh_opt, fresh_sched, tmp_path / "trainer_state" / "step_3")
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+    saved, loaded = optimizer.state_dict(), fresh_opt.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for index, per_param in saved["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(value, loaded["state"][index][key]), (index, key)
+    assert fresh_sched.state_dict() == scheduler.state_dict() and fresh_sched.get_last_lr() == scheduler.get_last_lr()
+    assert not list((tmp_path / "trainer_state").rglob("*.pkl")) and not list((tmp_path / "trainer_state").rglob("*.bin"))
+
+
+def _short_run(tok, out_dir, rows=None, model_seed=4, on_step=None, **config):
+    from tiny import make_tiny_model
+
+    model = make_tiny_model(tok, seed=model_seed)
+    settings = dict(batch_size=4, micro_batch_size=4, save_every=1, max_steps=2)
+    settings.update(config)
+    train(model, tok, rows if rows is not None else _rows(tok, 8), _config(**settings), out_dir=out_dir,
+          on_step=on_step)
+    return model
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(steps):
+    def on_step(done):
+        if done == steps:
+            raise _Stop
+
+    return on_step
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"lr": 3e-2}, "train.lr"),
+    ({"objective": ObjectiveConfig(name="dft")}, "objective.name"),
+    ({"rows_seed": 9}, "data.digest"),
+    ({"model_seed": 5}, "model.weights"),
+])
+def test_resume_with_other_inputs_is_refused_naming_them(change, named, tiny_tokenizer, tmp_path):
+    from onpolicy_sft.rundir import InputsChanged
+
+    with pytest.raises(_Stop):  # a run that saved state at step 1 and died
+        _short_run(tiny_tokenizer, tmp_path, on_step=_stop_after(1))
+    change = dict(change)
+    rows = _rows(tiny_tokenizer, 8, seed=change.pop("rows_seed", 0))
+    with pytest.raises(InputsChanged, match=named.replace(".", r"\.")):
+        _short_run(tiny_tokenizer, tmp_path, rows=rows, **change)
+    assert not (tmp_path / DONE_FILE).exists()
+
+
+def test_finished_run_is_returned_not_retrained_and_other_inputs_refused(tiny_tokenizer, tmp_path):
+    from onpolicy_sft.rundir import InputsChanged
+
+    trained = _short_run(tiny_tokenizer, tmp_path)
+    calls = []
+    again = _short_run(tiny_tokenizer, tmp_path, on_step=calls.append)
+    assert calls == []  # not one step trained again
+    for (name, p), q in zip(trained.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name  # the rerun's model holds the finished weights
+    with pytest.raises(InputsChanged, match=r"train\.lr"):
+        _short_run(tiny_tokenizer, tmp_path, lr=3e-2)
+
+
+def test_a_run_killed_before_saving_state_starts_afresh_with_new_inputs(tiny_tokenizer, tmp_path):
+    with pytest.raises(_Stop):
+        _short_run(tiny_tokenizer, tmp_path, save_every=0, on_step=_stop_after(1))
+    _short_run(tiny_tokenizer, tmp_path, lr=3e-2)  # nothing saved to resume, so nothing to refuse
+    assert json.loads((tmp_path / "train_inputs.json").read_text())["train.lr"] == 3e-2
+    assert _steps_logged(tmp_path) == [1, 2]
+
+
+def test_second_run_on_a_locked_directory_is_refused(tiny_tokenizer, tmp_path):
+    from onpolicy_sft.rundir import DirectoryLocked, RunLock
+
+    with RunLock(tmp_path, "training run"):
+        with pytest.raises(DirectoryLocked, match="in use"):
+            _short_run(tiny_tokenizer, tmp_path)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_row_changes_are_counted_warned_and_recorded(tiny_tokenizer, tmp_path, caplog):
+    import datasets
+
+    long_response = " ".join(["seven"] * 40)
+    rows = [{"prompt": "p1", "response": "short"}, {"prompt": "p1", "response": "short"},
+            {"prompt": "p2", "response": long_response}, {"prompt": "p3 " + "word " * 60, "response": "x"},
+            {"prompt": "p4", "response": "fine"}]
+    with caplog.at_level("WARNING", logger="onpolicy_sft.train"):
+        _short_run(tiny_tokenizer, tmp_path, rows=datasets.Dataset.from_list(rows), max_length=32)
+    record = json.loads((tmp_path / "train_data.json").read_text())
+    assert record["rows"] == 5 and record["kept"] == 4
+    assert (record["truncated"], record["skipped_prompt_too_long"], record["duplicates"]) == (1, 1, 1)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "1 truncated" in warning and "1 duplicates" in warning and "1 skipped prompt too long" in warning
+    assert json.loads((tmp_path / DONE_FILE).read_text())["rows"]["duplicates"] == 1
+
+
+def test_pairs_with_a_prompt_filling_max_length_are_skipped_and_counted(tiny_tokenizer):
+    import datasets
+    from onpolicy_sft.data import tokenize_for_training
+
+    pairs = datasets.Dataset.from_list([
+        {"prompt": "q", "chosen": "good " * 30, "rejected": "bad"},
+        {"prompt": "q " * 60, "chosen": "good", "rejected": "bad"},
+        {"prompt": "q", "chosen": "good", "rejected": "bad"},
+    ])
+    out, counts = tokenize_for_training(pairs, tiny_tokenizer, max_length=32, pairwise=True)
+    assert (counts["rows"], counts["kept"], counts["truncated"], counts["skipped_prompt_too_long"]) == (3, 2, 1, 1)
+    assert all(len(ids) <= 32 for ids in out["chosen_input_ids"])
+
+
+@pytest.mark.parametrize("setting, named", [({"epochs": 0.0}, "train.epochs"), ({"max_steps": 0}, "train.max_steps")])
+def test_settings_that_would_train_nothing_are_errors(setting, named, tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        _short_run(tiny_tokenizer, tmp_path, **{"max_steps": None, **setting})
+    assert not (tmp_path / "logs").exists()
+
+
+def test_target_sft_without_a_teacher_says_it_trains_like_dft(tiny_tokenizer, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="onpolicy_sft.train"):
+        _short_run(tiny_tokenizer, tmp_path, objective=ObjectiveConfig(name="target_sft"))
+    assert any("same gradient as dft" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
