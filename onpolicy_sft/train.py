@@ -46,6 +46,7 @@ from onpolicy_sft.data import (
     tokenize_for_training,
 )
 from onpolicy_sft.distributed import process_state
+from onpolicy_sft.lora import apply_lora, is_lora, save_lora
 from onpolicy_sft.models import load_model
 from onpolicy_sft.objectives import Objective, build
 from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps
@@ -122,11 +123,12 @@ class ObjectiveModel(nn.Module):
     accelerate apply autocast; the teacher and reference stay outside the module's parameters.
     """
 
-    def __init__(self, model, objective, *, fused: bool = True, teacher=None, ref=None):
+    def __init__(self, model, objective, *, fused: bool = True, teacher=None, ref=None, packed: bool = False):
         super().__init__()
         self.model = model
         self.objective = objective
         self.fused = fused
+        self.packed = packed  # padding-free decoder passes (onpolicy_sft.packing); fused path only
         self._frozen = {"teacher": teacher, "ref": ref}
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 0.0):
@@ -134,11 +136,10 @@ class ObjectiveModel(nn.Module):
         ref_logps = batch.get("ref_logps")  # cached with the pairs (preference.add_reference_logps)
         if ref_logps is None and "ref_logps" in self.objective.needs:
             with torch.no_grad():
-                ref_logps = sequence_logps(ref, batch)
+                ref_logps = sequence_logps(ref, batch, packed=self.packed)
         if self.fused:
-            return causal_lm_loss(
-                self.model, self.objective, batch, teacher=teacher, ref=ref, progress=progress, ref_logps=ref_logps
-            )
+            return causal_lm_loss(self.model, self.objective, batch, teacher=teacher, ref=ref, progress=progress,
+                                  ref_logps=ref_logps, packed=self.packed)
         return self._unfused_loss(batch, progress, teacher, ref, ref_logps)
 
     def _unfused_loss(self, batch, progress, teacher, ref, ref_logps):
@@ -581,14 +582,17 @@ def load_finished(model, out_dir: Path) -> None:
 
 def setup_model(model, objective: Objective, config: TrainConfig, accelerator: Accelerator, *, teacher=None,
                 ref=None) -> ObjectiveModel:
-    """The trained model in training mode with its objective; the frozen models on the training device."""
+    """The trained model in training mode with its objective; the frozen models on the training device.
+    With ``config.peft.rank`` > 0 the model gets LoRA adapters (in place) and only they train."""
+    if config.peft.rank:
+        model = apply_lora(model, config.peft)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     for frozen in (teacher, ref):
         if frozen is not None:
             frozen.to(accelerator.device)
-    return ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref)
+    return ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref, packed=config.packing)
 
 
 def setup_optimizer(model, config: TrainConfig, total_steps: int):
@@ -662,7 +666,10 @@ def save_final(accelerator: Accelerator, wrapped, tokenizer, out_dir: Path, *, d
     if accelerator.is_main_process:
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         trained = accelerator.unwrap_model(wrapped).model
-        trained.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
+        if is_lora(trained):
+            save_lora(trained, out_dir)  # the adapter, and the merged model that later stages load
+        else:
+            trained.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         write_json(out_dir / DONE_FILE, {"steps": data.total_steps, "objective": objective.name,
                                          "processes": accelerator.num_processes, "rows": data.record})
@@ -729,5 +736,8 @@ def train(
                    start_step=start_step, desc=f"train {objective.name}", on_step=on_step)
         save_final(accelerator, wrapped, tokenizer, out_dir, data=data, objective=objective)
         accelerator.end_training()
+        trained = accelerator.unwrap_model(wrapped).model
+        if is_lora(trained):
+            trained.merge_and_unload()  # ``model`` itself becomes the merged model, as saved
         model.eval()
         return out_dir

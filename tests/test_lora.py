@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -132,3 +134,36 @@ def test_config_refuses_bad_peft_settings():
 def test_unknown_target_module_is_refused(tiny_tokenizer):
     with pytest.raises(ValueError, match="qkv"):
         apply_lora(make_tiny_model(tiny_tokenizer), PeftConfig(rank=2, target_modules=["qkv"]))
+
+
+def test_train_with_lora_saves_adapter_and_merged_model(tiny_tokenizer, tmp_path):
+    import datasets
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_sft.config import ObjectiveConfig
+    from onpolicy_sft.train import train
+
+    rows = []
+    for seed in range(4):
+        batch = _batch(tiny_tokenizer, n=2, seed=seed)
+        rows += [{"input_ids": ids[m.bool()].tolist(), "labels": lab[m.bool()].tolist()}
+                 for ids, lab, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
+    model = make_tiny_model(tiny_tokenizer, seed=0, dtype=torch.float64, initializer_range=0.1)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(objective=ObjectiveConfig(name="sft"), lr=1e-2, batch_size=8, micro_batch_size=4,
+                         epochs=6.0, warmup_ratio=0.0, trackers=["jsonl"], progress=False,
+                         peft=PeftConfig(rank=4, alpha=8.0))
+    train(model, tiny_tokenizer, datasets.Dataset.from_list(rows), config, out_dir=tmp_path)
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "logs" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.7 * losses[0]
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # the caller's model is merged in place
+    assert torch.equal(model.model.embed_tokens.weight, start["model.embed_tokens.weight"])  # frozen head/embeddings
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, start["model.layers.0.self_attn.q_proj.weight"])
+    batch = _batch(tiny_tokenizer, seed=9)
+    expected = _logits(model, batch)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    torch.testing.assert_close(_logits(saved, batch), expected, rtol=1e-10, atol=1e-10)
+    base = make_tiny_model(tiny_tokenizer, seed=0, dtype=torch.float64, initializer_range=0.1)
+    adapted = PeftModel.from_pretrained(base, tmp_path / ADAPTER_DIR)
+    torch.testing.assert_close(_logits(adapted, batch), expected, rtol=1e-10, atol=1e-10)

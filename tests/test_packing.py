@@ -116,3 +116,23 @@ def test_gradient_checkpointing_keeps_fused_gradients_float64(tiny_tokenizer, pa
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     checkpointed = _loss_and_grads(model, objective, batch, packed=packed)
     _assert_same(plain, checkpointed)
+
+
+def test_train_with_packing_ends_with_the_padded_run_weights_float64(tiny_tokenizer, tmp_path):
+    import datasets
+
+    from onpolicy_sft.config import ObjectiveConfig, TrainConfig
+    from onpolicy_sft.train import train
+
+    data = datasets.Dataset.from_list(_rows(12, seed=6))
+    weights = {}
+    for packing in (False, True):
+        model = _model(tiny_tokenizer)
+        config = TrainConfig(objective=ObjectiveConfig(name="idft"), lr=1e-2, batch_size=6, micro_batch_size=3,
+                             warmup_ratio=0.0, trackers=["jsonl"], progress=False, packing=packing,
+                             group_by_length=False)
+        train(model, tiny_tokenizer, data, config, out_dir=tmp_path / str(packing))
+        weights[packing] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-9, atol=1e-11, msg=name)
+    assert not torch.equal(weights[False]["model.norm.weight"], _model(tiny_tokenizer).model.norm.weight)
