@@ -98,6 +98,7 @@ class TrainConfig:
     fused: bool = True
     gradient_checkpointing: bool = False
     packing: bool = False  # padding-free micro-batches (onpolicy_sft.packing); needs the fused path
+    fsdp: bool = False  # shard the model with FSDP2 over all processes (onpolicy_sft.fsdp)
     peft: PeftConfig = field(default_factory=PeftConfig)
     teacher: str | None = None  # model path/name; "base" = the frozen starting model
     ref: str | None = None  # idem; objectives that need one default to "base"
@@ -109,6 +110,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.packing and not self.fused:
             raise ValueError("train.packing needs the fused path: set train.fused: true or train.packing: false")
+        if self.fsdp and self.peft.rank:
+            raise ValueError("train.fsdp with LoRA (train.peft.rank > 0) is not supported; LoRA models are small "
+                             "enough to train data-parallel: set train.fsdp: false")
         if self.peft.rank and self.fused and "lm_head" in self.peft.target_modules and self.peft.dropout:
             raise ValueError("train.peft: LoRA dropout on lm_head is not applied by the fused path (it works from the "
                              "merged head weight); set train.peft.dropout: 0 or leave lm_head out of target_modules")

@@ -32,7 +32,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,6 +46,7 @@ from onpolicy_sft.data import (
     tokenize_for_training,
 )
 from onpolicy_sft.distributed import process_state
+from onpolicy_sft.fsdp import full_optimizer_state, full_state, grad_norm_value, is_sharded, load_full_state, shard
 from onpolicy_sft.lora import apply_lora, is_lora, save_lora
 from onpolicy_sft.models import load_model
 from onpolicy_sft.objectives import Objective, build
@@ -202,6 +203,12 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
         for key, value in batch_metrics.items():
             metrics[key] = metrics.get(key, 0.0) + float(value) * share
         tokens += int(batch["attention_mask"].sum()) if units else 0
+    if accelerator is not None and num_processes > 1:
+        # each process summed its own shares of the step's units: the step's values are the sums over processes
+        keys = sorted(metrics)
+        local = torch.tensor([step_loss, *(metrics[k] for k in keys)], dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(local, reduction="sum").tolist()
+        step_loss, metrics = total[0], dict(zip(keys, total[1:]))
     return step_loss, metrics, total_units, tokens
 
 
@@ -315,9 +322,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _optimizer_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state_dict split into tensors (for safetensors) and the rest (for JSON)."""
-    state = optimizer.state_dict()
     tensors, values = {}, {}
     for index, per_param in state["state"].items():
         for key, value in per_param.items():
@@ -331,8 +337,8 @@ def _optimizer_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for name, value in [*tensors.items(), *meta["values"].items()]:
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        index, key = name.rsplit(".", 1)  # a sharded model's optimizer state is keyed by parameter name
+        state.setdefault(int(index) if index.isdigit() else index, {})[key] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 
@@ -343,13 +349,19 @@ def save_state(accelerator: Accelerator, model, optimizer, scheduler, out_dir: P
     writes it to ``step_<n>/`` and then moves the ``latest.json`` pointer, so a kill at any moment
     leaves the previous complete state in use."""
     rng = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
+    sharded = is_sharded(model)
+    if sharded:  # FSDP: the full weights and optimizer state, gathered by every process together
+        weights, optimizer_state = full_state(model), full_optimizer_state(model, _unwrapped(optimizer))
     if accelerator.is_main_process:
         root = out_dir / STATE_DIR
         target = root / f"step_{step}"
         shutil.rmtree(target, ignore_errors=True)  # a half-written one from a killed attempt
         target.mkdir(parents=True)
-        safetensors.torch.save_model(model, str(target / "model.safetensors"))
-        tensors, meta = _optimizer_files(optimizer)
+        if sharded:
+            safetensors.torch.save_file(_unshared(weights), str(target / "model.safetensors"))
+        else:
+            safetensors.torch.save_model(model, str(target / "model.safetensors"))
+        tensors, meta = _optimizer_files(optimizer_state if sharded else optimizer.state_dict())
         safetensors.torch.save_file(tensors, str(target / "optimizer.safetensors"))
         write_json(target / "optimizer.json", meta)
         write_json(target / "scheduler.json", scheduler.state_dict())
@@ -363,6 +375,19 @@ def save_state(accelerator: Accelerator, model, optimizer, scheduler, out_dir: P
     accelerator.wait_for_everyone()
 
 
+def _unwrapped(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights): give each repeat its own copy."""
+    seen, out = set(), {}
+    for name, tensor in weights.items():
+        out[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
+    return out
+
+
 def latest_state(out_dir: Path) -> tuple[int, Path] | None:
     """(step, directory) of the last complete resume state in ``out_dir``, or None."""
     info = read_json(out_dir / STATE_DIR / "latest.json")
@@ -373,12 +398,17 @@ def latest_state(out_dir: Path) -> tuple[int, Path] | None:
 
 def load_state(accelerator: Accelerator, model, optimizer, scheduler, state_dir: Path) -> None:
     """Restore what ``save_state`` wrote. Only the files it names are read, all safetensors or JSON."""
-    missing, unexpected = safetensors.torch.load_model(model, str(state_dir / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{state_dir}: the saved weights do not fit this model (missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}); was the run started from another model?")
-    optimizer.load_state_dict(_optimizer_state(safetensors.torch.load_file(str(state_dir / "optimizer.safetensors")),
-                                               read_json(state_dir / "optimizer.json")))
+    optimizer_state = _optimizer_state(safetensors.torch.load_file(str(state_dir / "optimizer.safetensors")),
+                                       read_json(state_dir / "optimizer.json"))
+    if is_sharded(model):
+        weights = safetensors.torch.load_file(str(state_dir / "model.safetensors"))
+        load_full_state(model, weights, _unwrapped(optimizer), optimizer_state)
+    else:
+        missing, unexpected = safetensors.torch.load_model(model, str(state_dir / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{state_dir}: the saved weights do not fit this model (missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}); was the run started from another model?")
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(read_json(state_dir / "scheduler.json"))
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(read_json(state_dir / "scaler.json"))
@@ -592,7 +622,13 @@ def setup_model(model, objective: Objective, config: TrainConfig, accelerator: A
     for frozen in (teacher, ref):
         if frozen is not None:
             frozen.to(accelerator.device)
-    return ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref, packed=config.packing)
+    wrapped = ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref, packed=config.packing)
+    if config.fsdp:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("train.fsdp shards the model itself; under an accelerate FSDP config (which already "
+                             "shards it) leave train.fsdp false")
+        shard(wrapped, model, accelerator.mixed_precision)
+    return wrapped
 
 
 def setup_optimizer(model, config: TrainConfig, total_steps: int):
@@ -632,7 +668,7 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         )
         grad_norm = None
         if config.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm))
+            grad_norm = grad_norm_value(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -662,9 +698,13 @@ def save_final(accelerator: Accelerator, wrapped, tokenizer, out_dir: Path, *, d
     """The trained weights and tokenizer in save_pretrained format, then the done marker; the
     resume state goes."""
     accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(wrapped)
+    sharded = is_sharded(wrapped)
+    state = full_state(wrapped) if sharded else accelerator.get_state_dict(wrapped)
     if accelerator.is_main_process:
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        if sharded:  # the gathered state has a copy per name of a tied weight: keep the names save_pretrained keeps
+            named = {n for n, _ in accelerator.unwrap_model(wrapped).model.named_parameters()}
+            weights = {k: v for k, v in weights.items() if k in named or not k.endswith(("weight", "bias"))}
         trained = accelerator.unwrap_model(wrapped).model
         if is_lora(trained):
             save_lora(trained, out_dir)  # the adapter, and the merged model that later stages load
@@ -726,7 +766,10 @@ def train(
         teacher, ref = setup_frozen_models(model, objective, config, data.dataset, teacher=teacher, ref=ref)
         wrapped = setup_model(model, objective, config, accelerator, teacher=teacher, ref=ref)
         optimizer, scheduler = setup_optimizer(model, config, data.total_steps)
-        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+        if config.fsdp:  # already sharded by setup_model: accelerate must not wrap it again (in DDP)
+            optimizer = accelerator.prepare(optimizer)
+        else:
+            wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
         start_step = setup_state(accelerator, model, optimizer, scheduler, out_dir, data.total_steps)
         flat_config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
                        for k, v in to_dict(config).items()}

@@ -1,0 +1,84 @@
+"""FSDP2 (torch's ``fully_shard``) for training, and full-weight state dicts of a sharded model.
+
+accelerate applies FSDP only to accelerator processes (under ``accelerate launch`` with an FSDP
+config on GPUs); on CPU processes it ignores the plugin. ``train.fsdp: true`` shards here
+instead, on any device and process group (gloo on CPU, nccl on GPU): every decoder layer is one
+FSDP unit, and the ``ObjectiveModel`` wrapping model and objective is the root unit.
+
+The fused objectives multiply hidden states by the whole lm_head weight, which outside a
+forward pass is only this process's shard (a DTensor). Because the root unit is the module
+whose ``forward`` computes the loss, the root's parameters (embeddings, final norm, lm_head) are
+unsharded for exactly that forward, the fused loss sees the full weight, and its gradient is
+reduce-scattered back onto the shards after backward like any other.
+
+Whichever way a model was sharded, its parameters are DTensors; ``is_sharded`` tells, and
+``full_state`` / ``load_full_state`` convert between the shards and ordinary full tensors, so
+that resume states and final checkpoints have the same format as unsharded runs (and a run
+can resume on another number of processes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The repeated transformer blocks of a causal LM (the FSDP units)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"train.fsdp: cannot find the decoder layers of {type(model).__name__} "
+                         "(expected model.get_decoder().layers)")
+    return layers
+
+
+def shard(wrapped: nn.Module, model, mixed_precision: str = "no") -> nn.Module:
+    """Shard ``wrapped`` (an ObjectiveModel around ``model``) in place: one unit per decoder layer, ``wrapped`` the root.
+
+    With ``mixed_precision`` "bf16"/"fp16" the units compute in that dtype and reduce gradients in float32.
+    """
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    policy = MixedPrecisionPolicy(param_dtype=dtypes[mixed_precision], reduce_dtype=torch.float32) if (
+        mixed_precision in dtypes) else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(wrapped, mp_policy=policy)
+    return wrapped
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's full weights on CPU; every process must call it (the main process gets the tensors)."""
+    return get_model_state_dict(module, options=_FULL)
+
+
+def full_optimizer_state(module: nn.Module, optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name; every process must call it."""
+    return get_optimizer_state_dict(module, optimizer, options=_FULL)
+
+
+def load_full_state(module: nn.Module, weights: dict[str, torch.Tensor], optimizer=None, optimizer_state=None) -> None:
+    """Scatter full weights (and optimizer state) read on every process onto the module's shards."""
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, weights, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
+
+
+def grad_norm_value(norm) -> float:
+    """A gradient norm as a float: clipping sharded gradients returns it as a DTensor."""
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
