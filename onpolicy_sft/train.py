@@ -203,13 +203,18 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
         for key, value in batch_metrics.items():
             metrics[key] = metrics.get(key, 0.0) + float(value) * share
         tokens += int(batch["attention_mask"].sum()) if units else 0
-    if accelerator is not None and num_processes > 1:
-        # each process summed its own shares of the step's units: the step's values are the sums over processes
-        keys = sorted(metrics)
-        local = torch.tensor([step_loss, *(metrics[k] for k in keys)], dtype=torch.float64, device=accelerator.device)
-        total = accelerator.reduce(local, reduction="sum").tolist()
-        step_loss, metrics = total[0], dict(zip(keys, total[1:]))
     return step_loss, metrics, total_units, tokens
+
+
+def sum_over_processes(accelerator: Accelerator, loss: float, metrics: dict[str, float]):
+    """The step's loss and metrics from each process's part of them (``step_gradients`` weighs every
+    micro-batch by its share of the whole step's units, so the parts add up)."""
+    if accelerator.num_processes == 1:
+        return loss, metrics
+    keys = sorted(metrics)
+    local = torch.tensor([loss, *(metrics[k] for k in keys)], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    return total[0], dict(zip(keys, total[1:]))
 
 
 def _frozen(model):
@@ -666,6 +671,7 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         loss, metrics, units, tokens = step_gradients(
             wrapped, micro, pairwise=data.pairwise, progress=step / total_steps, accelerator=accelerator
         )
+        loss, metrics = sum_over_processes(accelerator, loss, metrics)
         grad_norm = None
         if config.max_grad_norm:
             grad_norm = grad_norm_value(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm))
