@@ -620,6 +620,9 @@ def setup_model(model, objective: Objective, config: TrainConfig, accelerator: A
     """The trained model in training mode with its objective; the frozen models on the training device.
     With ``config.peft.rank`` > 0 the model gets LoRA adapters (in place) and only they train."""
     if config.peft.rank:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("LoRA (train.peft.rank > 0) under an accelerate FSDP config is not supported: "
+                             "launch data-parallel (distributed_type: MULTI_GPU) instead")
         model = apply_lora(model, config.peft)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()

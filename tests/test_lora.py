@@ -139,9 +139,9 @@ def test_unknown_target_module_is_refused(tiny_tokenizer):
 def test_train_with_lora_saves_adapter_and_merged_model(tiny_tokenizer, tmp_path):
     import datasets
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from onpolicy_sft.config import ObjectiveConfig
+    from onpolicy_sft.models import load_model
     from onpolicy_sft.train import train
 
     rows = []
@@ -162,7 +162,7 @@ def test_train_with_lora_saves_adapter_and_merged_model(tiny_tokenizer, tmp_path
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, start["model.layers.0.self_attn.q_proj.weight"])
     batch = _batch(tiny_tokenizer, seed=9)
     expected = _logits(model, batch)
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    saved, _ = load_model(str(tmp_path), dtype=torch.float64, device="cpu")  # as the loop loads each round's model
     torch.testing.assert_close(_logits(saved, batch), expected, rtol=1e-10, atol=1e-10)
     base = make_tiny_model(tiny_tokenizer, seed=0, dtype=torch.float64, initializer_range=0.1)
     adapted = PeftModel.from_pretrained(base, tmp_path / ADAPTER_DIR)
