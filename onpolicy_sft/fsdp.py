@@ -19,19 +19,19 @@ can resume on another number of processes).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# torch.distributed.{tensor,fsdp,checkpoint} are imported where used: they take seconds to
+# import, and only sharded runs need them.
+
+
+def _dtensor_type():
+    """The DTensor class if torch.distributed.tensor is loaded; if it is not, no tensor can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module.DTensor if module is not None else None
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -48,6 +48,8 @@ def shard(wrapped: nn.Module, model, mixed_precision: str = "no") -> nn.Module:
 
     With ``mixed_precision`` "bf16"/"fp16" the units compute in that dtype and reduce gradients in float32.
     """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     policy = MixedPrecisionPolicy(param_dtype=dtypes[mixed_precision], reduce_dtype=torch.float32) if (
         mixed_precision in dtypes) else MixedPrecisionPolicy()
@@ -58,21 +60,28 @@ def shard(wrapped: nn.Module, model, mixed_precision: str = "no") -> nn.Module:
 
 
 def is_sharded(module: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
 
 
 def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's full weights on CPU; every process must call it (the main process gets the tensors)."""
-    return get_model_state_dict(module, options=_FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_optimizer_state(module: nn.Module, optimizer) -> dict:
     """The optimizer's full state keyed by parameter name; every process must call it."""
-    return get_optimizer_state_dict(module, optimizer, options=_FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(module: nn.Module, weights: dict[str, torch.Tensor], optimizer=None, optimizer_state=None) -> None:
     """Scatter full weights (and optimizer state) read on every process onto the module's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(module, weights, options=options)
     if optimizer is not None:
@@ -81,4 +90,5 @@ def load_full_state(module: nn.Module, weights: dict[str, torch.Tensor], optimiz
 
 def grad_norm_value(norm) -> float:
     """A gradient norm as a float: clipping sharded gradients returns it as a DTensor."""
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    dtensor = _dtensor_type()
+    return float(norm.full_tensor() if dtensor is not None and isinstance(norm, dtensor) else norm)
