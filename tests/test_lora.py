@@ -167,3 +167,45 @@ def test_train_with_lora_saves_adapter_and_merged_model(tiny_tokenizer, tmp_path
     base = make_tiny_model(tiny_tokenizer, seed=0, dtype=torch.float64, initializer_range=0.1)
     adapted = PeftModel.from_pretrained(base, tmp_path / ADAPTER_DIR)
     torch.testing.assert_close(_logits(adapted, batch), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_lora_run_resumes_from_its_saved_state_float64(tiny_tokenizer, tmp_path):
+    """A run stopped after step 3 (state saved at step 2, adapters and frozen weights together)
+    resumes and ends with exactly the weights of an uninterrupted run."""
+    import datasets
+    from safetensors.torch import load_file
+
+    from onpolicy_sft.config import ObjectiveConfig
+    from onpolicy_sft.train import train
+
+    rows = []
+    for seed in range(5):
+        batch = _batch(tiny_tokenizer, n=2, seed=seed)
+        rows += [{"input_ids": ids[m.bool()].tolist(), "labels": lab[m.bool()].tolist()}
+                 for ids, lab, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
+    data = datasets.Dataset.from_list(rows)
+    config = TrainConfig(objective=ObjectiveConfig(name="sft"), lr=1e-2, batch_size=2, micro_batch_size=1,
+                         warmup_ratio=0.2, trackers=["jsonl"], progress=False, save_every=2,
+                         peft=PeftConfig(rank=4, alpha=8.0, dropout=0.1))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(done):
+        if done == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(make_tiny_model(tiny_tokenizer, dtype=torch.float64), tiny_tokenizer, data, config,
+              out_dir=tmp_path / "resumed", on_step=stop_after_3)
+    replayed = []
+    train(make_tiny_model(tiny_tokenizer, dtype=torch.float64), tiny_tokenizer, data, config,
+          out_dir=tmp_path / "resumed", on_step=replayed.append)
+    train(make_tiny_model(tiny_tokenizer, dtype=torch.float64), tiny_tokenizer, data, config,
+          out_dir=tmp_path / "straight")
+    assert replayed == [3, 4, 5]
+    for name in ("model.safetensors", f"{ADAPTER_DIR}/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "resumed" / name), load_file(tmp_path / "straight" / name)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
