@@ -7,15 +7,13 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("peft")
-
-from onpolicy_sft.config import PeftConfig, TrainConfig  # noqa: E402
-from onpolicy_sft.data import collate  # noqa: E402
-from onpolicy_sft.lora import ADAPTER_DIR, apply_lora, merged_copy, save_lora  # noqa: E402
-from onpolicy_sft.objectives import build  # noqa: E402
-from onpolicy_sft.objectives.adapters import causal_lm_loss  # noqa: E402
-from onpolicy_sft.ops import IGNORE_INDEX  # noqa: E402
-from tiny import make_tiny_model  # noqa: E402
+from onpolicy_sft.config import PeftConfig, TrainConfig
+from onpolicy_sft.data import collate
+from onpolicy_sft.lora import ADAPTER_DIR, apply_lora, merged_copy, save_lora
+from onpolicy_sft.objectives import build
+from onpolicy_sft.objectives.adapters import causal_lm_loss
+from onpolicy_sft.ops import IGNORE_INDEX
+from tiny import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
