@@ -36,6 +36,12 @@ def apply_lora(model, config: PeftConfig):
             f"train.peft.target_modules: {missing} name no module of {type(model).__name__} "
             f"(its linear layers include {sorted(n for n in names if n.endswith('proj') or n == 'lm_head')})"
         )
+    if "lm_head" in config.target_modules and getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError(
+            "train.peft.target_modules: lm_head is tied to the input embedding in this model, so merging its "
+            "adapter would change the embedding too (the merged model would not be the trained one); leave "
+            "lm_head out of target_modules"
+        )
     lora = LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
         target_modules=list(config.target_modules), task_type="CAUSAL_LM",

@@ -28,8 +28,19 @@ def _batch(tokenizer, n=4, seed=0):
     return collate(rows, tokenizer.pad_token_id)
 
 
+def _untied(tokenizer, dtype):
+    """The tiny model with its own lm_head (LoRA on a tied head would move the embedding when merged)."""
+    from transformers import LlamaForCausalLM
+
+    config = make_tiny_model(tokenizer).config
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype)
+
+
 def _adapted(tokenizer, dtype=torch.float64, **peft):
-    model = make_tiny_model(tokenizer, seed=0, dtype=dtype)
+    targets_head = "lm_head" in peft.get("target_modules", [])
+    model = _untied(tokenizer, dtype) if targets_head else make_tiny_model(tokenizer, seed=0, dtype=dtype)
     config = PeftConfig(rank=4, alpha=8.0, **peft)
     adapted = apply_lora(model, config).train()
     torch.manual_seed(1)
@@ -106,6 +117,12 @@ def test_fused_gradients_equal_full_logits_with_lm_head_targeted_float64(tiny_to
     assert any("lm_head" in n for n in fused)
     for name in full:
         torch.testing.assert_close(fused[name], full[name], rtol=1e-9, atol=1e-11, msg=name)
+    torch.testing.assert_close(_logits(merged_copy(model), batch), _logits(model, batch), rtol=1e-10, atol=1e-10)
+
+
+def test_lora_on_a_tied_lm_head_is_refused(tiny_tokenizer):
+    with pytest.raises(ValueError, match="tied"):
+        apply_lora(make_tiny_model(tiny_tokenizer), PeftConfig(rank=2, target_modules=["q_proj", "lm_head"]))
 
 
 def test_gradient_checkpointing_with_lora_keeps_gradients_float64(tiny_tokenizer):
