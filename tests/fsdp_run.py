@@ -1,6 +1,8 @@
 """One training run of the FSDP tests, in this process or as one of torchrun's processes.
 
-    fsdp_run.py OUT_DIR OBJECTIVE FSDP(0|1) [KILL_AFTER_STEP]
+    fsdp_run.py OUT_DIR OBJECTIVE FSDP(0|1) [KILL_AFTER_STEP [LONG(0|1)]]
+
+LONG=1 turns on packing (of 2-row micro-batches) and gradient checkpointing, which must not change the result.
 
 After the first step each process writes ``sharded_<rank>.json``: whether its model's parameters
 were FSDP shards (DTensors) while it trained.
@@ -39,13 +41,13 @@ def rows(objective: str, n: int = 16):
     return datasets.Dataset.from_list(out)
 
 
-def run(out_dir: str, objective: str, fsdp: bool, kill_after: int = 0) -> None:
+def run(out_dir: str, objective: str, fsdp: bool, kill_after: int = 0, long: bool = False) -> None:
     torch.set_num_threads(1)
     tokenizer = make_tiny_tokenizer()
     model = make_tiny_model(tokenizer, seed=0, dtype=torch.float64)
-    config = TrainConfig(objective=ObjectiveConfig(name=objective), lr=1e-2, batch_size=4, micro_batch_size=1,
+    config = TrainConfig(objective=ObjectiveConfig(name=objective), lr=1e-2, batch_size=4, micro_batch_size=1 + long,
                          warmup_ratio=0.2, max_grad_norm=1.0, save_every=2, trackers=["jsonl"], progress=False,
-                         mixed_precision="no", fsdp=fsdp)
+                         mixed_precision="no", fsdp=fsdp, packing=long, gradient_checkpointing=long)
 
     def on_step(done: int) -> None:
         if done == 1:
@@ -57,4 +59,5 @@ def run(out_dir: str, objective: str, fsdp: bool, kill_after: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]) if len(sys.argv) > 4 else 0)
+    args = sys.argv[1:] + ["0", "0"][len(sys.argv) - 4 :]
+    run(args[0], args[1], args[2] == "1", int(args[3]), args[4] == "1")

@@ -21,12 +21,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 TESTS = Path(__file__).parent
 
 
-def _torchrun(out_dir: Path, objective: str, kill_after: int = 0) -> subprocess.CompletedProcess:
+def _torchrun(out_dir: Path, objective: str, kill_after: int = 0, long: bool = False) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
            "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [str(torchrun), "--nproc_per_node", "2", str(TESTS / "fsdp_run.py"), str(out_dir), objective, "1",
-           str(kill_after)]
+           str(kill_after), "1" if long else "0"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -49,13 +49,15 @@ def two_process_sft(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
-def test_fsdp_two_processes_match_one_process_float64(objective, two_process_sft, tmp_path):
+@pytest.mark.parametrize("objective, long", [("sft", False), ("dpo", False), ("idft", True)])
+def test_fsdp_two_processes_match_one_process_float64(objective, long, two_process_sft, tmp_path):
+    """long: the 2 FSDP processes also pack their micro-batches and checkpoint activations; the
+    1-process run does neither."""
     if objective == "sft":
         two = two_process_sft
     else:
         two = tmp_path / "two"
-        result = _torchrun(two, objective)
+        result = _torchrun(two, objective, long=long)
         assert result.returncode == 0, result.stderr[-3000:]
     one = tmp_path / "one"
     run(str(one), objective, fsdp=False)
