@@ -102,7 +102,7 @@ class TrainConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     teacher: str | None = None  # model path/name; "base" = the frozen starting model
     ref: str | None = None  # idem; objectives that need one default to "base"
-    save_every: int = 0  # resumable state every N optimizer steps (0: never, only the final weights)
+    save_every: int = 50  # resumable state every N optimizer steps (0: never, only the final weights)
     log_every: int = 1
     trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
     progress: bool = True

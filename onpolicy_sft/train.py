@@ -11,6 +11,11 @@ mean over the step, whatever the micro-batching or process count. Pairwise objec
 The rows of an optimizer step are fixed by the seed alone (``plan_steps``); only how they are
 split into micro-batches depends on the micro-batch size and the number of processes. That is
 what makes 1×8 and 4×2 the same update, and what lets a resumed run replay the same data.
+
+Besides the weights, a run's directory holds ``train_inputs.json`` (what the weights depend on:
+a resume or rerun with other inputs is refused), ``train_data.json`` (rows truncated, skipped and
+repeated), ``logs/train/metrics.jsonl`` and, while it runs, ``trainer_state/step_<n>/``: weights,
+optimizer, scheduler and RNG states as safetensors and JSON, so that nothing read back is a pickle.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ DONE_FILE = "training_complete.json"
 FINGERPRINT_FILE = "train_inputs.json"  # what the run's weights depend on (``fingerprint``)
 DATA_RECORD = "train_data.json"  # what happened to the rows: truncated, skipped, duplicated
 METRICS_FILE = Path("logs") / "train" / "metrics.jsonl"
+STATE_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.json")
 
 
 def plan_steps(
@@ -167,12 +173,15 @@ def count_units(batch: dict[str, torch.Tensor], pairwise: bool) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, accelerator=None):
+def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, accelerator=None, filler=None):
     """Accumulate the gradient of one optimizer step; returns (loss, metrics, units, tokens) of the step.
 
     ``micro_batches`` are this process's collated batches (None for an empty one). Each loss is
     scaled by its share of the step's units over all processes (see the module docstring); DDP
-    averages gradients over processes, hence the extra factor ``num_processes``.
+    averages gradients over processes, hence the extra factor ``num_processes``. An empty
+    micro-batch runs another batch with weight 0 instead (``filler`` when this process has none
+    at all: a last step with fewer rows than processes), so that every process makes the same
+    collective calls.
     """
     num_processes = accelerator.num_processes if accelerator is not None else 1
     local_units = [count_units(b, pairwise) if b is not None else 0 for b in micro_batches]
@@ -183,7 +192,7 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
     if total_units == 0:
         raise ValueError("an optimizer step has no response tokens: check the labels (all −100?)")
     step_loss, metrics, tokens = 0.0, {}, 0
-    fallback = next(b for b in micro_batches if b is not None) if any(b is not None for b in micro_batches) else None
+    fallback = next((b for b in micro_batches if b is not None), filler)
     for i, (batch, units) in enumerate(zip(micro_batches, local_units)):
         last = i == len(micro_batches) - 1
         if batch is None:
@@ -205,16 +214,6 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
         tokens += int(batch["attention_mask"].sum()) if units else 0
     return step_loss, metrics, total_units, tokens
 
-
-def sum_over_processes(accelerator: Accelerator, loss: float, metrics: dict[str, float]):
-    """The step's loss and metrics from each process's part of them (``step_gradients`` weighs every
-    micro-batch by its share of the whole step's units, so the parts add up)."""
-    if accelerator.num_processes == 1:
-        return loss, metrics
-    keys = sorted(metrics)
-    local = torch.tensor([loss, *(metrics[k] for k in keys)], dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(local, reduction="sum").tolist()
-    return total[0], dict(zip(keys, total[1:]))
 
 
 def _frozen(model):
@@ -403,6 +402,10 @@ def latest_state(out_dir: Path) -> tuple[int, Path] | None:
 
 def load_state(accelerator: Accelerator, model, optimizer, scheduler, state_dir: Path) -> None:
     """Restore what ``save_state`` wrote. Only the files it names are read, all safetensors or JSON."""
+    missing_files = [name for name in STATE_FILES if not (state_dir / name).exists()]
+    if missing_files:
+        raise FileNotFoundError(f"{state_dir} lacks {', '.join(missing_files)}: it is not resume state this version "
+                                f"wrote (or not all of it); delete {state_dir.parent} to train from the start")
     optimizer_state = _optimizer_state(safetensors.torch.load_file(str(state_dir / "optimizer.safetensors")),
                                        read_json(state_dir / "optimizer.json"))
     if is_sharded(model):
@@ -550,6 +553,11 @@ class TrainData:
         return [collate_rows(self.dataset, rows, self.pad_token_id, self.pairwise, device)
                 for rows in self.plan[step][process_index]]
 
+    def filler(self, step: int, device) -> dict[str, torch.Tensor]:
+        """One row of the step, for a process whose share of it is empty (run with weight 0)."""
+        first = next(rows for process in self.plan[step] for rows in process if rows)
+        return collate_rows(self.dataset, first[:1], self.pad_token_id, self.pairwise, device)
+
 
 def setup_data(dataset, tokenizer, objective: Objective, config: TrainConfig, num_processes: int) -> TrainData:
     """Tokenize, count what was truncated, skipped or repeated (a WARNING when any), and plan the steps."""
@@ -671,10 +679,13 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         step_start = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         micro = data.micro_batches(step, accelerator.process_index, accelerator.device)
+        filler = data.filler(step, accelerator.device) if all(b is None for b in micro) else None
         loss, metrics, units, tokens = step_gradients(
-            wrapped, micro, pairwise=data.pairwise, progress=step / total_steps, accelerator=accelerator
+            wrapped, micro, pairwise=data.pairwise, progress=step / total_steps, accelerator=accelerator,
+            filler=filler,
         )
-        loss, metrics = sum_over_processes(accelerator, loss, metrics)
+        if accelerator.num_processes > 1:  # each process holds its share of the step's loss and metrics
+            loss, tokens, metrics = _summed_over_processes(accelerator, loss, tokens, metrics)
         grad_norm = None
         if config.max_grad_norm:
             grad_norm = grad_norm_value(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm))
@@ -682,7 +693,7 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        seen_tokens += tokens * accelerator.num_processes
+        seen_tokens += tokens
         now = time.perf_counter()
         speed = seen_tokens / max(1e-9, now - started)
         if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
@@ -700,6 +711,12 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         if on_step is not None:
             on_step(step + 1)
     bar.close()
+
+
+def _summed_over_processes(accelerator: Accelerator, loss: float, tokens: int, metrics: dict):
+    values = torch.tensor([loss, float(tokens), *metrics.values()], dtype=torch.float64)
+    values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu().tolist()
+    return values[0], int(values[1]), dict(zip(metrics, values[2:]))
 
 
 def save_final(accelerator: Accelerator, wrapped, tokenizer, out_dir: Path, *, data: TrainData,

@@ -475,3 +475,85 @@ def test_target_sft_without_a_teacher_says_it_trains_like_dft(tiny_tokenizer, tm
     with caplog.at_level("WARNING", logger="onpolicy_sft.train"):
         _short_run(tiny_tokenizer, tmp_path, objective=ObjectiveConfig(name="target_sft"))
     assert any("same gradient as dft" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def _data_parallel_run(out_dir):
+    """Float64, 9 rows in steps of 4: the last step has 1 row for 2 processes. State is saved every step."""
+    from tiny import make_tiny_model, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(tok, seed=6, dtype=torch.float64)
+    train(model, tok, _rows(tok, 9, seed=2), _config(batch_size=4, micro_batch_size=1, warmup_ratio=0.3,
+          max_grad_norm=1.0, save_every=1), out_dir=out_dir)
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import builtins, json, os, sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    out_dir = os.path.abspath(sys.argv[1])
+    writes = []
+    if int(os.environ["RANK"]) != 0:  # record every write a non-main process makes under out_dir
+        import safetensors.torch, transformers
+        real_open = builtins.open
+
+        def watched_open(file, mode="r", *args, **kwargs):
+            if any(m in mode for m in "wax+") and os.path.abspath(str(file)).startswith(out_dir):
+                writes.append(str(file))
+            return real_open(file, mode, *args, **kwargs)
+
+        def watch(owner, name):
+            real = getattr(owner, name)
+            setattr(owner, name, lambda *a, **k: (writes.append(name), real(*a, **k))[1])
+
+        builtins.open = watched_open
+        for owner, name in [(safetensors.torch, "save_file"), (safetensors.torch, "save_model"),
+                            (transformers.PreTrainedModel, "save_pretrained")]:
+            watch(owner, name)
+    from test_train import _data_parallel_run
+    _data_parallel_run(out_dir)
+    if writes:
+        builtins.open(sys.argv[2], "w").write(json.dumps(writes))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_only_the_main_process_writes(tmp_path):
+    """torchrun, 2 CPU processes over gloo: the same weights as one process (float64), every step
+    logged once, and no file written by the second process."""
+    from safetensors.torch import load_file
+
+    script = tmp_path / "run.py"
+    script.write_text(TWO_PROCESS_SCRIPT.format(tests=str(TESTS)))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    writes = tmp_path / "rank1_writes.json"
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "two"), str(writes)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert not writes.exists(), writes.read_text()
+    _data_parallel_run(tmp_path / "one")
+    assert _steps_logged(tmp_path / "two") == _steps_logged(tmp_path / "one") == [1, 2, 3]
+    logs = [[json.loads(line) for line in (tmp_path / run / "logs" / "train" / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    for key in ("train/loss", "train/tokens", "train/units", "train/grad_norm"):
+        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-9), key
+    assert json.loads((tmp_path / "two" / DONE_FILE).read_text())["processes"] == 2
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_default_settings_leave_resumable_state(tiny_tokenizer, tmp_path):
+    """``train --out`` without a config says "rerun to resume": the default config must save state."""
+    from tiny import make_tiny_model
+
+    defaults = TrainConfig(batch_size=1, micro_batch_size=1, trackers=["jsonl"], progress=False)
+    steps = defaults.save_every + 1
+    with pytest.raises(_Stop):
+        train(make_tiny_model(tiny_tokenizer), tiny_tokenizer, _rows(tiny_tokenizer, steps + 1), defaults,
+              out_dir=tmp_path, on_step=_stop_after(steps))
+    assert json.loads((tmp_path / "trainer_state" / "latest.json").read_text())["step"] == defaults.save_every
