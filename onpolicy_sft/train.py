@@ -215,7 +215,6 @@ def step_gradients(wrapped, micro_batches, *, pairwise: bool, progress: float, a
     return step_loss, metrics, total_units, tokens
 
 
-
 def _frozen(model):
     model = copy.deepcopy(model) if model is not None else None
     if model is not None:
