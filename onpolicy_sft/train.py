@@ -590,28 +590,33 @@ def setup_data(dataset, tokenizer, objective: Objective, config: TrainConfig, nu
 
 def setup_run_dir(out_dir: Path, inputs: dict, is_main: bool) -> str:
     """What ``out_dir`` holds for this run: "new", "resume" (saved state of a run with the same
-    ``inputs``) or "finished" (a completed run with the same inputs). A directory whose saved
-    state or finished weights came from other inputs is refused (``rundir.InputsChanged``),
-    naming each input that differs; one with neither is started afresh."""
-    finished = (out_dir / DONE_FILE).exists()
-    if not finished and latest_state(out_dir) is None:
+    ``inputs``) or "finished" (a completed run with the same inputs and its weights). A directory
+    whose saved state or finished run came from other inputs is refused (``rundir.InputsChanged``),
+    naming each input that differs. A finished run of the same inputs whose weights were deleted
+    (the comparison keeps only results) is trained again: the same inputs give the same weights."""
+    done = (out_dir / DONE_FILE).exists()
+    if done or latest_state(out_dir) is not None:
         if is_main:
-            (out_dir / FINGERPRINT_FILE).unlink(missing_ok=True)
-            check_fingerprint(out_dir / FINGERPRINT_FILE, inputs, "training run")
+            check_fingerprint(out_dir / FINGERPRINT_FILE, inputs, "finished training run" if done else "training run")
+        if not done:
+            return "resume"
+        if any(out_dir.glob("*.safetensors")):
+            return "finished"
+        logger.warning("%s records a finished run of these inputs whose weights were deleted: training it again",
+                       out_dir)
+        if is_main:
+            (out_dir / DONE_FILE).unlink()
         return "new"
-    if is_main:
-        check_fingerprint(out_dir / FINGERPRINT_FILE, inputs, "finished training run" if finished else "training run")
-    return "finished" if finished else "resume"
+    if is_main:  # nothing saved to resume: whatever inputs a killed earlier attempt had no longer matter
+        (out_dir / FINGERPRINT_FILE).unlink(missing_ok=True)
+        check_fingerprint(out_dir / FINGERPRINT_FILE, inputs, "training run")
+    return "new"
 
 
 def load_finished(model, out_dir: Path) -> None:
     """Load the weights of a finished run in ``out_dir`` into ``model`` (tied weights are saved once)."""
-    files = sorted(out_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{out_dir} records a finished training run but holds no weights; "
-                                "use another output directory, or delete it to train again")
     weights = {}
-    for path in files:
+    for path in sorted(out_dir.glob("*.safetensors")):
         weights.update(safetensors.torch.load_file(str(path)))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     state = model.state_dict()

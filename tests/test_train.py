@@ -414,6 +414,11 @@ def test_finished_run_is_returned_not_retrained_and_other_inputs_refused(tiny_to
         assert torch.equal(p, q), name  # the rerun's model holds the finished weights
     with pytest.raises(InputsChanged, match=r"train\.lr"):
         _short_run(tiny_tokenizer, tmp_path, lr=3e-2)
+    (tmp_path / "model.safetensors").unlink()  # what the comparison does once a cell's results are in
+    retrained = _short_run(tiny_tokenizer, tmp_path, on_step=calls.append)
+    assert calls == [1, 2]
+    for (name, p), q in zip(trained.named_parameters(), retrained.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_a_run_killed_before_saving_state_starts_afresh_with_new_inputs(tiny_tokenizer, tmp_path):
