@@ -97,11 +97,11 @@ def test_merged_model_logits_equal_adapted_logits(tiny_tokenizer, tmp_path):
     torch.testing.assert_close(_logits(with_adapter, batch), adapted, rtol=1e-10, atol=1e-10)
 
 
-def _grads(model, batch, fused: bool):
+def _grads(model, batch, fused: bool, packed: bool = False):
     objective = build("idft")
     model.zero_grad(set_to_none=True)
     if fused:
-        loss, _ = causal_lm_loss(model, objective, batch)
+        loss, _ = causal_lm_loss(model, objective, batch, packed=packed)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         loss, _ = objective.from_logits(logits, batch["labels"][:, 1:])
@@ -125,13 +125,14 @@ def test_lora_on_a_tied_lm_head_is_refused(tiny_tokenizer):
         apply_lora(make_tiny_model(tiny_tokenizer), PeftConfig(rank=2, target_modules=["q_proj", "lm_head"]))
 
 
-def test_gradient_checkpointing_with_lora_keeps_gradients_float64(tiny_tokenizer):
-    """Frozen embeddings give the first checkpointed layer inputs without grad; the adapters must still get theirs."""
+def test_gradient_checkpointing_and_packing_with_lora_keep_gradients_float64(tiny_tokenizer):
+    """Frozen embeddings give the first checkpointed layer inputs without grad; the adapters must
+    still get theirs, and the same ones from a packed (padding-free) forward."""
     batch = _batch(tiny_tokenizer, seed=3)
     plain = _grads(_adapted(tiny_tokenizer), batch, True)
     model = _adapted(tiny_tokenizer)
     model.gradient_checkpointing_enable()
-    checkpointed = _grads(model, batch, True)
+    checkpointed = _grads(model, batch, True, packed=True)
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-10, atol=1e-12, msg=name)
