@@ -13,8 +13,8 @@ reduce-scattered back onto the shards after backward like any other.
 
 Whichever way a model was sharded, its parameters are DTensors; ``is_sharded`` tells, and
 ``full_state`` / ``load_full_state`` convert between the shards and ordinary full tensors, so
-that resume states and final checkpoints have the same format as unsharded runs (and a run
-can resume on another number of processes).
+that resume states and final checkpoints are the same safetensors/JSON files as unsharded runs
+write (the optimizer state keyed by parameter name instead of position).
 """
 
 from __future__ import annotations

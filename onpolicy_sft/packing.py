@@ -10,6 +10,8 @@ DPO's per-row sums) sees exactly the batch it would have seen padded: packing ch
 of the decoder, not the batch format.
 
 Rows must be contiguous in their padded row (right or left padding, as ``data.collate`` makes).
+With sdpa/eager attention transformers materialises the block-diagonal mask as [L, L] booleans
+for L packed tokens; flash_attention_2 works from the position ids and needs no mask.
 """
 
 from __future__ import annotations
