@@ -585,9 +585,15 @@ def duplicate_rows(dataset, pairwise: bool) -> int:
     columns = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"] if pairwise \
         else ["input_ids", "labels"]
     seen, repeats = set(), 0
-    for batch in dataset.select_columns(columns).iter(batch_size=1024):
-        for row in zip(*(batch[c] for c in columns)):
-            key = hashlib.sha256(json.dumps(row, separators=(",", ":")).encode()).digest()
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=4096):
+        lists = [table.column(c).combine_chunks() for c in columns]
+        flat = [(x.flatten().to_numpy(), x.offsets.to_numpy() - x.offsets[0].as_py()) for x in lists]
+        for i in range(table.num_rows):
+            row = hashlib.sha256()
+            for values, offsets in flat:
+                row.update(int(offsets[i + 1] - offsets[i]).to_bytes(8, "little"))
+                row.update(values[offsets[i] : offsets[i + 1]].tobytes())
+            key = row.digest()
             repeats += key in seen
             seen.add(key)
     return repeats

@@ -434,8 +434,9 @@ DISPLAY_FIELDS = ("progress", "trackers", "log_every", "save_every")  # change t
 
 
 def _model_identity(model) -> dict | None:
-    """Name, size and a content digest of a model's weights (each tensor's float64 sum and a
-    strided sample of its bytes): what tells a starting model apart without hashing gigabytes."""
+    """Size and a content digest of a model's weights (each tensor's float64 sum and a strided
+    sample of its bytes): what tells a starting model apart without hashing gigabytes. Not its
+    path: the same weights moved or named another way are the same start."""
     if model is None:
         return None
     parts = []
@@ -443,19 +444,23 @@ def _model_identity(model) -> dict | None:
         for name, tensor in model.state_dict().items():
             flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-            parts.append([name, list(tensor.shape), str(tensor.dtype), float(flat.double().sum()),
+            parts.append([name, list(tensor.shape), str(tensor.dtype), float(flat.sum(dtype=torch.float64)),
                           hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]])
-    config = getattr(model, "config", None)
-    return {"name": getattr(config, "_name_or_path", None) or type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()), "weights": digest(parts)}
+    return {"parameters": sum(p.numel() for p in model.parameters()), "weights": digest(parts)}
 
 
 def _data_digest(dataset) -> str:
+    """A digest of the token columns (and cached reference log-probs) of every row, in order."""
     columns = sorted(c for c in dataset.column_names
                      if c.endswith(("input_ids", "labels")) or c in ("ref_chosen_logp", "ref_rejected_logp"))
     hasher = hashlib.sha256(json.dumps(columns).encode())
-    for batch in dataset.select_columns(columns).iter(batch_size=1024):
-        hasher.update(json.dumps([batch[c] for c in columns], separators=(",", ":")).encode())
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=4096):
+        for column in columns:
+            values = table.column(column).combine_chunks()
+            if hasattr(values, "flatten"):  # a list column: its lengths and its values
+                hasher.update(values.value_lengths().to_numpy().tobytes())
+                values = values.flatten()
+            hasher.update(values.to_numpy().tobytes())
     return hasher.hexdigest()[:16]
 
 

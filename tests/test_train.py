@@ -482,14 +482,14 @@ def test_target_sft_without_a_teacher_says_it_trains_like_dft(tiny_tokenizer, tm
     assert any("same gradient as dft" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
-def _data_parallel_run(out_dir):
+def _data_parallel_run(out_dir, on_step=None):
     """Float64, 9 rows in steps of 4: the last step has 1 row for 2 processes. State is saved every step."""
     from tiny import make_tiny_model, make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     model = make_tiny_model(tok, seed=6, dtype=torch.float64)
     train(model, tok, _rows(tok, 9, seed=2), _config(batch_size=4, micro_batch_size=1, warmup_ratio=0.3,
-          max_grad_norm=1.0, save_every=1), out_dir=out_dir)
+          max_grad_norm=1.0, save_every=1), out_dir=out_dir, on_step=on_step)
 
 
 TWO_PROCESS_SCRIPT = textwrap.dedent(
@@ -516,8 +516,8 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
         for owner, name in [(safetensors.torch, "save_file"), (safetensors.torch, "save_model"),
                             (transformers.PreTrainedModel, "save_pretrained")]:
             watch(owner, name)
-    from test_train import _data_parallel_run
-    _data_parallel_run(out_dir)
+    from test_train import _data_parallel_run, kill_after
+    _data_parallel_run(out_dir, on_step=kill_after(int(sys.argv[3])) if len(sys.argv) > 3 else None)
     if writes:
         builtins.open(sys.argv[2], "w").write(json.dumps(writes))
     """
@@ -527,7 +527,8 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_two_processes_equal_one_and_only_the_main_process_writes(tmp_path):
     """torchrun, 2 CPU processes over gloo: the same weights as one process (float64), every step
-    logged once, and no file written by the second process."""
+    logged once, and no file written by the second process; killed after step 2 and resumed on 2
+    processes, the same weights again."""
     from safetensors.torch import load_file
 
     script = tmp_path / "run.py"
@@ -550,6 +551,19 @@ def test_two_processes_equal_one_and_only_the_main_process_writes(tmp_path):
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=1e-12, msg=key)
+
+    killed = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "again"), str(writes),
+                             "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and not (tmp_path / "again" / DONE_FILE).exists()
+    assert len(json.loads((tmp_path / "again" / "trainer_state" / "step_2" / "rng.json").read_text())) == 2
+    resumed = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "again"),
+                              str(writes)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming training at step 2/3" in resumed.stderr and not writes.exists()
+    assert _steps_logged(tmp_path / "again") == [1, 2, 3]
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for key in two:
+        torch.testing.assert_close(again[key], two[key], rtol=0, atol=0, msg=key)
 
 
 def test_default_settings_leave_resumable_state(tiny_tokenizer, tmp_path):

@@ -13,7 +13,10 @@ shapes and on a square 2048³ product (the best of the two is the peak).
 
     flock /tmp/bench.lock .venv/bin/python experiments/benchmarks/train_bench.py [--steps 4] [--rounds 2]
 
-Writes experiments/benchmarks/results/train_bench.{json,md}.
+Writes experiments/benchmarks/results/train_bench.{json,md}. With ``--state`` it instead measures
+what resuming costs on the same model: writing and reading the resume state (safetensors and
+JSON), its size, and the run's input fingerprint (weights identity and data digest), into
+experiments/benchmarks/results/train_state_bench.{json,md}.
 """
 
 from __future__ import annotations
@@ -98,6 +101,77 @@ def hf_trainer(model, tokenizer, rows, batch_size: int, steps: int) -> list[floa
     return timer.seconds
 
 
+def state_costs(model, tokenizer, rows, repeats: int = 3) -> dict:
+    """Seconds to save and load the resume state, its bytes, and seconds to fingerprint the run."""
+    import datasets
+    from accelerate import Accelerator
+
+    from onpolicy_sft.config import ObjectiveConfig, TrainConfig
+    from onpolicy_sft.train import (
+        _data_digest, _model_identity, latest_state, load_state, save_state, setup_optimizer,
+    )
+
+    config = TrainConfig(objective=ObjectiveConfig(name="sft"), lr=1e-5)
+    optimizer, scheduler = setup_optimizer(model, config, total_steps=10)
+    model(input_ids=torch.tensor([rows[0]["input_ids"]])).logits.float().mean().backward()
+    optimizer.step()  # the AdamW moments exist, as in a real state
+    optimizer.zero_grad()
+    scheduler.step()
+    accelerator = Accelerator(cpu=True)
+    ds = datasets.Dataset.from_list(rows)
+    timings = {"save_state": [], "load_state": [], "model_identity": [], "data_digest": []}
+    with tempfile.TemporaryDirectory() as out:
+        for step in range(1, repeats + 1):
+            start = time.perf_counter()
+            save_state(accelerator, model, optimizer, scheduler, Path(out), step)
+            timings["save_state"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            load_state(accelerator, model, optimizer, scheduler, latest_state(Path(out))[1])
+            timings["load_state"].append(time.perf_counter() - start)
+            for name, fn in (("model_identity", lambda: _model_identity(model)), ("data_digest", lambda: _data_digest(ds))):
+                start = time.perf_counter()
+                fn()
+                timings[name].append(time.perf_counter() - start)
+        size = sum(f.stat().st_size for f in latest_state(Path(out))[1].iterdir())
+    return {"seconds": {k: round(statistics.median(v), 3) for k, v in timings.items()}, "state_bytes": size,
+            "data_rows": len(rows), "data_tokens": sum(len(r["input_ids"]) for r in rows), "repeats": repeats}
+
+
+def state_main(args) -> None:
+    from onpolicy_sft.models import load_model
+    from onpolicy_sft.rundir import write_json, write_text
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(dtype=torch.float32)
+    rows = make_rows(tokenizer, args.state_rows, args.length, args.prompt_length)
+    costs = state_costs(model, tokenizer, rows)
+    n_params = sum(p.numel() for p in model.parameters())
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+                          "torch": torch.__version__}, "model_parameters": n_params, **costs}
+    write_json(RESULTS / "train_state_bench.json", report)
+    s = costs["seconds"]
+    lines = [
+        "# Resume state and fingerprint costs of onpolicy_sft.train",
+        "",
+        f"SmolLM2-135M-Instruct ({n_params / 1e6:.0f} M parameters), float32, AdamW state, "
+        f"{torch.get_num_threads()} threads; median of {costs['repeats']} repeats. "
+        f"Data digest over {costs['data_rows']} rows ({costs['data_tokens']} tokens).",
+        "",
+        "| what | seconds |",
+        "|---|---|",
+        f"| save_state (weights + optimizer safetensors, scheduler/RNG JSON) | {s['save_state']} |",
+        f"| load_state | {s['load_state']} |",
+        f"| starting-model identity (fingerprint) | {s['model_identity']} |",
+        f"| data digest (fingerprint) | {s['data_digest']} |",
+        "",
+        f"State size: {costs['state_bytes'] / 2**20:.0f} MiB.",
+        "",
+        "    flock /tmp/heavy.lock .venv/bin/python experiments/benchmarks/train_bench.py --state",
+    ]
+    write_text(RESULTS / "train_state_bench.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run (plus one warm-up step)")
@@ -105,7 +179,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--state", action="store_true", help="measure resume state and fingerprint costs instead")
+    parser.add_argument("--state-rows", type=int, default=2000, help="rows for the data digest of --state")
     args = parser.parse_args()
+    if args.state:
+        return state_main(args)
 
     from onpolicy_sft.models import load_model
 
