@@ -14,7 +14,8 @@
    inputs, plus each one's largest gradient difference from the reference.
 
 Runs in well under 10 minutes on one H200 (no downloads; needs torch, transformers and
-accelerate; without the datasets package the rows go to ``train`` as a small stand-in table)::
+accelerate; without the datasets package the rows go to ``train`` as a small stand-in table,
+which needs pyarrow)::
 
     python experiments/benchmarks/gpu_train_bench.py
     python experiments/benchmarks/gpu_train_bench.py --dry-run   # CPU-sized shapes: checks that it all runs
@@ -51,7 +52,7 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_l
 
 class RowTable:
     """The few ``datasets.Dataset`` methods ``train`` reads of already tokenized rows, for a GPU
-    machine without the datasets package."""
+    machine without the datasets package (pyarrow is still needed)."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -75,10 +76,17 @@ class RowTable:
     def select_columns(self, columns) -> "RowTable":
         return RowTable([{c: r[c] for c in columns} for r in self.rows])
 
+    def with_format(self, kind: str) -> "RowTable":
+        if kind != "arrow":
+            raise ValueError(f"RowTable only stands in for the arrow format, not {kind!r}")
+        return self
+
     def iter(self, batch_size: int):
+        """Batches as pyarrow tables (what ``train`` reads of ``with_format("arrow")``)."""
+        import pyarrow
+
         for start in range(0, len(self.rows), batch_size):
-            part = self.rows[start : start + batch_size]
-            yield {c: [r[c] for r in part] for c in self.column_names}
+            yield pyarrow.Table.from_pylist(self.rows[start : start + batch_size])
 
 
 def as_dataset(rows: list[dict]):
