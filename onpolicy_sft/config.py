@@ -119,6 +119,29 @@ def objective_hparams(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
+class PeftConfig:
+    """LoRA adapters through peft (Hu et al. 2021): ``rank`` 0 trains every weight instead.
+
+    Only the adapters train; the lm_head stays frozen unless it is in ``target_modules``.
+    Checkpoints hold the adapter (``adapter/``) and the merged model, which is what later stages load.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def __post_init__(self):
+        if self.rank < 0 or not self.alpha > 0 or not 0 <= self.dropout < 1 or not self.target_modules:
+            raise ValueError(
+                f"train.peft: need rank >= 0, alpha > 0, 0 <= dropout < 1 and some target_modules; got rank "
+                f"{self.rank}, alpha {self.alpha}, dropout {self.dropout}, target_modules {self.target_modules}"
+            )
+
+
+@dataclass
 class TrainConfig:
     """Optimisation settings. ``batch_size`` counts sequences (or pairs) per optimizer step over all
     processes; ``micro_batch_size`` is what one process runs per forward. The defaults of the
@@ -142,12 +165,25 @@ class TrainConfig:
     group_by_length: bool = True
     fused: bool = True
     gradient_checkpointing: bool = False
+    packing: bool = False  # padding-free micro-batches (onpolicy_sft.packing); needs the fused path
+    fsdp: bool = False  # shard the model with FSDP2 over all processes (onpolicy_sft.fsdp)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     teacher: str | None = None  # model path/name; "base" = the frozen starting model
     ref: str | None = None  # idem; objectives that need one default to "base"
     save_every: int = 50  # resumable state every N optimizer steps (0: never, only the final weights)
     log_every: int = 1
     trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
     progress: bool = True
+
+    def __post_init__(self):
+        if self.packing and not self.fused:
+            raise ValueError("train.packing needs the fused path: set train.fused: true or train.packing: false")
+        if self.fsdp and self.peft.rank:
+            raise ValueError("train.fsdp with LoRA (train.peft.rank > 0) is not supported; LoRA models are small "
+                             "enough to train data-parallel: set train.fsdp: false")
+        if self.peft.rank and self.fused and "lm_head" in self.peft.target_modules and self.peft.dropout:
+            raise ValueError("train.peft: LoRA dropout on lm_head is not applied by the fused path (it works from the "
+                             "merged head weight); set train.peft.dropout: 0 or leave lm_head out of target_modules")
 
 
 @dataclass

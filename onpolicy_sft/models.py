@@ -234,4 +234,8 @@ def lm_head_weight(model) -> torch.Tensor:
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("lm_head with a bias is not supported by the fused path")
+    if hasattr(head, "get_delta_weight") and not (head.merged or head.disable_adapters):
+        # a peft LoRA layer on the head: its weight plus the active adapters' low-rank updates,
+        # differentiable wrt the adapters (onpolicy_sft.lora)
+        return head.base_layer.weight + sum(head.get_delta_weight(name) for name in head.active_adapters if name in head.lora_A)
     return head.weight

@@ -37,7 +37,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -50,6 +50,8 @@ from onpolicy_sft.data import (
     tokenize_for_training,
 )
 from onpolicy_sft.distributed import process_state
+from onpolicy_sft.fsdp import full_optimizer_state, full_state, grad_norm_value, is_sharded, load_full_state, shard
+from onpolicy_sft.lora import apply_lora, is_lora, save_lora
 from onpolicy_sft.models import load_model
 from onpolicy_sft.objectives import Objective, build
 from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps
@@ -127,11 +129,12 @@ class ObjectiveModel(nn.Module):
     accelerate apply autocast; the teacher and reference stay outside the module's parameters.
     """
 
-    def __init__(self, model, objective, *, fused: bool = True, teacher=None, ref=None):
+    def __init__(self, model, objective, *, fused: bool = True, teacher=None, ref=None, packed: bool = False):
         super().__init__()
         self.model = model
         self.objective = objective
         self.fused = fused
+        self.packed = packed  # padding-free decoder passes (onpolicy_sft.packing); fused path only
         self._frozen = {"teacher": teacher, "ref": ref}
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 0.0):
@@ -139,11 +142,10 @@ class ObjectiveModel(nn.Module):
         ref_logps = batch.get("ref_logps")  # cached with the pairs (preference.add_reference_logps)
         if ref_logps is None and "ref_logps" in self.objective.needs:
             with torch.no_grad():
-                ref_logps = sequence_logps(ref, batch)
+                ref_logps = sequence_logps(ref, batch, packed=self.packed)
         if self.fused:
-            return causal_lm_loss(
-                self.model, self.objective, batch, teacher=teacher, ref=ref, progress=progress, ref_logps=ref_logps
-            )
+            return causal_lm_loss(self.model, self.objective, batch, teacher=teacher, ref=ref, progress=progress,
+                                  ref_logps=ref_logps, packed=self.packed)
         return self._unfused_loss(batch, progress, teacher, ref, ref_logps)
 
     def _unfused_loss(self, batch, progress, teacher, ref, ref_logps):
@@ -322,9 +324,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _optimizer_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state_dict split into tensors (for safetensors) and the rest (for JSON)."""
-    state = optimizer.state_dict()
     tensors, values = {}, {}
     for index, per_param in state["state"].items():
         for key, value in per_param.items():
@@ -338,8 +339,8 @@ def _optimizer_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for name, value in [*tensors.items(), *meta["values"].items()]:
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        index, key = name.rsplit(".", 1)  # a sharded model's optimizer state is keyed by parameter name
+        state.setdefault(int(index) if index.isdigit() else index, {})[key] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 
@@ -350,13 +351,19 @@ def save_state(accelerator: Accelerator, model, optimizer, scheduler, out_dir: P
     writes it to ``step_<n>/`` and then moves the ``latest.json`` pointer, so a kill at any moment
     leaves the previous complete state in use."""
     rng = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
+    sharded = is_sharded(model)
+    if sharded:  # FSDP: the full weights and optimizer state, gathered by every process together
+        weights, optimizer_state = full_state(model), full_optimizer_state(model, _unwrapped(optimizer))
     if accelerator.is_main_process:
         root = out_dir / STATE_DIR
         target = root / f"step_{step}"
         shutil.rmtree(target, ignore_errors=True)  # a half-written one from a killed attempt
         target.mkdir(parents=True)
-        safetensors.torch.save_model(model, str(target / "model.safetensors"))
-        tensors, meta = _optimizer_files(optimizer)
+        if sharded:
+            safetensors.torch.save_file(_unshared(weights), str(target / "model.safetensors"))
+        else:
+            safetensors.torch.save_model(model, str(target / "model.safetensors"))
+        tensors, meta = _optimizer_files(optimizer_state if sharded else optimizer.state_dict())
         safetensors.torch.save_file(tensors, str(target / "optimizer.safetensors"))
         write_json(target / "optimizer.json", meta)
         write_json(target / "scheduler.json", scheduler.state_dict())
@@ -368,6 +375,19 @@ def save_state(accelerator: Accelerator, model, optimizer, scheduler, out_dir: P
             if old.name != target.name:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _unwrapped(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights): give each repeat its own copy."""
+    seen, out = set(), {}
+    for name, tensor in weights.items():
+        out[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
+    return out
 
 
 def latest_state(out_dir: Path) -> tuple[int, Path] | None:
@@ -384,12 +404,17 @@ def load_state(accelerator: Accelerator, model, optimizer, scheduler, state_dir:
     if missing_files:
         raise FileNotFoundError(f"{state_dir} lacks {', '.join(missing_files)}: it is not resume state this version "
                                 f"wrote (or not all of it); delete {state_dir.parent} to train from the start")
-    missing, unexpected = safetensors.torch.load_model(model, str(state_dir / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{state_dir}: the saved weights do not fit this model (missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}); was the run started from another model?")
-    optimizer.load_state_dict(_optimizer_state(safetensors.torch.load_file(str(state_dir / "optimizer.safetensors")),
-                                               read_json(state_dir / "optimizer.json")))
+    optimizer_state = _optimizer_state(safetensors.torch.load_file(str(state_dir / "optimizer.safetensors")),
+                                       read_json(state_dir / "optimizer.json"))
+    if is_sharded(model):
+        weights = safetensors.torch.load_file(str(state_dir / "model.safetensors"))
+        load_full_state(model, weights, _unwrapped(optimizer), optimizer_state)
+    else:
+        missing, unexpected = safetensors.torch.load_model(model, str(state_dir / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{state_dir}: the saved weights do not fit this model (missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}); was the run started from another model?")
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(read_json(state_dir / "scheduler.json"))
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(read_json(state_dir / "scaler.json"))
@@ -608,14 +633,26 @@ def load_finished(model, out_dir: Path) -> None:
 
 def setup_model(model, objective: Objective, config: TrainConfig, accelerator: Accelerator, *, teacher=None,
                 ref=None) -> ObjectiveModel:
-    """The trained model in training mode with its objective; the frozen models on the training device."""
+    """The trained model in training mode with its objective; the frozen models on the training device.
+    With ``config.peft.rank`` > 0 the model gets LoRA adapters (in place) and only they train."""
+    if config.peft.rank:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("LoRA (train.peft.rank > 0) under an accelerate FSDP config is not supported: "
+                             "launch data-parallel (distributed_type: MULTI_GPU) instead")
+        model = apply_lora(model, config.peft)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     for frozen in (teacher, ref):
         if frozen is not None:
             frozen.to(accelerator.device)
-    return ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref)
+    wrapped = ObjectiveModel(model, objective, fused=config.fused, teacher=teacher, ref=ref, packed=config.packing)
+    if config.fsdp:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("train.fsdp shards the model itself; under an accelerate FSDP config (which already "
+                             "shards it) leave train.fsdp false")
+        shard(wrapped, model, accelerator.mixed_precision)
+    return wrapped
 
 
 def setup_optimizer(model, config: TrainConfig, total_steps: int):
@@ -659,7 +696,7 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
             loss, tokens, metrics = _summed_over_processes(accelerator, loss, tokens, metrics)
         grad_norm = None
         if config.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm))
+            grad_norm = grad_norm_value(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -695,11 +732,18 @@ def save_final(accelerator: Accelerator, wrapped, tokenizer, out_dir: Path, *, d
     """The trained weights and tokenizer in save_pretrained format, then the done marker; the
     resume state goes."""
     accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(wrapped)
+    sharded = is_sharded(wrapped)
+    state = full_state(wrapped) if sharded else accelerator.get_state_dict(wrapped)
     if accelerator.is_main_process:
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        if sharded:  # the gathered state has a copy per name of a tied weight: keep the names save_pretrained keeps
+            named = {n for n, _ in accelerator.unwrap_model(wrapped).model.named_parameters()}
+            weights = {k: v for k, v in weights.items() if k in named or not k.endswith(("weight", "bias"))}
         trained = accelerator.unwrap_model(wrapped).model
-        trained.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
+        if is_lora(trained):
+            save_lora(trained, out_dir)  # the adapter, and the merged model that later stages load
+        else:
+            trained.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         write_json(out_dir / DONE_FILE, {"steps": data.total_steps, "objective": objective.name,
                                          "processes": accelerator.num_processes, "rows": data.record})
@@ -756,7 +800,10 @@ def train(
         teacher, ref = setup_frozen_models(model, objective, config, data.dataset, teacher=teacher, ref=ref)
         wrapped = setup_model(model, objective, config, accelerator, teacher=teacher, ref=ref)
         optimizer, scheduler = setup_optimizer(model, config, data.total_steps)
-        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+        if config.fsdp:  # already sharded by setup_model: accelerate must not wrap it again (in DDP)
+            optimizer = accelerator.prepare(optimizer)
+        else:
+            wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
         start_step = setup_state(accelerator, model, optimizer, scheduler, out_dir, data.total_steps)
         flat_config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
                        for k, v in to_dict(config).items()}
@@ -766,5 +813,8 @@ def train(
                    start_step=start_step, desc=f"train {objective.name}", on_step=on_step)
         save_final(accelerator, wrapped, tokenizer, out_dir, data=data, objective=objective)
         accelerator.end_training()
+        trained = accelerator.unwrap_model(wrapped).model
+        if is_lora(trained):
+            trained.merge_and_unload()  # ``model`` itself becomes the merged model, as saved
         model.eval()
         return out_dir

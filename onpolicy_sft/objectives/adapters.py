@@ -17,38 +17,44 @@ from onpolicy_sft.models import decoder_hidden_states, lm_head_weight
 from onpolicy_sft.objectives.engine import DEFAULT_CHUNK_TOKENS, Source, flatten_valid, token_logps
 from onpolicy_sft.objectives.objective import Objective
 from onpolicy_sft.ops import IGNORE_INDEX
+from onpolicy_sft.packing import packed_hidden_states
 
 
-def _hidden(model, batch) -> torch.Tensor:
-    """Hidden states of positions 0..T−2, which predict labels 1..T−1."""
+def _hidden(model, batch, packed: bool = False) -> torch.Tensor:
+    """Hidden states of positions 0..T−2, which predict labels 1..T−1 (padding-free when ``packed``)."""
+    if packed:
+        return packed_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
     return decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))[:, :-1]
 
 
-def causal_lm_loss(model, objective: Objective, batch, *, teacher=None, ref=None, progress=None, ref_logps=None):
+def causal_lm_loss(
+    model, objective: Objective, batch, *, teacher=None, ref=None, progress=None, ref_logps=None, packed=False
+):
     """(loss, metrics) of ``objective`` on ``model`` for one batch, through the fused path.
 
     Teacher and reference run under no_grad the same way (decoder body, lm_head weight). For DPO
     the reference's sequence log-probs are computed from ``ref`` when ``ref_logps`` is not given.
+    ``packed`` runs every decoder padding-free (onpolicy_sft.packing); the result is the same.
     """
     context = {"progress": progress}
     frozen = {"teacher": teacher, "ref": ref}
     for role in ("teacher", "ref"):
         if role in objective.accepts and frozen[role] is not None:
             with torch.no_grad():
-                context[f"{role}_hidden"] = _hidden(frozen[role], batch)
+                context[f"{role}_hidden"] = _hidden(frozen[role], batch, packed)
             context[f"{role}_lm_head_weight"] = lm_head_weight(frozen[role]).detach()
     if "ref_logps" in objective.needs:
         if ref_logps is None and ref is not None:
-            ref_logps = sequence_logps(ref, batch)
+            ref_logps = sequence_logps(ref, batch, packed=packed)
         context["ref_logps"] = ref_logps
-    return objective.fused(_hidden(model, batch), lm_head_weight(model), batch["labels"][:, 1:], **context)
+    return objective.fused(_hidden(model, batch, packed), lm_head_weight(model), batch["labels"][:, 1:], **context)
 
 
 @torch.no_grad()
-def sequence_logps(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+def sequence_logps(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, packed: bool = False) -> torch.Tensor:
     """Σ_t log p(y_t) over each row's response tokens, [B], chunked (no full logits), no gradient."""
     labels = batch["labels"][:, 1:]
-    labels_v, rows, (hidden_v,) = flatten_valid(labels, _hidden(model, batch))
+    labels_v, rows, (hidden_v,) = flatten_valid(labels, _hidden(model, batch, packed))
     logp, _ = token_logps(Source(hidden=hidden_v, weight=lm_head_weight(model)), labels_v, chunk_tokens)
     return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp)
 
