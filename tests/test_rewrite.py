@@ -9,6 +9,7 @@ from datasets import Dataset
 import decoding.rewrite as rw
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend
 from decoding.rewrite import RewriteConfig, rewrite_corpus, rewrite_with_stats, row_seed
+from onpolicy_sft.rundir import InputsChanged
 from test_two_stream import ScriptedLM
 
 
@@ -137,7 +138,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_rows(tiny_model, tiny_token
     # A finished run restarted again only reads its shards back.
     assert rewrite_corpus(tiny_model, tiny_tokenizer, data, cfg, out_dir=out,
                           backend=_Recording(None, fail_on_sample=1)).to_list() == whole.to_list()
-    with pytest.raises(ValueError, match="different config_hash"):
+    with pytest.raises(InputsChanged, match=r"config.seed: was 5, now 6"):
         rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(seed=6), out_dir=out)
 
 
