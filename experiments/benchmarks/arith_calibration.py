@@ -49,29 +49,34 @@ def main() -> None:
     ap.add_argument("--levels", nargs="+", default=["easy"])
     ap.add_argument("--ops", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--no-greedy", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
     backend = make_backend("vllm", resolve_model_path(EMBEDDED_MODEL), tokenizer, max_model_len=1024)
     stops = eos_ids(None, tokenizer)
-    table = []
+    table, samples = [], []
     for level in args.levels:
         for n_ops in args.ops:
             rows = problems(n_ops, args.n, level, args.seed)
             prompts = [encode_prompt(tokenizer, r["prompt"]) for r in rows]
-            for mode, sampling in (
-                ("sampled", SamplingConfig(n=args.k, temperature=1.0, max_new_tokens=args.max_new_tokens)),
-                ("greedy", SamplingConfig(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)),
-            ):
+            modes = [("sampled", SamplingConfig(n=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens))]
+            if not args.no_greedy:
+                modes.append(("greedy", SamplingConfig(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)))
+            for mode, sampling in modes:
                 start = time.perf_counter()
                 outs = backend.sample(prompts, sampling, seeds=list(range(len(prompts))))
                 counts = Counter()
                 solved = 0
                 for r, per_row in zip(rows, outs):
-                    kinds = [outcome(tokenizer.decode(ids, skip_special_tokens=True), r["answer"],
-                                     bool(ids) and ids[-1] not in stops) for ids in per_row]
+                    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in per_row]
+                    kinds = [outcome(t, r["answer"], bool(ids) and ids[-1] not in stops) for t, ids in zip(texts, per_row)]
                     counts.update(kinds)
                     solved += "right" in kinds
+                    samples.append({"level": level, "n_ops": n_ops, "mode": mode, "prompt": r["prompt"],
+                                    "answer": r["answer"], "texts": texts, "outcomes": kinds})
                 entry = {"level": level, "n_ops": n_ops, "mode": mode, "problems": len(rows),
                          "answers": sum(counts.values()), **{k: counts.get(k, 0) for k in ("right", "wrong", "no_answer", "cut")},
                          "solved_any": solved, "seconds": round(time.perf_counter() - start, 1)}
@@ -79,7 +84,8 @@ def main() -> None:
                 table.append(entry)
     backend.close()
     out = {"model": EMBEDDED_MODEL, "args": vars(args), "results": table}
-    (RESULTS / "arith_calibration.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"arith_calibration{args.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"arith_calibration{args.tag}_samples.json").write_text(json.dumps(samples, indent=1) + "\n")
 
 
 if __name__ == "__main__":
