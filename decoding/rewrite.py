@@ -138,14 +138,17 @@ def weights_digest(model, sample: int = 4096) -> str:
 def answer_end(text: str) -> int | None:
     """Where the final answer that ``onpolicy_sft.grading.extract_answer`` reads ends in ``text``:
     after the closing brace of the last terminated box, else at the end of the last ``#### ``
-    line; None when there is no final answer."""
-    for match in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))):
-        depth, i = 1, match.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return i
+    line; None when there is no final answer. One pass over the braces (a stack), so a
+    repetitive text full of unterminated boxes costs linear time."""
+    closes, stack = {}, []
+    for brace in re.finditer(r"[{}]", text):
+        if brace.group() == "{":
+            stack.append(brace.start())
+        elif stack:
+            closes[stack.pop()] = brace.start()
+    for box in reversed([m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]):
+        if box in closes:
+            return closes[box] + 1
     hashes = list(re.finditer(r"####\s*[^\n]+", text))
     return hashes[-1].end() if hashes else None
 

@@ -316,3 +316,9 @@ def test_two_processes_equal_one_and_resume_after_a_process_dies(tmp_path):
     assert "shard-00001.jsonl" in written and "shard-00003.jsonl" not in written
     run(two, "killed", "resumed.json")
     assert json.loads((tmp_path / "resumed.json").read_text())["rows"] == one["rows"]
+
+
+def test_answer_end_is_linear_on_many_unterminated_boxes():
+    # 8000 unterminated boxes and then a real one: a scan to the end per box would take minutes
+    text = "\\boxed{" * 8000 + " \\boxed{5} tail"
+    assert text[: rw.answer_end(text)].endswith("\\boxed{5}")
