@@ -347,7 +347,7 @@ def rewrite_with_stats(model, tokenizer, dataset, config: RewriteConfig | None =
                     error = err
             _every_process_ok(error, state)
         done = _generate(worker, rows, shards_dir, state)
-        if config.score:
+        if config.score and done:
             done = worker.score(done)
         stats = rewrite_stats(done, config.fallback)
         stats["processes"] = state.num_processes
