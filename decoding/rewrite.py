@@ -1,4 +1,4 @@
-"""The corpus rewrite of Hinted Decoding (Zhang et al., arXiv 2602.12222; METHODS.md §5, steps 1–3).
+"""The corpus rewrite of Hinted Decoding (Zhang et al., arXiv 2602.12222; docs/methods.md §5, steps 1–3).
 
 Per demonstration: (1) the model answers the plain question k times; a verified-correct answer
 is kept as is (source "self"); (2) otherwise m Hinted Decoding attempts; a verified-correct one
@@ -6,10 +6,32 @@ is kept (source "hinted"); (3) otherwise the original demonstration is kept (sou
 or the row is dropped (``fallback``). Kept responses and originals are DDT-scored under the
 student context, so a rewrite can be shown to sit closer to the model than the original.
 
+Every answer is sorted into one outcome (``outcome``): ``right``; ``wrong`` (it states a final
+answer the checker reads, and that answer is wrong); ``cut`` (no final answer, and the model never
+ended its turn: it hit the token limit or the repetition stop); ``no_answer`` (it ended its turn
+without a final answer). The counts per stage are in the stats under ``attempts`` (rewrite_stats),
+which is where to look when rows fall back to the original.
+
+Truncation rule. A kept answer is trained with an end-of-turn token only if the model wrote one.
+Among the right answers of a stage, one that ended by itself is preferred. A right answer that
+never ended (cut at the limit or by the repetition stop) is kept only up to the end of its final
+answer (the rest is unverified text running on) and marked ``response_truncated``, so
+``onpolicy_sft.data.encode_row`` appends no end-of-turn token to it in training or scoring.
+A right answer that ended by itself keeps all of its text, words after the answer included:
+the model wrote them, and its stop, there.
+
 Rows are processed in fixed shards of ``shard_size`` consecutive rows; each finished shard is
-written atomically (temp file, then os.replace) under ``out_dir/shards``. Every random stream is
-seeded from (seed, row id, stage, attempt), so a killed run restarted with the same arguments
-skips the finished shards and ends with exactly the rows of an uninterrupted run.
+written atomically under ``out_dir/shards``. Every random stream is seeded from (seed, row id,
+stage, attempt), so a killed run restarted with the same arguments skips the finished shards
+and ends with exactly the rows of an uninterrupted run. ``out_dir/manifest.json`` records what
+determines the result (the settings, a digest of the data, the model's name and a digest of its
+weights) and a resume with anything else is refused, naming what differs; a lock on ``out_dir``
+refuses a second concurrent run.
+
+Launched with N processes (``torchrun``, ``accelerate launch``), the shards are dealt round-robin
+to the processes, each generating with its own backend; the rows are gathered back in input order
+and DDT-scored data-parallel, so every process returns what one process would have, and a run
+killed on any process resumes from the shards all of them wrote. The stats record the split.
 """
 
 from __future__ import annotations
@@ -17,16 +39,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import re
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from onpolicy_sft import ddt
+from onpolicy_sft.distributed import gather_in_order, my_share, process_state
+from onpolicy_sft.grading import extract_answer, is_correct
+from onpolicy_sft.rundir import RunLock, check_fingerprint, digest, write_json, write_text
+
 from .config import HintedDecodingConfig, SamplingConfig
+from .reference import eos_ids
 from .templates import HintTemplate, cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
-from onpolicy_sft.grading import is_correct
 
 FALLBACKS = ("original", "drop")
 SOURCES = ("self", "hinted", "original")
+OUTCOMES = ("right", "wrong", "no_answer", "cut")
+STAGES = ("self", "hinted")
 
 
 @dataclass
@@ -59,18 +94,85 @@ class RewriteConfig:
         if self.shard_size < 1:
             raise ValueError(f"RewriteConfig.shard_size must be >= 1, got {self.shard_size}")
 
+    def settings(self) -> dict:
+        """Every setting that changes the rows, flattened ("hinted.beta": 3.0), so that a refused
+        resume names the field that changed. Not the progress display or the provenance label."""
+        flat: dict = {}
+
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                flat[prefix] = value
+
+        walk("", {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "model_name")})
+        return flat
+
     def fingerprint(self) -> str:
-        """A hash of every setting that changes the rows (not progress display or provenance)."""
-        settings = dataclasses.asdict(self)
-        for key in ("progress", "model_name"):
-            settings.pop(key)
-        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """A short hash of ``settings()``."""
+        return digest(self.settings())
 
 
 def row_seed(seed: int, row_id: str, stage: str) -> int:
     """A 62-bit seed for one row and stage, independent of batching, order and resumption."""
-    digest = hashlib.sha256(f"{seed}\x00{row_id}\x00{stage}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2
+    hashed = hashlib.sha256(f"{seed}\x00{row_id}\x00{stage}".encode()).digest()
+    return int.from_bytes(hashed[:8], "little") >> 2
+
+
+def weights_digest(model, sample: int = 4096) -> str:
+    """A short hash of a model's weights: every tensor's name, shape and dtype, and ``sample``
+    evenly strided values of each. Any training step moves values everywhere, so the sample is
+    enough to tell two checkpoints apart without hashing hundreds of megabytes."""
+    hashed = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // sample)
+            values = flat[::step][:sample].to(device="cpu", dtype=torch.float64).contiguous()
+            hashed.update(f"{name}\x00{tuple(tensor.shape)}\x00{tensor.dtype}\x00".encode())
+            hashed.update(values.numpy().tobytes())
+    return hashed.hexdigest()[:16]
+
+
+def answer_end(text: str) -> int | None:
+    """Where the final answer that ``onpolicy_sft.grading.extract_answer`` reads ends in ``text``:
+    after the closing brace of the last terminated box, else at the end of the last ``#### ``
+    line; None when there is no final answer. One pass over the braces (a stack), so a
+    repetitive text full of unterminated boxes costs linear time."""
+    closes, stack = {}, []
+    for brace in re.finditer(r"[{}]", text):
+        if brace.group() == "{":
+            stack.append(brace.start())
+        elif stack:
+            closes[stack.pop()] = brace.start()
+    for box in reversed([m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]):
+        if box in closes:
+            return closes[box] + 1
+    hashes = list(re.finditer(r"####\s*[^\n]+", text))
+    return hashes[-1].end() if hashes else None
+
+
+def outcome(text: str, answer: str, cut: bool, timeout: float = 5.0) -> str:
+    """One of OUTCOMES for an answer; ``cut``: the model never ended its turn."""
+    if is_correct(text, answer, timeout=timeout):
+        return "right"
+    if extract_answer(text) is not None:
+        return "wrong"
+    return "cut" if cut else "no_answer"
+
+
+def _pick(texts: list[str], cuts: list[bool], outcomes: list[str]) -> tuple[str, bool] | None:
+    """The answer to keep of one stage, and whether it is truncated: the first right answer that
+    ended by itself, else the first right one cut after its final answer (module docstring)."""
+    right = [i for i, o in enumerate(outcomes) if o == "right"]
+    if not right:
+        return None
+    ended = [i for i in right if not cuts[i]]
+    if ended:
+        return texts[ended[0]], False
+    text = texts[right[0]]
+    return text[: answer_end(text)].rstrip(), True
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
@@ -78,19 +180,10 @@ def _decode(tokenizer, ids: list[int]) -> str:
 
 
 def _dataset_fingerprint(rows: list[dict]) -> str:
-    digest = hashlib.sha256()
+    hashed = hashlib.sha256()
     for r in rows:
-        digest.update(json.dumps([r["id"], r["prompt"], r["response"], r["answer"], r["system"]]).encode())
-    return digest.hexdigest()[:16]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        hashed.update(json.dumps([r["id"], r["prompt"], r["response"], r["answer"], r["system"]]).encode())
+    return hashed.hexdigest()[:16]
 
 
 def _normalise_rows(dataset) -> list[dict]:
@@ -114,6 +207,10 @@ class _Rewriter:
         self.model, self.tok, self.backend, self.cfg = model, tokenizer, backend, config
         self.model_name = config.model_name or str(getattr(model, "name_or_path", "") or "")
         self.config_hash = config.fingerprint()
+        self.stops = eos_ids(model, tokenizer)
+
+    def _cut(self, ids: list[int]) -> bool:
+        return not ids or ids[-1] not in self.stops
 
     def _self_answers(self, rows, student):
         k = self.cfg.k_self
@@ -122,7 +219,7 @@ class _Rewriter:
         sampling = dataclasses.replace(self.cfg.sampling, n=k)
         seeds = [row_seed(self.cfg.seed, r["id"], "self") for r in rows]
         outs = self.backend.sample(student, sampling, seeds=seeds)
-        return [[_decode(self.tok, ids) for ids in per_row] for per_row in outs]
+        return [[(_decode(self.tok, ids), self._cut(ids)) for ids in per_row] for per_row in outs]
 
     def _hinted_prompts(self, rows) -> list[list[int]]:
         template = self.cfg.template
@@ -147,48 +244,49 @@ class _Rewriter:
         pairs_s = [s for s in student for _ in range(m)]
         seeds = [row_seed(self.cfg.seed, r["id"], "hinted") + a for r in rows for a in range(m)]
         outs = self.backend.two_stream(pairs_h, pairs_s, self.cfg.hinted, self.tok, seeds=seeds)
-        texts = [_decode(self.tok, ids) for ids in outs]
-        return [texts[i * m : (i + 1) * m] for i in range(len(rows))]
+        answers = [(_decode(self.tok, ids), self._cut(ids)) for ids in outs]
+        return [answers[i * m : (i + 1) * m] for i in range(len(rows))]
 
-    def _check(self, texts, answer) -> list[bool]:
-        return [is_correct(t, answer, timeout=self.cfg.verify_timeout) for t in texts]
+    def _outcomes(self, answers, reference: str) -> list[str]:
+        return [outcome(text, reference, cut, self.cfg.verify_timeout) for text, cut in answers]
 
     def shard(self, rows: list[dict]) -> list[dict]:
+        """The rewritten rows of one shard, unscored."""
         cfg = self.cfg
         student = [student_prompt_ids(self.tok, r["prompt"], r["system"]) for r in rows]
-        self_texts = self._self_answers(rows, student)
-        self_ok = [self._check(t, r["answer"]) for t, r in zip(self_texts, rows)]
-        need = [i for i, ok in enumerate(self_ok) if not any(ok)]
-        hinted_texts = dict(zip(need, self._hinted_answers([rows[i] for i in need], [student[i] for i in need])))
+        self_answers = self._self_answers(rows, student)
+        self_outcomes = [self._outcomes(a, r["answer"]) for a, r in zip(self_answers, rows)]
+        need = [i for i, o in enumerate(self_outcomes) if "right" not in o]
+        hinted_answers = dict(zip(need, self._hinted_answers([rows[i] for i in need], [student[i] for i in need])))
         out = []
         for i, r in enumerate(rows):
-            hinted = hinted_texts.get(i, [])
-            hinted_ok = self._check(hinted, r["answer"])
-            row = dict(r, original_response=r["response"], attempts=len(self_texts[i]) + len(hinted),
-                       n_self_correct=sum(self_ok[i]), n_hinted_correct=sum(hinted_ok), kept=True)
-            if any(self_ok[i]):
-                row.update(response=self_texts[i][self_ok[i].index(True)], source="self", verified=True)
-            elif any(hinted_ok):
-                row.update(response=hinted[hinted_ok.index(True)], source="hinted", verified=True)
+            hinted = hinted_answers.get(i, [])
+            hinted_outcomes = self._outcomes(hinted, r["answer"])
+            row = dict(r, original_response=r["response"], attempts=len(self_answers[i]) + len(hinted),
+                       n_self_correct=self_outcomes[i].count("right"), n_hinted_correct=hinted_outcomes.count("right"),
+                       self_outcomes=self_outcomes[i], hinted_outcomes=hinted_outcomes, kept=True)
+            mine = _pick([t for t, _ in self_answers[i]], [c for _, c in self_answers[i]], self_outcomes[i])
+            hint = _pick([t for t, _ in hinted], [c for _, c in hinted], hinted_outcomes)
+            if mine is not None:
+                row.update(response=mine[0], response_truncated=mine[1], source="self", verified=True)
+            elif hint is not None:
+                row.update(response=hint[0], response_truncated=hint[1], source="hinted", verified=True)
             else:
-                row.update(source="original", verified=is_correct(r["response"], r["answer"], cfg.verify_timeout),
-                           kept=cfg.fallback == "original")
+                row.update(source="original", response_truncated=False, kept=cfg.fallback == "original",
+                           verified=is_correct(r["response"], r["answer"], cfg.verify_timeout))
             row.update(model=self.model_name, config_hash=self.config_hash, seed=cfg.seed)
             out.append(row)
-        if cfg.score:
-            out = self._score(out)
         return out
 
-    def _score(self, rows: list[dict]) -> list[dict]:
-        from datasets import Dataset
-
-        from onpolicy_sft.ddt import score
-
+    def score(self, rows: list[dict]) -> list[dict]:
+        """Add the ddt_ scores of the kept response and the ddt_original_ scores of the original.
+        Collective under several processes: ddt.score deals its batches out and gathers them back."""
         # Score a bare copy: score() replaces every existing ddt_ column, ddt_original_ included.
-        ds = Dataset.from_list([{k: r[k] for k in ("prompt", "system", "response", "original_response")} for r in rows])
+        columns = ("prompt", "system", "response", "response_truncated", "original_response")
+        ds = Dataset.from_list([{k: r[k] for k in columns} for r in rows])
         opts = dict(batch_tokens=self.cfg.score_batch_tokens, progress=False)
         for column, prefix in (("original_response", "ddt_original_"), ("response", "ddt_")):
-            scored = score(self.model, self.tok, ds, response_column=column, **opts)
+            scored = ddt.score(self.model, self.tok, ds, response_column=column, **opts)
             for name in scored.column_names:
                 if name.startswith("ddt_"):
                     for row, value in zip(rows, scored[name]):
@@ -196,91 +294,158 @@ class _Rewriter:
         return rows
 
 
+def _read_shard(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _counts(rows: list[dict]) -> dict[str, int]:
+    return {s: sum(r["source"] == s for r in rows) for s in SOURCES}
+
+
+def _fingerprint_inputs(rows: list[dict], config: RewriteConfig, worker: _Rewriter) -> dict:
+    return {
+        **{f"config.{k}": v for k, v in config.settings().items()},
+        "data": _dataset_fingerprint(rows),
+        "rows": len(rows),
+        "model": worker.model_name,
+        "model_weights": weights_digest(worker.model),
+    }
+
+
+def _every_process_ok(error: Exception | None, state) -> None:
+    """Raise ``error`` on every process when the main process hit it, instead of leaving the
+    others waiting in the next collective."""
+    if state.num_processes > 1:
+        errors = [e for e in gather_object([None if error is None else (type(error).__name__, str(error))]) if e]
+        if errors and error is None:
+            raise RuntimeError(f"the main process stopped the rewrite: {errors[0][0]}: {errors[0][1]}")
+    if error is not None:
+        raise error
+
+
 def rewrite_with_stats(model, tokenizer, dataset, config: RewriteConfig | None = None, *, out_dir=None, backend=None):
     """(rewritten Dataset, run statistics). See rewrite_corpus."""
-    from datasets import Dataset
-
     config = config or RewriteConfig()
     rows = _normalise_rows(dataset)
-    own_backend = backend is None
-    if own_backend:
-        from . import make_backend
+    state = process_state()
+    with ExitStack() as stack:
+        if backend is None:
+            from . import make_backend  # the package's __init__ imports this module first: a cycle at the top
 
-        backend = make_backend(config.hinted.backend, model, tokenizer)
-    worker = _Rewriter(model, tokenizer, backend, config)
-    shards_dir = None
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        shards_dir = out_dir / "shards"
-        shards_dir.mkdir(parents=True, exist_ok=True)
-        _check_manifest(out_dir, rows, worker)
-    bounds = [(s, min(s + config.shard_size, len(rows))) for s in range(0, len(rows), config.shard_size)]
-    done: list[dict] = []
-    bar = _progress(config.progress, len(rows))
+            backend = stack.enter_context(make_backend(config.hinted.backend, model, tokenizer))
+        worker = _Rewriter(model, tokenizer, backend, config)
+        shards_dir = None
+        if out_dir is not None:
+            out_dir, error = Path(out_dir), None
+            shards_dir = out_dir / "shards"
+            if state.is_main_process:
+                try:
+                    stack.enter_context(RunLock(out_dir, "rewrite"))
+                    check_fingerprint(out_dir / "manifest.json", _fingerprint_inputs(rows, config, worker), "rewrite")
+                    shards_dir.mkdir(parents=True, exist_ok=True)
+                except Exception as err:  # noqa: BLE001 -- raised on every process just below
+                    error = err
+            _every_process_ok(error, state)
+        done = _generate(worker, rows, shards_dir, state)
+        if config.score and done:
+            done = worker.score(done)
+        stats = rewrite_stats(done, config.fallback)
+        stats["processes"] = state.num_processes
+        stats["rows_per_process"] = _rows_per_process(len(rows), config.shard_size, state.num_processes)
+        kept = [{k: v for k, v in r.items() if k != "kept"} for r in done if r["kept"]]
+        if out_dir is not None and state.is_main_process:
+            write_json(out_dir / "stats.json", stats)
+            write_text(out_dir / "rewritten.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    return (Dataset.from_list(kept) if kept else Dataset.from_dict({})), stats
+
+
+def _bounds(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, n_rows)) for s in range(0, n_rows, shard_size)]
+
+
+def _rows_per_process(n_rows: int, shard_size: int, processes: int) -> list[int]:
+    bounds = _bounds(n_rows, shard_size)
+    return [sum(stop - start for start, stop in bounds[rank::processes]) for rank in range(processes)]
+
+
+def _generate(worker: _Rewriter, rows: list[dict], shards_dir: Path | None, state) -> list[dict]:
+    """Every shard, this process's share generated (or read back) here, all gathered in order.
+
+    The shards go round by round, one per process each round, and the processes exchange their
+    source counts after every round, so that the main process's bar shows the whole run."""
+    bounds = _bounds(len(rows), worker.cfg.shard_size)
+    mine = my_share(bounds, state)
+    bar = tqdm(total=len(rows), desc="rewrite", unit="row",
+               disable=not (worker.cfg.progress and state.is_main_process))
+    totals = dict.fromkeys(SOURCES, 0)
+    results: list[tuple[int, list[dict]]] = []
     try:
-        for index, (start, stop) in enumerate(bounds):
-            path = shards_dir / f"shard-{index:05d}.jsonl" if shards_dir else None
-            if path is not None and path.exists():
-                shard = [json.loads(line) for line in path.read_text().splitlines() if line]
-            else:
-                shard = worker.shard(rows[start:stop])
-                if path is not None:
-                    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in shard))
-            done += shard
-            if bar is not None:
-                bar.update(len(shard))
-                counts = {s: sum(r["source"] == s for r in done) for s in SOURCES}
-                accepted = (counts["self"] + counts["hinted"]) / len(done)
-                bar.set_postfix({**counts, "accepted": f"{accepted:.0%}"})
+        for turn in range(-(-len(bounds) // state.num_processes)):
+            shard: list[dict] = []
+            if turn < len(mine):
+                index = mine[turn]
+                start, stop = bounds[index]
+                path = shards_dir / f"shard-{index:05d}.jsonl" if shards_dir else None
+                if path is not None and path.exists():
+                    shard = _read_shard(path)
+                else:
+                    shard = worker.shard(rows[start:stop])
+                    if path is not None:
+                        write_text(path, "".join(json.dumps(r) + "\n" for r in shard))
+                results.append((index, shard))
+            counts = [(len(shard), _counts(shard))]
+            if state.num_processes > 1:
+                counts = gather_object(counts)
+            for n, per_source in counts:
+                bar.update(n)
+                for s in SOURCES:
+                    totals[s] += per_source[s]
+            seen = sum(totals.values())
+            if seen:
+                bar.set_postfix({**totals, "accepted": f"{(totals['self'] + totals['hinted']) / seen:.0%}"})
     finally:
-        if bar is not None:
-            bar.close()
-        if own_backend:
-            backend.close()
-    stats = rewrite_stats(done, config.fallback)
-    kept = [{k: v for k, v in r.items() if k != "kept"} for r in done if r["kept"]]
-    result = Dataset.from_list(kept) if kept else Dataset.from_dict({})
-    if out_dir is not None:
-        _write_atomic(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
-        _write_atomic(out_dir / "rewritten.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    return result, stats
+        bar.close()
+    return [r for shard in gather_in_order(results, len(bounds), "rewrite", state) for r in shard]
 
 
 def rewrite_corpus(model, tokenizer, dataset, config: RewriteConfig | None = None, *, out_dir=None, backend=None):
-    """Rewrite a demonstration corpus with the model itself (METHODS.md §5, steps 1–3).
+    """Rewrite a demonstration corpus with the model itself (docs/methods.md §5, steps 1–3).
 
     `dataset` has columns prompt, response (the reference solution), answer (the reference final
     answer), and optionally id and system. `model` is the transformers model that DDT-scores the
     results; `backend` (a decoding Backend) generates, by default make_backend(config.hinted.backend,
-    model, tokenizer). Returns a Dataset with id, prompt, response, answer, system, source
-    ("self" | "hinted" | "original"), verified, attempts, n_self_correct, n_hinted_correct,
+    model, tokenizer). Returns a Dataset with id, prompt, response, response_truncated, answer,
+    system, source ("self" | "hinted" | "original"), verified, attempts, n_self_correct,
+    n_hinted_correct, self_outcomes and hinted_outcomes (one of OUTCOMES per answer),
     original_response, the ddt_ scores of the kept response and the ddt_original_ scores of the
-    original, and provenance (model, config_hash, seed). With `out_dir`, shards, stats.json and
-    rewritten.jsonl are written there, and a rerun resumes.
+    original, and provenance (model, config_hash, seed). With `out_dir`, shards, manifest.json,
+    stats.json and rewritten.jsonl are written there, and a rerun with the same inputs resumes.
+    Under N launched processes every process returns the whole corpus.
     """
     return rewrite_with_stats(model, tokenizer, dataset, config, out_dir=out_dir, backend=backend)[0]
 
 
-def _check_manifest(out_dir: Path, rows: list[dict], worker: _Rewriter) -> None:
-    manifest = {"config_hash": worker.config_hash, "dataset": _dataset_fingerprint(rows), "rows": len(rows),
-                "shard_size": worker.cfg.shard_size, "model": worker.model_name, "seed": worker.cfg.seed}
-    path = out_dir / "manifest.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        for key in ("config_hash", "dataset", "rows", "shard_size"):
-            if old.get(key) != manifest[key]:
-                raise ValueError(
-                    f"{out_dir} holds a rewrite with a different {key} ({old.get(key)} vs {manifest[key]}): "
-                    "resume with the same arguments, or choose a new --out directory"
-                )
-        return
-    _write_atomic(path, json.dumps(manifest, indent=2) + "\n")
+def _stage_counts(outcome_lists: list[list[str]]) -> dict:
+    answers = [o for outcomes in outcome_lists for o in outcomes]
+    return {
+        "rows": sum(bool(outcomes) for outcomes in outcome_lists),
+        "answers": len(answers),
+        **{o: answers.count(o) for o in OUTCOMES},
+        "rows_right": sum("right" in outcomes for outcomes in outcome_lists),
+    }
 
 
 def rewrite_stats(rows: list[dict], fallback: str = "original") -> dict:
-    """Rows per source, acceptance rate, and mean φ of the originals and of the kept responses."""
+    """The run's record: rows per source, acceptance rates, the outcome counts of each stage, and
+    mean φ of the originals and of the kept responses.
+
+    ``attempts`` = {"self": S, "hinted": S} where S counts that stage's answers: ``rows`` (rows that
+    reached the stage), ``answers``, one count per outcome (``right``, ``wrong``, ``no_answer``,
+    ``cut``; they add up to ``answers``) and ``rows_right`` (rows with at least one right answer).
+    ``truncated_kept``: kept rewrites cut after their final answer (``response_truncated``).
+    """
     n = len(rows)
-    per_source = {s: sum(r["source"] == s for r in rows) for s in SOURCES}
+    per_source = _counts(rows)
     accepted = per_source["self"] + per_source["hinted"]
     tried_hinted = sum(r["source"] != "self" for r in rows)
     stats = {
@@ -290,6 +455,8 @@ def rewrite_stats(rows: list[dict], fallback: str = "original") -> dict:
         "acceptance_rate": accepted / n if n else 0.0,
         "hinted_acceptance_rate": per_source["hinted"] / tried_hinted if tried_hinted else 0.0,
         "fallback": fallback,
+        "attempts": {stage: _stage_counts([r[f"{stage}_outcomes"] for r in rows]) for stage in STAGES},
+        "truncated_kept": sum(bool(r["response_truncated"]) for r in rows if r["kept"]),
     }
 
     def mean(values):
@@ -306,11 +473,3 @@ def rewrite_stats(rows: list[dict], fallback: str = "original") -> dict:
             phi_after_rewritten=mean(r["ddt_phi_mean"] for r in rewritten),
         )
     return stats
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="rewrite", unit="row")

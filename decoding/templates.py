@@ -1,4 +1,4 @@
-"""The prompts of Hinted Decoding's two streams (METHODS.md §5).
+"""The prompts of Hinted Decoding's two streams (docs/methods.md §5).
 
 The hinted stream reads a rewriting instruction, the question and the full reference solution;
 the student stream reads the question alone in the plain chat template. Optionally (stage 1)
@@ -10,6 +10,8 @@ starts. The wording is ours and every piece is a user-overridable format string.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from onpolicy_sft.data import encode_prompt
 
 
 @dataclass
@@ -41,20 +43,14 @@ class HintTemplate:
         return text
 
 
-def _encode(tokenizer, prompt: str, system: str = "") -> list[int]:
-    from onpolicy_sft.data import encode_prompt
-
-    return list(encode_prompt(tokenizer, prompt, system))
-
-
 def student_prompt_ids(tokenizer, question: str, system: str = "") -> list[int]:
     """The question alone in the plain chat template (the context DDT scores responses under)."""
-    return _encode(tokenizer, question, system)
+    return encode_prompt(tokenizer, question, system)
 
 
 def hinted_prompt_ids(tokenizer, template: HintTemplate, question: str, solution: str, analysis: bool = False) -> list[int]:
     """The hinted stream's prompt, ending with the assistant turn's opening."""
-    return _encode(tokenizer, template.hinted_text(question, solution, analysis), template.system)
+    return encode_prompt(tokenizer, template.hinted_text(question, solution, analysis), template.system)
 
 
 def cut_analysis(text: str, marker: str) -> str | None:

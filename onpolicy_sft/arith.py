@@ -11,9 +11,12 @@ calculator line per operation and a final ``#### N`` (the GSM8K convention), e.g
 number only": of the phrasings tried, the one under which the embedded model most often ended
 with a checkable correct answer.
 
-Splits: ``train`` and ``test`` share the templates and the difficulty (mostly 1-2 operations on
-small numbers: the embedded model solves only a few percent even so) with fresh numbers;
-``test_hard`` uses 3-4 operations and larger numbers. Each split has its own random stream, so
+Splits: ``test`` draws 1, 2 or 3 operations (weights 0.6, 0.3, 0.1) on small numbers (level
+``easy``: the embedded model solves only a few percent even so); ``train`` uses the same
+templates and numbers with 1 or 2 operations (weights 0.75, 0.25; level ``train``), an easier
+mix so that the rewrite can keep more of the model's own answers; ``test_hard`` uses 3-4
+operations and larger numbers. With seed 0 the main job's 40 training rows have 27 one-step and
+13 two-step problems; the default 1000 have 744 and 256. Each split has its own random stream, so
 the first k rows of a split do not depend on the other sizes; rows are disjoint across splits
 by question text.
 """
@@ -23,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+
+import datasets
 
 BOXED_INSTRUCTION = "Answer with the number only, in \\boxed{}."
 
@@ -141,6 +146,9 @@ class Level:
 
 
 LEVELS = {
+    # train: the easy numbers with fewer operations, so that the model's own answers are right
+    # often enough for the rewrite to keep them (experiments/benchmarks/results/arith_calibration.md)
+    "train": Level((1, 2), (0.75, 0.25), (2, 12), (2, 5), (2, 9), (2, 4), (2, 4)),
     "easy": Level((1, 2, 3), (0.6, 0.3, 0.1), (2, 12), (2, 5), (2, 9), (2, 4), (2, 4)),
     "hard": Level((3, 4), (0.5, 0.5), (20, 300), (6, 25), (10, 150), (3, 12), (3, 25)),
 }
@@ -263,11 +271,9 @@ def arithmetic_splits(seed: int = 0, n_train: int = 1000, n_test: int = 200, n_t
     The evaluation splits are drawn first and excluded from the later ones, so they never
     change with ``n_train``.
     """
-    import datasets
-
     test = generate(seed, n_test, "easy", stream="test")
     hard = generate(seed, n_test_hard, "hard", stream="test_hard", exclude={p.question for p in test})
-    train = generate(seed, n_train, "easy", stream="train", exclude={p.question for p in test + hard})
+    train = generate(seed, n_train, "train", stream="train", exclude={p.question for p in test + hard})
     features = datasets.Features({k: datasets.Value("string") for k in ("id", "prompt", "response", "answer", "system")})
     return datasets.DatasetDict({
         split: datasets.Dataset.from_list([to_row(p) for p in problems], features=features)

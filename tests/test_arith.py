@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from statistics import mean
 
 import pytest
@@ -102,3 +103,21 @@ def test_general_prompts_have_no_math():
     prompts = general_prompts()
     assert len(prompts) >= 50 and len(set(prompts)) == len(prompts)
     assert not any(re.search(r"\d|[+*/=]", p) for p in prompts)
+
+
+def _ops(ds) -> dict[int, int]:
+    return dict(Counter(len(r.split("\n")) - 1 for r in ds["response"]))
+
+
+def test_fixed_seed_gives_the_documented_split_sizes_and_level_mix():
+    """The numbers in arith's docstring and results/arith_calibration.md: the main job's sizes and the defaults."""
+    job = arithmetic_splits(seed=0, n_train=40, n_test=48, n_test_hard=24)
+    assert {name: len(ds) for name, ds in job.items()} == {"train": 40, "test": 48, "test_hard": 24}
+    assert _ops(job["train"]) == {1: 27, 2: 13}
+    assert _ops(job["test"]) == {1: 31, 2: 14, 3: 3} and _ops(job["test_hard"]) == {3: 15, 4: 9}
+    full = arithmetic_splits(seed=0)
+    assert {name: len(ds) for name, ds in full.items()} == {"train": 1000, "test": 200, "test_hard": 200}
+    assert _ops(full["train"]) == {1: 744, 2: 256}
+    assert _ops(full["test"]) == {1: 127, 2: 52, 3: 21} and _ops(full["test_hard"]) == {3: 113, 4: 87}
+    # the evaluation splits are the easy and hard levels' own streams, whatever the train level
+    assert full["test"]["prompt"] == [p.prompt for p in arith.generate(0, 200, "easy", stream="test")]

@@ -9,6 +9,7 @@ from datasets import Dataset
 import decoding.rewrite as rw
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend
 from decoding.rewrite import RewriteConfig, rewrite_corpus, rewrite_with_stats, row_seed
+from onpolicy_sft.rundir import InputsChanged
 from test_two_stream import ScriptedLM
 
 
@@ -137,7 +138,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_rows(tiny_model, tiny_token
     # A finished run restarted again only reads its shards back.
     assert rewrite_corpus(tiny_model, tiny_tokenizer, data, cfg, out_dir=out,
                           backend=_Recording(None, fail_on_sample=1)).to_list() == whole.to_list()
-    with pytest.raises(ValueError, match="different config_hash"):
+    with pytest.raises(InputsChanged, match=r"config.seed: was 5, now 6"):
         rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(seed=6), out_dir=out)
 
 
@@ -182,3 +183,142 @@ def test_stage_one_analysis_prefixes_the_hinted_stream(tiny_tokenizer):
     # With it, the analysis (cut at the marker) sits in the hinted prompt; the response starts after it.
     got = rewrite_corpus(model, tok, _one_question(), _config(**{**cfg.__dict__, "analysis": True}))[0]
     assert got["source"] == "hinted" and got["response"] == "so \\boxed{42}"
+
+
+def _scripted_by_question(tok, texts):
+    """A scripted LM whose student stream writes texts[question] for each question of _corpus
+    (the hinted stream writes the same), then eos; unknown questions get ``texts[None]``."""
+    start, eos = tok.convert_tokens_to_ids("<|im_start|>"), tok.eos_token_id
+
+    def script(context):
+        last = len(context) - 1 - context[::-1].index(start)
+        prompt = tok.decode(context[:last])
+        generated = tok.decode(context[last + 1 :])[len("assistant\n"):]
+        text = next((t for q, t in texts.items() if q is not None and q in prompt), texts[None])
+        nxt = tok.convert_tokens_to_ids(text[len(generated)]) if len(generated) < len(text) else eos
+        logits = torch.zeros(len(tok))
+        logits[nxt] = 30.0
+        return logits
+
+    return ScriptedLM(script, len(tok), eos)
+
+
+def test_stats_count_each_answer_by_outcome(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    texts = {"What is 0+0?": "so \\boxed{0}", "What is 1+1?": "so \\boxed{3}", "What is 2+2?": "I do not know.",
+             None: "let me think " * 10}
+    model = _scripted_by_question(tok, texts)
+    cfg = _config(k_self=2, m_hinted=3, score=False, sampling=SamplingConfig(temperature=0.0, max_new_tokens=40),
+                  hinted=HintedDecodingConfig(temperature=0.0, beta=0.0, max_new_tokens=40))
+    ds, stats = rewrite_with_stats(model, tok, _corpus(4), cfg, out_dir=tmp_path)
+    assert ds["self_outcomes"] == [["right"] * 2, ["wrong"] * 2, ["no_answer"] * 2, ["cut"] * 2]
+    assert ds["hinted_outcomes"] == [[], ["wrong"] * 3, ["no_answer"] * 3, ["cut"] * 3]
+    assert stats["attempts"] == {
+        "self": {"rows": 4, "answers": 8, "right": 2, "wrong": 2, "no_answer": 2, "cut": 2, "rows_right": 1},
+        "hinted": {"rows": 3, "answers": 9, "right": 0, "wrong": 3, "no_answer": 3, "cut": 3, "rows_right": 0},
+    }
+    assert json.loads((tmp_path / "stats.json").read_text())["attempts"] == stats["attempts"]
+    assert stats["processes"] == 1 and stats["rows_per_process"] == [4]
+
+
+def test_a_right_answer_cut_at_the_limit_ends_at_its_final_answer_with_no_end_of_turn(tiny_model, tiny_tokenizer):
+    from onpolicy_sft.data import encode_row
+
+    tok = tiny_tokenizer
+    texts = {"What is 0+0?": "0+0 is \\boxed{0} and more words after it", "What is 1+1?": "so \\boxed{2}",
+             None: "#### 4\nthen it keeps going on and on"}
+    writer = make_backend("hf", _scripted_by_question(tok, texts), tok)
+    cfg = _config(k_self=1, m_hinted=0, sampling=SamplingConfig(temperature=0.0, max_new_tokens=24))
+    # the scripted model writes, the tiny model scores
+    ds, stats = rewrite_with_stats(tiny_model, tok, _corpus(3), cfg, backend=writer)
+    assert ds["response"] == ["0+0 is \\boxed{0}", "so \\boxed{2}", "#### 4"]
+    assert ds["response_truncated"] == [True, False, True] and stats["truncated_kept"] == 2
+    for row in ds:
+        ids = encode_row(tok, row)["input_ids"]
+        assert (ids[-1] == tok.eos_token_id) != row["response_truncated"]
+        # DDT scored the response tokens, and the end-of-turn token only where the model wrote it
+        assert row["ddt_n_tokens"] == len(tok(row["response"])["input_ids"]) + (not row["response_truncated"])
+
+
+def test_pick_prefers_a_right_answer_that_ended_by_itself():
+    texts = ["\\boxed{5} and on", "so \\boxed{5}.", "\\boxed{6}"]
+    assert rw._pick(texts, [True, False, False], ["right", "right", "wrong"]) == ("so \\boxed{5}.", False)
+    assert rw._pick(texts, [True, True, False], ["right", "right", "wrong"]) == ("\\boxed{5}", True)
+    assert rw._pick(texts, [False, False, False], ["wrong", "no_answer", "wrong"]) is None
+
+
+@pytest.mark.parametrize("text", [
+    "a \\boxed{1} b \\boxed{\\frac{1}{2}} tail", "x \\boxed{7} then \\boxed{unterminated", "#### 12\nmore",
+    "#### 1\n#### 2 apples\nrest", "\\fbox{3}, then #### 9", "nothing here", "\\boxed{a{b}c}}} x",
+])
+def test_answer_end_keeps_the_answer_the_checker_reads(text):
+    from onpolicy_sft.grading import extract_answer
+
+    end = rw.answer_end(text)
+    assert (end is None) == (extract_answer(text) is None)
+    if end is not None:
+        assert extract_answer(text[:end]) == extract_answer(text)
+        assert extract_answer(text[: end - 1]) != extract_answer(text)  # nothing of the answer is cut off
+
+
+def test_resume_with_another_model_or_while_running_is_refused(tiny_tokenizer, tmp_path, monkeypatch):
+    from tiny import make_tiny_model
+
+    from onpolicy_sft.rundir import DirectoryLocked, RunLock
+
+    monkeypatch.setattr(rw, "is_correct", _accept_some)
+    data, cfg = _corpus(3), _config(score=False)
+    first = make_tiny_model(tiny_tokenizer, seed=0)
+    rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)
+    other = make_tiny_model(tiny_tokenizer, seed=1)
+    other.name_or_path = first.name_or_path  # same name, other weights: still refused
+    with pytest.raises(InputsChanged, match="model_weights: was"):
+        rewrite_corpus(other, tiny_tokenizer, data, cfg, out_dir=tmp_path)
+    with pytest.raises(InputsChanged, match="data: was"):
+        rewrite_corpus(first, tiny_tokenizer, _corpus(4).select([0, 1, 3]), cfg, out_dir=tmp_path)
+    with RunLock(tmp_path, "loop"):
+        with pytest.raises(DirectoryLocked):
+            rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)
+    assert rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)["id"] == data["id"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_resume_after_a_process_dies(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the shards are split, the rows equal one process's,
+    and after one process is killed mid-run a rerun finishes with the same rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    driver = Path(__file__).with_name("rewrite_procs.py")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def run(launcher, out, result, *extra, check=True):
+        return subprocess.run([*launcher, str(driver), str(tmp_path / out), str(tmp_path / result), *extra],
+                              env=env, capture_output=True, text=True, timeout=600, check=check)
+
+    two = [str(torchrun), "--nproc_per_node", "2"]
+    run([sys.executable], "one", "one.json")
+    run(two, "two", "two.json")
+    one, both = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert {r["source"] for r in one["rows"]} == {"self", "hinted", "original"}
+    assert both["rows"] == one["rows"]
+    assert one["stats"]["rows_per_process"] == [9] and both["stats"]["processes"] == 2
+    assert both["stats"]["rows_per_process"] == [5, 4]  # shards of 2 rows: 0, 2, 4 and 1, 3
+    assert {k: v for k, v in both["stats"].items() if k not in ("processes", "rows_per_process")} == \
+        {k: v for k, v in one["stats"].items() if k not in ("processes", "rows_per_process")}
+
+    killed = run(two, "killed", "killed.json", "--fail-rank", "1", "--fail-on-sample", "2", check=False)
+    assert killed.returncode != 0 and not (tmp_path / "killed.json").exists()
+    written = sorted(p.name for p in (tmp_path / "killed" / "shards").iterdir())
+    assert "shard-00001.jsonl" in written and "shard-00003.jsonl" not in written
+    run(two, "killed", "resumed.json")
+    assert json.loads((tmp_path / "resumed.json").read_text())["rows"] == one["rows"]
+
+
+def test_answer_end_is_linear_on_many_unterminated_boxes():
+    # 8000 unterminated boxes and then a real one: a scan to the end per box would take minutes
+    text = "\\boxed{" * 8000 + " \\boxed{5} tail"
+    assert text[: rw.answer_end(text)].endswith("\\boxed{5}")

@@ -1,0 +1,65 @@
+"""Driver for the multi-process rewrite test (test_rewrite.py): run with python or torchrun.
+
+    rewrite_procs.py OUT_DIR RESULT_JSON [--fail-rank R --fail-on-sample K]
+
+The tiny model is built from a fixed seed on every process, the verdict is a deterministic
+stand-in (so that every source occurs), and the rank given by --fail-rank exits hard on its
+K-th sampling call, as a killed process would.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+import decoding.rewrite as rw  # noqa: E402
+from decoding import HintedDecodingConfig, SamplingConfig, make_backend  # noqa: E402
+from onpolicy_sft.distributed import process_state  # noqa: E402
+from test_rewrite import _accept_some, _corpus  # noqa: E402
+from tiny import make_tiny_model, make_tiny_tokenizer  # noqa: E402
+
+
+class DiesOnSample:
+    def __init__(self, inner, fail_on_sample):
+        self.inner, self.fail_on_sample, self.calls = inner, fail_on_sample, 0
+
+    def sample(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_on_sample:
+            os._exit(3)
+        return self.inner.sample(*args, **kwargs)
+
+    def two_stream(self, *args, **kwargs):
+        return self.inner.two_stream(*args, **kwargs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("result")
+    ap.add_argument("--fail-rank", type=int, default=-1)
+    ap.add_argument("--fail-on-sample", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rw.is_correct = _accept_some
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(tok, seed=0)
+    config = rw.RewriteConfig(k_self=2, m_hinted=2, shard_size=2, seed=5, progress=False,
+                              sampling=SamplingConfig(temperature=1.0, max_new_tokens=6),
+                              hinted=HintedDecodingConfig(temperature=1.0, max_new_tokens=6))
+    state = process_state()
+    backend = make_backend("hf", model, tok)
+    if state.process_index == args.fail_rank:
+        backend = DiesOnSample(backend, args.fail_on_sample)
+    ds, stats = rw.rewrite_with_stats(model, tok, _corpus(9), config, out_dir=args.out, backend=backend)
+    if state.is_main_process:
+        Path(args.result).write_text(json.dumps({"rows": ds.to_list(), "stats": stats}))
+
+
+if __name__ == "__main__":
+    main()
