@@ -44,7 +44,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
@@ -52,6 +51,7 @@ from tqdm.auto import tqdm
 from onpolicy_sft import ddt
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state
 from onpolicy_sft.grading import extract_answer, is_correct
+from onpolicy_sft.models import weights_digest
 from onpolicy_sft.rundir import RunLock, check_fingerprint, digest, write_json, write_text
 
 from .config import HintedDecodingConfig, SamplingConfig
@@ -118,21 +118,6 @@ def row_seed(seed: int, row_id: str, stage: str) -> int:
     """A 62-bit seed for one row and stage, independent of batching, order and resumption."""
     hashed = hashlib.sha256(f"{seed}\x00{row_id}\x00{stage}".encode()).digest()
     return int.from_bytes(hashed[:8], "little") >> 2
-
-
-def weights_digest(model, sample: int = 4096) -> str:
-    """A short hash of a model's weights: every tensor's name, shape and dtype, and ``sample``
-    evenly strided values of each. Any training step moves values everywhere, so the sample is
-    enough to tell two checkpoints apart without hashing hundreds of megabytes."""
-    hashed = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // sample)
-            values = flat[::step][:sample].to(device="cpu", dtype=torch.float64).contiguous()
-            hashed.update(f"{name}\x00{tuple(tensor.shape)}\x00{tensor.dtype}\x00".encode())
-            hashed.update(values.numpy().tobytes())
-    return hashed.hexdigest()[:16]
 
 
 def answer_end(text: str) -> int | None:

@@ -37,7 +37,8 @@ from onpolicy_sft.rundir import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-TRAINING_COLUMNS = ("id", "prompt", "response", "answer", "system")
+# response_truncated keeps a cut-off response from being trained with an end-of-turn token the model never wrote.
+TRAINING_COLUMNS = ("id", "prompt", "response", "answer", "system", "response_truncated")
 SOURCES = ("self", "hinted", "original")
 
 

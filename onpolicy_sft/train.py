@@ -52,7 +52,7 @@ from onpolicy_sft.data import (
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.fsdp import full_optimizer_state, full_state, grad_norm_value, is_sharded, load_full_state, shard
 from onpolicy_sft.lora import apply_lora, is_lora, save_lora
-from onpolicy_sft.models import load_model
+from onpolicy_sft.models import load_model, weights_digest
 from onpolicy_sft.objectives import Objective, build
 from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps
 from onpolicy_sft.ops import IGNORE_INDEX
@@ -433,19 +433,11 @@ DISPLAY_FIELDS = ("progress", "trackers", "log_every", "save_every")  # change t
 
 
 def _model_identity(model) -> dict | None:
-    """Size and a content digest of a model's weights (each tensor's float64 sum and a strided
-    sample of its bytes): what tells a starting model apart without hashing gigabytes. Not its
-    path: the same weights moved or named another way are the same start."""
+    """Size and a content digest of a model's weights: what tells a starting model apart without
+    hashing gigabytes. Not its path: the same weights moved or named another way are the same start."""
     if model is None:
         return None
-    parts = []
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-            parts.append([name, list(tensor.shape), str(tensor.dtype), float(flat.sum(dtype=torch.float64)),
-                          hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]])
-    return {"parameters": sum(p.numel() for p in model.parameters()), "weights": digest(parts)}
+    return {"parameters": sum(p.numel() for p in model.parameters()), "weights": weights_digest(model)}
 
 
 def _data_digest(dataset) -> str:
