@@ -151,7 +151,7 @@ def test_rows_do_not_depend_on_batching(tiny_model, tiny_tokenizer, monkeypatch)
     for row in a:
         other = rows_b[row["id"]]
         for key, value in row.items():
-            if key.startswith("ddt_"):
+            if key.startswith("ddt_") and isinstance(value, float):
                 assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
             elif key != "config_hash":
                 assert other[key] == value, key
