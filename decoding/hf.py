@@ -10,10 +10,12 @@ import math
 
 import torch
 
+from onpolicy_sft.models import load_model
+
 from .backend import Backend, check_prompts
 from .config import HintedDecodingConfig, SamplingConfig
 from .mixing import generators_for, hinted_step, plain_step, stream_seeds
-from .reference import AnswerGuard, RepetitionStop, eos_ids, forced_lambda, stop_string_hit
+from .rules import RepetitionStop, TailWatch, answer_markers, eos_ids, forced_lambda
 
 
 class CachedBatch:
@@ -82,17 +84,15 @@ def hf_two_stream(
 def _two_stream_batch(model, hinted, student, config, tokenizer, eos, pad, seeds) -> list[list[int]]:
     n = len(hinted)
     gens = generators_for(seeds)
-    guards = [AnswerGuard(tokenizer, config.answer_marker) for _ in range(n)]
+    markers = answer_markers(config.answer_marker)
+    guards = [TailWatch(tokenizer, markers) for _ in range(n)]
     repeats = [RepetitionStop(config.repeat_window, config.repeat_count) for _ in range(n)]
     outs: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     batch = CachedBatch(model, hinted + student, pad)
     logits = batch.logits
     for step in range(config.max_new_tokens):
-        force = torch.tensor(
-            [forced_lambda(step, g.check(o), config.first_from_hinted) if not d else math.nan
-             for g, o, d in zip(guards, outs, done)]
-        )
+        force = torch.tensor([forced_lambda(step, g.found, config.first_from_hinted) for g in guards])
         tokens, _ = hinted_step(
             logits[:n], logits[n:], beta=config.beta, top_p=config.top_p, temperature=config.temperature,
             generators=gens, force_lam=force,
@@ -100,6 +100,7 @@ def _two_stream_batch(model, hinted, student, config, tokenizer, eos, pad, seeds
         for i, token in enumerate(tokens.tolist()):
             if not done[i]:
                 outs[i].append(token)
+                guards[i].push(token)
                 done[i] = token in eos or repeats[i].push(token)
         if all(done) or step + 1 == config.max_new_tokens:
             break
@@ -122,6 +123,7 @@ def hf_sample(model, prompt_ids: list[list[int]], config: SamplingConfig, tokeni
         chunk = rows[start : start + batch_rows]
         gens = generators_for(streams[start : start + batch_rows])
         outs: list[list[int]] = [[] for _ in chunk]
+        stops = [TailWatch(tokenizer, config.stop) for _ in chunk]
         done = [False] * len(chunk)
         batch = CachedBatch(model, [prompt_ids[i] for i, _ in chunk], pad)
         logits = batch.logits
@@ -130,7 +132,7 @@ def hf_sample(model, prompt_ids: list[list[int]], config: SamplingConfig, tokeni
             for k, token in enumerate(tokens.tolist()):
                 if not done[k]:
                     outs[k].append(token)
-                    done[k] = token in eos or stop_string_hit(tokenizer, outs[k], config.stop)
+                    done[k] = token in eos or stops[k].push(token)
             if all(done) or step + 1 == config.max_new_tokens:
                 break
             logits = batch.step(tokens)
@@ -145,8 +147,6 @@ class HFBackend(Backend):
 
     def __init__(self, model, tokenizer=None, *, batch_rows: int = 32):
         if isinstance(model, str):
-            from onpolicy_sft.models import load_model
-
             model, loaded = load_model(model)
             tokenizer = tokenizer or loaded
         self.model, self.tokenizer, self.batch_rows = model, tokenizer, batch_rows

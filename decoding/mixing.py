@@ -1,6 +1,6 @@
 """The per-step math of Hinted Decoding: entropy-driven mixing, the nucleus, the draw.
 
-Zhang et al., "Towards On-Policy SFT" (arXiv 2602.12222), METHODS.md §5:
+Zhang et al., "Towards On-Policy SFT" (arXiv 2602.12222), docs/methods.md §5:
     λ = clamp(β · H(p) / log V, 0, 1),   m = (1 − λ) log p + λ log q,
 nucleus of softmax(m) at top-p, then a draw from softmax(m / τ) inside it.
 Every backend calls these functions, so the formulas live only here.
@@ -141,7 +141,3 @@ def generators_for(seeds: list[int]) -> list[torch.Generator]:
         gens.append(g)
     return gens
 
-
-def make_generators(seed: int, count: int, offset: int = 0) -> list[torch.Generator]:
-    """One CPU generator per row, seeded seed·1_000_003 + (offset + i) so rows never share a stream."""
-    return generators_for([seed * 1_000_003 + offset + i for i in range(count)])

@@ -1,5 +1,5 @@
 """Two-stream Hinted Decoding and plain sampling: the hf backend against the reference loop,
-and the rules of METHODS.md §5 on a scripted model whose logits we choose."""
+and the rules of docs/methods.md §5 on a scripted model whose logits we choose."""
 
 from types import SimpleNamespace
 
