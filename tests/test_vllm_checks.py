@@ -1,0 +1,25 @@
+"""The vLLM backend's refusals at construction, before any model loads or vLLM is imported."""
+
+import pytest
+
+from decoding.vllm_backend import RUNNER_VARIABLE, VLLMBackend, check_engine_options
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative decoding"),
+    ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=2"),
+])
+def test_settings_that_cannot_keep_pairs_are_refused(tiny_model, tiny_tokenizer, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VLLMBackend(tiny_model, tiny_tokenizer, engine_kwargs=kwargs)
+    check_engine_options({"pipeline_parallel_size": 1, "speculative_config": None})  # the defaults pass
+
+
+@pytest.mark.parametrize("value, refused", [("1", True), ("true", True), ("0", False), ("", False)])
+def test_model_runner_v2_is_refused(monkeypatch, value, refused):
+    monkeypatch.setenv(RUNNER_VARIABLE, value)
+    if refused:
+        with pytest.raises(ValueError, match=f"{RUNNER_VARIABLE}=0"):
+            check_engine_options({})
+    else:
+        check_engine_options({})
