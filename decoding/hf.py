@@ -25,28 +25,30 @@ class CachedBatch:
     it would see alone; that is what makes batched decoding equal one-by-one decoding.
     """
 
-    def __init__(self, model, rows: list[list[int]], pad_id: int):
+    def __init__(self, model, rows: list[list[int]], pad_id: int, max_new_tokens: int):
         device = next(model.parameters()).device
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        # The mask of every step is a prefix view of one buffer: no per-step copy that grows with length.
+        full = torch.ones((len(rows), width + max_new_tokens), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        self.model, self.mask = model, mask.to(device)
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            full[i, : width - len(row)] = 0
+        self.model, self.full, self.width = model, full.to(device), width
+        mask = self.full[:, :width]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(
-            input_ids=ids.to(device), attention_mask=self.mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            input_ids=ids.to(device), attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]
         self.next_pos = positions[:, -1:] + 1
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row; return the next logits [R, V]."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        self.width += 1
         out = self.model(
-            input_ids=tokens.to(self.mask.device).view(-1, 1),
-            attention_mask=self.mask,
+            input_ids=tokens.to(self.full.device).view(-1, 1),
+            attention_mask=self.full[:, : self.width],
             position_ids=self.next_pos,
             past_key_values=self.cache,
             use_cache=True,
@@ -89,7 +91,7 @@ def _two_stream_batch(model, hinted, student, config, tokenizer, eos, pad, seeds
     repeats = [RepetitionStop(config.repeat_window, config.repeat_count) for _ in range(n)]
     outs: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
-    batch = CachedBatch(model, hinted + student, pad)
+    batch = CachedBatch(model, hinted + student, pad, config.max_new_tokens)
     logits = batch.logits
     for step in range(config.max_new_tokens):
         force = torch.tensor([forced_lambda(step, g.found, config.first_from_hinted) for g in guards])
@@ -125,7 +127,7 @@ def hf_sample(model, prompt_ids: list[list[int]], config: SamplingConfig, tokeni
         outs: list[list[int]] = [[] for _ in chunk]
         stops = [TailWatch(tokenizer, config.stop) for _ in chunk]
         done = [False] * len(chunk)
-        batch = CachedBatch(model, [prompt_ids[i] for i, _ in chunk], pad)
+        batch = CachedBatch(model, [prompt_ids[i] for i, _ in chunk], pad, config.max_new_tokens)
         logits = batch.logits
         for step in range(config.max_new_tokens):
             tokens = plain_step(logits, top_p=config.top_p, temperature=config.temperature, generators=gens)
