@@ -50,6 +50,10 @@ def _set_cpu_environment() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
     # In-process engine: in-memory weight updates need it (a spawned core works too, slower updates).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        # The lm_head rebuild after a weight update (_rebuild_cpu_lm_head) is a function sent to the
+        # engine's own local worker; vLLM passes functions only through pickle, which it gates.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
 def check_engine_options(kwargs: dict) -> None:
