@@ -13,6 +13,7 @@ for their lengths alone.
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ class Pair:
 
 @dataclass
 class Row:
-    out: list[int]  # the engine's live output list of the request: read for its length only
+    out: Sized  # the engine's live output list of the request: read for its length only
     pair: Pair | None = None
     role: str = ""
     script: list[int] | None = None  # a probe row's forced tokens
@@ -100,7 +101,8 @@ class PairBook:
         self.rows: dict[int, Row] = {}
         self.pairs: dict[str, Pair] = {}
 
-    def _new_row(self, spec: dict, out: list[int]) -> Row:
+    def new_row(self, spec: dict, out) -> Row:
+        """The Row of a request entering the batch (`out`: anything whose len() is its output length)."""
         if "probe" in spec:
             return Row(out, script=list(spec["probe"]))
         pair = self.pairs.get(spec["pair"])
@@ -111,7 +113,8 @@ class PairBook:
         pair.rows += 1
         return Row(out, pair, spec["role"])
 
-    def _release(self, row: Row | None) -> None:
+    def release(self, row: Row | None) -> None:
+        """Forget a row that left the batch, and its pair once both rows have left."""
         if row is not None and row.pair is not None:
             row.pair.rows -= 1
             if row.pair.rows == 0:
@@ -121,11 +124,11 @@ class PairBook:
         """Apply one batch change: `removed` indices, `added` (index, spec or None, live output
         list), `moved` (from, to, swap) in that order (an added row may take a removed slot)."""
         for index in removed:
-            self._release(self.rows.pop(index, None))
+            self.release(self.rows.pop(index, None))
         for index, spec, out in added:
-            self._release(self.rows.pop(index, None))
+            self.release(self.rows.pop(index, None))
             if spec is not None:
-                self.rows[index] = self._new_row(spec, out)
+                self.rows[index] = self.new_row(spec, out)
         for a, b, swap in moved:
             row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
             if row_a is not None:
@@ -133,7 +136,7 @@ class PairBook:
             if swap and row_b is not None:
                 self.rows[a] = row_b
             elif row_b is not None:  # a one-way move overwrites b
-                self._release(row_b)
+                self.release(row_b)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Decide the next token of every pair whose two rows are level, then mask each row
@@ -141,22 +144,26 @@ class PairBook:
         if not self.rows:
             return logits
         n = logits.shape[0]
-        halves: dict[int, list] = {}
-        for index, row in self.rows.items():
-            if index < n and row.pair is not None:
-                entry = halves.setdefault(id(row.pair), [row.pair, None, None])
-                entry[1 if row.role == "hinted" else 2] = index
-        ready = [
-            (pair, h, s) for pair, h, s in halves.values()
-            if h is not None and s is not None and len(self.rows[h].out) == len(pair.chosen) == len(self.rows[s].out)
-        ]
+        return self.step(logits, [(index, row) for index, row in self.rows.items() if index < n])
+
+    def step(self, logits: torch.Tensor, placed: list[tuple[int, Row]]) -> torch.Tensor:
+        """`apply` for rows placed explicitly: (logits row, Row) for each row of this step."""
+        halves: dict[int, dict] = {}
+        for index, row in placed:
+            if row.pair is not None:
+                halves.setdefault(id(row.pair), {"pair": row.pair})[row.role] = (index, row)
+        ready = []
+        for half in halves.values():
+            pair, h, s = half["pair"], half.get("hinted"), half.get("student")
+            if h is not None and s is not None and len(h[1].out) == len(pair.chosen) == len(s[1].out):
+                ready.append((pair, h[0], s[0]))
         if ready:
             self._decide(logits, ready)
         indices, tokens = [], []
-        for index, row in self.rows.items():
+        for index, row in placed:
             script = row.script if row.pair is None else row.pair.chosen
             k = len(row.out)
-            if index < n and k < len(script):
+            if k < len(script):
                 indices.append(index)
                 tokens.append(script[k])
         if indices:

