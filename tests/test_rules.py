@@ -8,6 +8,7 @@ import pytest
 from decoding import HintedDecodingConfig
 from decoding.rules import TailWatch, answer_markers, text_contains
 from onpolicy_sft.grading import ANSWER_MARKERS, extract_answer
+from onpolicy_sft.models import load_tokenizer
 
 STRINGS = [*ANSWER_MARKERS, "漢字", " Q", "\n\n", "é!"]
 # Text pieces whose tokens build the strings above across token boundaries, in pieces and whole.
@@ -38,8 +39,6 @@ def test_tail_watch_equals_whole_text_char_tokenizer(tiny_tokenizer):
 
 @pytest.mark.embedded
 def test_tail_watch_equals_whole_text_byte_level_bpe():
-    from onpolicy_sft.models import load_tokenizer
-
     try:
         tok = load_tokenizer("smollm2-135m-instruct")
     except Exception as err:  # the embedded checkpoint is fetched by `onpolicy-sft model fetch`

@@ -33,7 +33,10 @@ from decoding import HintedDecodingConfig, SamplingConfig, make_backend  # noqa:
 from decoding.hf import hf_two_stream  # noqa: E402
 from decoding.pairs import PairBook  # noqa: E402
 from decoding.rules import TailWatch, text_contains  # noqa: E402
+from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids  # noqa: E402
+from onpolicy_sft.arith import arithmetic_splits  # noqa: E402
 from onpolicy_sft.grading import ANSWER_MARKERS  # noqa: E402
+from onpolicy_sft.models import load_tokenizer  # noqa: E402
 from tiny import make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -149,10 +152,6 @@ def bench_vllm_length(batch: int) -> list[dict]:
 
 
 def bench_vllm_throughput(model_name: str, sizes: list[int], length: int) -> dict:
-    from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids
-    from onpolicy_sft.arith import arithmetic_splits
-    from onpolicy_sft.models import load_tokenizer
-
     tok = load_tokenizer(model_name)
     rows_data = arithmetic_splits(n_train=max(sizes))["train"]
     hinted = [hinted_prompt_ids(tok, HintTemplate(), r["prompt"], r["response"]) for r in rows_data]
