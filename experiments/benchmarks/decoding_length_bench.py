@@ -30,9 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend  # noqa: E402
+from decoding import hf  # noqa: E402
 from decoding.hf import hf_two_stream  # noqa: E402
 from decoding.pairs import PairBook  # noqa: E402
-from decoding.rules import TailWatch, text_contains  # noqa: E402
+from decoding.rules import RepetitionStop, TailWatch, text_contains  # noqa: E402
 from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids  # noqa: E402
 from onpolicy_sft.arith import arithmetic_splits  # noqa: E402
 from onpolicy_sft.grading import ANSWER_MARKERS  # noqa: E402
@@ -98,20 +99,39 @@ def bench_guard(tok) -> list[dict]:
     return rows
 
 
+def _timed(owner, name: str, spent: dict) -> None:
+    """Replace owner.name by a wrapper that adds its seconds to spent["s"]."""
+    inner = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        spent["s"] += time.perf_counter() - start
+        return out
+
+    setattr(owner, name, timed)
+
+
 def bench_hf_length(batch: int) -> list[dict]:
     model, tok = _tiny(max(LENGTHS) + 64)
     clock = ForwardClock(model)
     hinted, student = _pairs(tok, batch)
+    # Our own per-step work, timed directly: the mixing and draw, the answer guard, the repetition stop.
+    ours = {"s": 0.0}
+    _timed(hf, "hinted_step", ours)
+    _timed(TailWatch, "push", ours)
+    _timed(RepetitionStop, "push", ours)
     rows = []
     for length in LENGTHS:
-        clock.total = 0.0
+        clock.total, ours["s"] = 0.0, 0.0
         start = time.perf_counter()
         out = hf_two_stream(model, hinted, student, _config(length, batch), tok)
         total = time.perf_counter() - start
         steps = max(len(o) for o in out)  # a row may still end at the tokenizer's eos
         rows.append({"backend": "hf", "batch": batch, "new_tokens": length, "tokens_per_pair": steps,
                      "ms_per_step": 1e3 * total / steps, "forward_ms_per_step": 1e3 * clock.total / steps,
-                     "other_ms_per_step": 1e3 * (total - clock.total) / steps})
+                     "other_ms_per_step": 1e3 * (total - clock.total) / steps,
+                     "mixing_and_rules_ms_per_step": 1e3 * ours["s"] / steps})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -197,22 +217,27 @@ def write_md(result: dict, path: Path) -> None:
                   "hf: forward = time inside the model's forward pass; other = everything else (mixing, guard, "
                   "stop rules, bookkeeping). vLLM: mixer = time inside the pair mixer; engine = the rest "
                   "(forward pass, scheduler, sampler).", "",
-                  "| backend | new tokens | ms / step | forward or engine ms | other or mixer ms |", "|---|---|---|---|---|"]
+                  "hf, mixing and rules: the time inside hinted_step, the answer guard and the repetition stop "
+                  "alone (part of other).", "",
+                  "| backend | new tokens | ms / step | forward or engine ms | other or mixer ms | mixing and rules ms |",
+                  "|---|---|---|---|---|---|"]
         for r in result["length"]["hf"]:
+            ours = r.get("mixing_and_rules_ms_per_step")
             lines.append(f"| hf | {r['new_tokens']} | {r['ms_per_step']:.2f} | {r['forward_ms_per_step']:.2f} "
-                         f"| {r['other_ms_per_step']:.2f} |")
+                         f"| {r['other_ms_per_step']:.2f} | {'-' if ours is None else f'{ours:.2f}'} |")
         v = result["length"]["vllm"]
         if isinstance(v, list):
             for r in v:
                 lines.append(f"| vllm | {r['new_tokens']} | {r['ms_per_step']:.2f} | {r['engine_ms_per_step']:.2f} "
-                             f"| {r['mixer_ms_per_step']:.2f} |")
+                             f"| {r['mixer_ms_per_step']:.2f} | |")
         else:
             lines.append(f"| vllm | {v} | | | |")
-        for key, label in (("hf", "other_ms_per_step"), ("vllm", "mixer_ms_per_step")):
+        for key, label in (("hf", "other_ms_per_step"), ("hf", "mixing_and_rules_ms_per_step"),
+                           ("vllm", "mixer_ms_per_step")):
             rows = result["length"][key]
-            if isinstance(rows, list):
-                lines.append(f"\n{key}: {label.split('_')[0]} at {LENGTHS[-1]} / at {LENGTHS[0]} tokens = "
-                             f"{rows[-1][label] / rows[0][label]:.2f}x")
+            if isinstance(rows, list) and label in rows[0]:
+                lines.append(f"\n{key}: {label.removesuffix('_ms_per_step')} at {LENGTHS[-1]} / at {LENGTHS[0]} "
+                             f"tokens = {rows[-1][label] / rows[0][label]:.2f}x")
         lines += ["", "Answer-guard check alone, per token per pair:", "",
                   "| new tokens | tail watch ms | whole-text decode ms |", "|---|---|---|"]
         for r in result["length"]["guard"]:
