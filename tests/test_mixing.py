@@ -58,11 +58,13 @@ def test_mix_logprobs_tolerates_masked_logits():
     assert torch.isfinite(lam).all() and not torch.isnan(mixed).any()
 
 
-def test_top_p_mask_is_smallest_nucleus():
+@pytest.mark.parametrize("candidates", [9, 3])
+def test_top_p_mask_is_smallest_nucleus(candidates):
+    # candidates=3 sorts only the 3 likeliest tokens: rows whose nucleus is larger take the full sort.
     g = torch.Generator().manual_seed(2)
-    logits = torch.randn(20, 9, generator=g, dtype=torch.float64) * 2
+    logits = torch.randn(20, 9, generator=g, dtype=torch.float64) * torch.linspace(0.1, 6, 20, dtype=torch.float64)[:, None]
     for top_p in (0.05, 0.5, 0.9, 0.999):
-        masked = top_p_mask(logits, top_p)
+        masked = top_p_mask(logits, top_p, candidates=candidates)
         for row, mrow in zip(logits, masked):
             probs = torch.softmax(row, -1).tolist()
             order = sorted(range(len(probs)), key=lambda i: -probs[i])
