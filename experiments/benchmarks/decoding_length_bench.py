@@ -210,10 +210,10 @@ def _child(part: str, args, **env) -> object:
 
 def write_md(result: dict, path: Path) -> None:
     lines = ["# Hinted Decoding at real lengths and batch sizes", "",
-             f"{result['device']}, torch threads {result['threads']}. Command: `{result['command']}`", ""]
+             f"{result['device']} (2 shared cores), torch threads {result['threads']}.", ""]
     if "length" in result:
         lines += ["## Cost per decode step against response length (tiny random model, batch "
-                  f"{result['batch']} pairs)", "",
+                  f"{result['batch']} pairs)", "", f"Command: `{result['length'].get('command', result['command'])}`", "",
                   "hf: forward = time inside the model's forward pass; other = everything else (mixing, guard, "
                   "stop rules, bookkeeping). vLLM: mixer = time inside the pair mixer; engine = the rest "
                   "(forward pass, scheduler, sampler).", "",
@@ -246,7 +246,9 @@ def write_md(result: dict, path: Path) -> None:
         t = result["throughput"]
         lines += ["", f"## vLLM two-stream against plain sampling ({t.get('model') if isinstance(t, dict) else ''})", ""]
         if isinstance(t, dict):
-            lines += ["| pairs | two-stream tok/s per pair-stream | plain sampling tok/s | ratio | mixer share of two-stream time |",
+            lines += [f"Command: `{t.get('command', result['command'])}`, {t['rows'][0]['max_new_tokens']} new tokens "
+                      "at most per row, temperature 0.3.", "",
+                      "| pairs | two-stream tok/s per pair-stream | plain sampling tok/s | ratio | mixer share of two-stream time |",
                       "|---|---|---|---|---|"]
             for r in t["rows"]:
                 lines.append(f"| {r['batch']} | {r['two_stream_tokens_per_s']:.1f} | {r['sample_tokens_per_s']:.1f} "
@@ -282,9 +284,12 @@ def main() -> None:
     if args.part in ("length", "all"):
         _, tok = _tiny(64)
         result["length"] = {"guard": bench_guard(tok), "hf": bench_hf_length(args.batch),
-                            "vllm": _child("vllm_length", args, VLLM_CPU_OMP_THREADS_BIND="0")}
+                            "vllm": _child("vllm_length", args, VLLM_CPU_OMP_THREADS_BIND="0"),
+                            "command": result["command"]}
     if args.part in ("throughput", "all"):
         result["throughput"] = _child("throughput", args)
+        if isinstance(result["throughput"], dict):
+            result["throughput"]["command"] = result["command"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_md(result, args.out / f"{name}.md")
