@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend  # noqa: E402
 from decoding import hf  # noqa: E402
 from decoding.hf import hf_two_stream  # noqa: E402
-from decoding.pairs import PairBook  # noqa: E402
+from decoding.pairs import PairBook, pair_spec  # noqa: E402
 from decoding.rules import RepetitionStop, TailWatch, text_contains  # noqa: E402
 from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids  # noqa: E402
 from onpolicy_sft.arith import arithmetic_splits  # noqa: E402
@@ -110,6 +110,44 @@ def _timed(owner, name: str, spent: dict) -> None:
         return out
 
     setattr(owner, name, timed)
+
+
+def bench_book(tok, batch: int, repeats: int = 3) -> list[dict]:
+    """The pair mixer alone (decoding.pairs.PairBook, as vLLM runs it) on random logits, no model:
+    ms per step at each length, so that nothing but our own per-step work is timed. The least of
+    `repeats` runs, since other jobs on a shared machine only ever add time."""
+    runs = [_book_run(tok, batch) for _ in range(repeats)]
+    return [{"new_tokens": length, "book_ms_per_step": min(run[i] for run in runs)} for i, length in enumerate(LENGTHS)]
+
+
+def _book_run(tok, batch: int) -> list[float]:
+    cfg = HintedDecodingConfig(temperature=0.3, top_p=0.95, max_new_tokens=max(LENGTHS), repeat_count=10**9)
+    book, outs, added = PairBook(lambda: tok), [], []
+    for i in range(batch):
+        for role in ("hinted", "student"):
+            outs.append([])
+            spec = pair_spec(f"p{i}", role, seed=i, config=cfg, markers=ANSWER_MARKERS, eos=tok.eos_token_id)
+            added.append((len(added), spec, outs[-1]))
+    book.update([], added, [])
+    g = torch.Generator().manual_seed(0)
+    bank = [torch.randn(2 * batch, len(tok), generator=g) for _ in range(16)]
+
+    def step(k: int) -> None:
+        tokens = book.apply(bank[k % len(bank)].clone()).argmax(-1).tolist()
+        for out, token in zip(outs, tokens):
+            out.append(token)
+
+    rows, done = [], 0
+    for length in LENGTHS:
+        while done < length - 256:
+            step(done)
+            done += 1
+        start = time.perf_counter()
+        for _ in range(256):
+            step(done)
+            done += 1
+        rows.append(1e3 * (time.perf_counter() - start) / 256)
+    return rows
 
 
 def bench_hf_length(batch: int) -> list[dict]:
@@ -238,6 +276,11 @@ def write_md(result: dict, path: Path) -> None:
             if isinstance(rows, list) and label in rows[0]:
                 lines.append(f"\n{key}: {label.removesuffix('_ms_per_step')} at {LENGTHS[-1]} / at {LENGTHS[0]} "
                              f"tokens = {rows[-1][label] / rows[0][label]:.2f}x")
+        if "book" in result["length"]:
+            lines += ["", "The pair mixer alone (decoding.pairs.PairBook as vLLM drives it; random logits, no model), "
+                      "ms per step over 256 steps ending at each length, least of 3 runs:", "", "| new tokens | mixer ms / step |",
+                      "|---|---|"]
+            lines += [f"| {r['new_tokens']} | {r['book_ms_per_step']:.3f} |" for r in result["length"]["book"]]
         lines += ["", "Answer-guard check alone, per token per pair:", "",
                   "| new tokens | tail watch ms | whole-text decode ms |", "|---|---|---|"]
         for r in result["length"]["guard"]:
@@ -283,7 +326,8 @@ def main() -> None:
         result = {**json.loads(args.out.joinpath(f"{name}.json").read_text()), **result}
     if args.part in ("length", "all"):
         _, tok = _tiny(64)
-        result["length"] = {"guard": bench_guard(tok), "hf": bench_hf_length(args.batch),
+        result["length"] = {"guard": bench_guard(tok), "book": bench_book(tok, args.batch),
+                            "hf": bench_hf_length(args.batch),
                             "vllm": _child("vllm_length", args, VLLM_CPU_OMP_THREADS_BIND="0"),
                             "command": result["command"]}
     if args.part in ("throughput", "all"):
