@@ -278,7 +278,9 @@ def write_md(result: dict, path: Path) -> None:
                              f"tokens = {rows[-1][label] / rows[0][label]:.2f}x")
         if "book" in result["length"]:
             lines += ["", "The pair mixer alone (decoding.pairs.PairBook as vLLM drives it; random logits, no model), "
-                      "ms per step over 256 steps ending at each length, least of 3 runs:", "", "| new tokens | mixer ms / step |",
+                      "ms per step over 256 steps ending at each length, least of 3 runs"
+                      + (f" (`{result['length']['book_command']}`)" if "book_command" in result["length"] else "")
+                      + ":", "", "| new tokens | mixer ms / step |",
                       "|---|---|"]
             lines += [f"| {r['new_tokens']} | {r['book_ms_per_step']:.3f} |" for r in result["length"]["book"]]
         lines += ["", "Answer-guard check alone, per token per pair:", "",
