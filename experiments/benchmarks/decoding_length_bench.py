@@ -251,7 +251,10 @@ def write_md(result: dict, path: Path) -> None:
              f"{result['device']} (2 shared cores), torch threads {result['threads']}.", ""]
     if "length" in result:
         lines += ["## Cost per decode step against response length (tiny random model, batch "
-                  f"{result['batch']} pairs)", "", f"Command: `{result['length'].get('command', result['command'])}`", "",
+                  f"{result['batch']} pairs)", "", f"Command: `{result['length'].get('command', result['command'])}`"
+                  + (f"; vLLM rows: `{result['length']['vllm_command']}`"
+                     if result["length"].get("vllm_command", result["length"].get("command")) != result["length"].get("command")
+                     else ""), "",
                   "hf: forward = time inside the model's forward pass; other = everything else (mixing, guard, "
                   "stop rules, bookkeeping). vLLM: mixer = time inside the pair mixer; engine = the rest "
                   "(forward pass, scheduler, sampler).", "",
@@ -305,7 +308,8 @@ def write_md(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["length", "throughput", "all"], default="all")
+    parser.add_argument("--part", choices=["length", "hf-length", "throughput", "all"], default="all",
+                        help="hf-length: the length part without vLLM (its earlier vLLM rows are kept)")
     parser.add_argument("--batch", type=int, default=4, help="pairs per run in the length part")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 64])
@@ -326,12 +330,14 @@ def main() -> None:
     name = "decoding_length_bench"
     if args.out.joinpath(f"{name}.json").exists():
         result = {**json.loads(args.out.joinpath(f"{name}.json").read_text()), **result}
-    if args.part in ("length", "all"):
+    if args.part in ("length", "hf-length", "all"):
         _, tok = _tiny(64)
+        earlier = result.get("length", {})
+        vllm = earlier.get("vllm", "not run") if args.part == "hf-length" else \
+            _child("vllm_length", args, VLLM_CPU_OMP_THREADS_BIND="0")
         result["length"] = {"guard": bench_guard(tok), "book": bench_book(tok, args.batch),
-                            "hf": bench_hf_length(args.batch),
-                            "vllm": _child("vllm_length", args, VLLM_CPU_OMP_THREADS_BIND="0"),
-                            "command": result["command"]}
+                            "hf": bench_hf_length(args.batch), "vllm": vllm, "command": result["command"],
+                            "vllm_command": earlier.get("command") if args.part == "hf-length" else result["command"]}
     if args.part in ("throughput", "all"):
         result["throughput"] = _child("throughput", args)
         if isinstance(result["throughput"], dict):
