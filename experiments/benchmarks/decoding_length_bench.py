@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend  # noqa: E402
 from decoding import hf  # noqa: E402
 from decoding.hf import hf_two_stream  # noqa: E402
+from decoding.mixing import draw, generators_for, hinted_step, mix_logprobs, top_p_mask  # noqa: E402
 from decoding.pairs import PairBook, pair_spec  # noqa: E402
 from decoding.rules import RepetitionStop, TailWatch, text_contains  # noqa: E402
 from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids  # noqa: E402
@@ -238,6 +239,36 @@ def bench_vllm_throughput(model_name: str, sizes: list[int], length: int) -> dic
     return {"model": model_name, "rows": rows}
 
 
+def profile_step(sizes: list[int], vocab: int = 49152) -> list[dict]:
+    """Where one mixer step's time goes, per part of decoding.mixing.hinted_step, on logits shaped
+    like a language model's (a few likely tokens over a long tail), vocabulary of SmolLM2."""
+    rows = []
+    for b in sizes:
+        g = torch.Generator().manual_seed(b)
+        hinted = torch.randn(b, vocab, generator=g) * 2
+        student = torch.randn(b, vocab, generator=g) * 2
+        hinted[:, :20] += 12
+        student[:, 10:30] += 12
+        gens = generators_for(list(range(b)))
+        mixed, _ = mix_logprobs(hinted, student, 3.0)
+        nucleus = top_p_mask(mixed, 0.95)
+        parts = {"mix_logprobs": lambda: mix_logprobs(hinted, student, 3.0),
+                 "top_p_mask": lambda: top_p_mask(mixed, 0.95),
+                 "draw": lambda: draw(nucleus, 0.3, gens),
+                 "hinted_step": lambda: hinted_step(hinted, student, beta=3.0, top_p=0.95, temperature=0.3,
+                                                    generators=gens)}
+        row = {"pairs": b, "vocab": vocab}
+        for name, fn in parts.items():
+            fn()
+            start = time.perf_counter()
+            for _ in range(5):
+                fn()
+            row[f"{name}_ms"] = 1e3 * (time.perf_counter() - start) / 5
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def _child(part: str, args, **env) -> object:
     cmd = [sys.executable, __file__, "--child", part, "--batch", str(args.batch), "--model", args.model,
            "--new-tokens", str(args.new_tokens), "--sizes", *map(str, args.sizes)]
@@ -303,12 +334,20 @@ def write_md(result: dict, path: Path) -> None:
                              f"| {r['ratio']:.2f} | {r['mixer_share_of_two_stream']:.1%} |")
         else:
             lines.append(str(t))
+    if "profile" in result:
+        p = result["profile"]
+        lines += ["", f"## One mixer step, by part (`{p['command']}`, {p['threads']} threads)", "",
+                  "Random logits shaped like a language model's, SmolLM2's vocabulary; ms per step for all pairs.", "",
+                  "| pairs | mix_logprobs | top_p_mask | draw | whole hinted_step |", "|---|---|---|---|---|"]
+        for r in p["rows"]:
+            lines.append(f"| {r['pairs']} | {r['mix_logprobs_ms']:.1f} | {r['top_p_mask_ms']:.1f} | {r['draw_ms']:.1f} "
+                         f"| {r['hinted_step_ms']:.1f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["length", "hf-length", "throughput", "all"], default="all",
+    parser.add_argument("--part", choices=["length", "hf-length", "throughput", "profile", "all"], default="all",
                         help="hf-length: the length part without vLLM (its earlier vLLM rows are kept)")
     parser.add_argument("--batch", type=int, default=4, help="pairs per run in the length part")
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -338,6 +377,10 @@ def main() -> None:
         result["length"] = {"guard": bench_guard(tok), "book": bench_book(tok, args.batch),
                             "hf": bench_hf_length(args.batch), "vllm": vllm, "command": result["command"],
                             "vllm_command": earlier.get("command") if args.part == "hf-length" else result["command"]}
+    if args.part in ("profile", "all"):
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        result["profile"] = {"rows": profile_step(args.sizes), "command": result["command"],
+                             "threads": torch.get_num_threads()}
     if args.part in ("throughput", "all"):
         result["throughput"] = _child("throughput", args)
         if isinstance(result["throughput"], dict):
