@@ -6,8 +6,6 @@ student rows), so each lock-step costs a single forward pass of 2B one-token row
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from onpolicy_sft.models import load_model
