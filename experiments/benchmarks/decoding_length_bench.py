@@ -321,9 +321,11 @@ def write_md(result: dict, path: Path) -> None:
                   "| new tokens | tail watch ms | whole-text decode ms |", "|---|---|---|"]
         for r in result["length"]["guard"]:
             lines.append(f"| {r['new_tokens']} | {r['tail_ms']:.4f} | {r['whole_text_ms']:.4f} |")
-    if "throughput" in result:
-        t = result["throughput"]
-        lines += ["", f"## vLLM two-stream against plain sampling ({t.get('model') if isinstance(t, dict) else ''})", ""]
+    for key, note in (("throughput", ""), ("throughput_earlier", ", an earlier run with top_p_mask sorting the whole vocabulary")):
+        if key not in result:
+            continue
+        t = result[key]
+        lines += ["", f"## vLLM two-stream against plain sampling ({t.get('model') if isinstance(t, dict) else ''}{note})", ""]
         if isinstance(t, dict):
             lines += [f"Command: `{t.get('command', result['command'])}`, {t['rows'][0]['max_new_tokens']} new tokens "
                       "at most per row, temperature 0.3.", "",
