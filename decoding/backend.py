@@ -29,12 +29,20 @@ class Backend(ABC):
         self, hinted_ids: list[list[int]], student_ids: list[list[int]], config: HintedDecodingConfig, tokenizer=None,
         seeds: list[int] | None = None,
     ) -> list[list[int]]:
-        """Hinted Decoding (METHODS.md §5): the generated ids of each (hinted, student) pair; `seeds`
+        """Hinted Decoding (docs/methods.md §5): the generated ids of each (hinted, student) pair; `seeds`
         as in `sample`, one per pair."""
 
     @abstractmethod
     def update_weights(self, model) -> None:
         """Serve `model`'s current weights from now on (after a training step or round)."""
+
+    def sleep(self) -> None:
+        """Free the accelerator memory the backend holds while a trainer runs (no-op where there is none)."""
+
+    def wake_up(self, model=None) -> None:
+        """Serve again after `sleep`, with `model`'s weights when one is given."""
+        if model is not None:
+            self.update_weights(model)
 
     def close(self) -> None:
         """Release the engine's memory; the backend cannot be used afterwards."""

@@ -1,4 +1,4 @@
-"""The two decoding configurations: plain sampling and Hinted Decoding (METHODS.md §5)."""
+"""The two decoding configurations: plain sampling and Hinted Decoding (docs/methods.md §5)."""
 
 from __future__ import annotations
 
@@ -43,20 +43,23 @@ class SamplingConfig:
 
 @dataclass
 class HintedDecodingConfig:
-    """Two-stream Hinted Decoding (Zhang et al., arXiv 2602.12222; METHODS.md §5).
+    """Two-stream Hinted Decoding (Zhang et al., arXiv 2602.12222; docs/methods.md §5).
 
     beta scales the hinted stream's normalised entropy into the student weight λ; the nucleus
-    (top_p) is cut on the untempered mixture, then the temperature applies. ``answer_marker``
-    switches to the student stream alone once the generated text contains it (needs a
-    tokenizer; "" disables). Generation stops when some ``repeat_window``-token window has
-    occurred ``repeat_count`` times. ``batch_size`` is the number of prompt pairs decoded at once.
+    (top_p) is cut on the untempered mixture, then the temperature applies. The answer guard
+    switches to the student stream alone once the generated text contains a final-answer marker
+    (it needs a tokenizer): ``answer_marker`` "auto" watches every form the checker reads
+    (onpolicy_sft.grading.ANSWER_MARKERS), "" turns the guard off, and any other string is
+    watched for in addition to those forms (decoding.rules.answer_markers). Generation stops
+    when some ``repeat_window``-token window has occurred ``repeat_count`` times. ``batch_size``
+    is the number of prompt pairs decoded at once.
     """
 
     beta: float = 3.0
     temperature: float = 0.3
     top_p: float = 0.95
     max_new_tokens: int = 512
-    answer_marker: str = "\\boxed{"
+    answer_marker: str = "auto"
     repeat_window: int = 30
     repeat_count: int = 5
     first_from_hinted: bool = True
@@ -73,6 +76,8 @@ class HintedDecodingConfig:
                 "HintedDecodingConfig needs repeat_window >= 1 and repeat_count >= 2, "
                 f"got {self.repeat_window} and {self.repeat_count}"
             )
+        if not isinstance(self.answer_marker, str):
+            raise TypeError(f"HintedDecodingConfig.answer_marker must be a string, got {type(self.answer_marker).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"HintedDecodingConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.batch_size < 1:

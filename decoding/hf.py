@@ -6,14 +6,14 @@ student rows), so each lock-step costs a single forward pass of 2B one-token row
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from onpolicy_sft.models import load_model
 
 from .backend import Backend, check_prompts
 from .config import HintedDecodingConfig, SamplingConfig
 from .mixing import generators_for, hinted_step, plain_step, stream_seeds
-from .reference import AnswerGuard, RepetitionStop, eos_ids, forced_lambda, stop_string_hit
+from .rules import RepetitionStop, TailWatch, answer_markers, eos_ids, forced_lambda
 
 
 class CachedBatch:
@@ -23,28 +23,30 @@ class CachedBatch:
     it would see alone; that is what makes batched decoding equal one-by-one decoding.
     """
 
-    def __init__(self, model, rows: list[list[int]], pad_id: int):
+    def __init__(self, model, rows: list[list[int]], pad_id: int, max_new_tokens: int):
         device = next(model.parameters()).device
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        # The mask of every step is a prefix view of one buffer: no per-step copy that grows with length.
+        full = torch.ones((len(rows), width + max_new_tokens), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        self.model, self.mask = model, mask.to(device)
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            full[i, : width - len(row)] = 0
+        self.model, self.full, self.width = model, full.to(device), width
+        mask = self.full[:, :width]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(
-            input_ids=ids.to(device), attention_mask=self.mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            input_ids=ids.to(device), attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]
         self.next_pos = positions[:, -1:] + 1
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row; return the next logits [R, V]."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        self.width += 1
         out = self.model(
-            input_ids=tokens.to(self.mask.device).view(-1, 1),
-            attention_mask=self.mask,
+            input_ids=tokens.to(self.full.device).view(-1, 1),
+            attention_mask=self.full[:, : self.width],
             position_ids=self.next_pos,
             past_key_values=self.cache,
             use_cache=True,
@@ -82,17 +84,15 @@ def hf_two_stream(
 def _two_stream_batch(model, hinted, student, config, tokenizer, eos, pad, seeds) -> list[list[int]]:
     n = len(hinted)
     gens = generators_for(seeds)
-    guards = [AnswerGuard(tokenizer, config.answer_marker) for _ in range(n)]
+    markers = answer_markers(config.answer_marker)
+    guards = [TailWatch(tokenizer, markers) for _ in range(n)]
     repeats = [RepetitionStop(config.repeat_window, config.repeat_count) for _ in range(n)]
     outs: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
-    batch = CachedBatch(model, hinted + student, pad)
+    batch = CachedBatch(model, hinted + student, pad, config.max_new_tokens)
     logits = batch.logits
     for step in range(config.max_new_tokens):
-        force = torch.tensor(
-            [forced_lambda(step, g.check(o), config.first_from_hinted) if not d else math.nan
-             for g, o, d in zip(guards, outs, done)]
-        )
+        force = torch.tensor([forced_lambda(step, g.found, config.first_from_hinted) for g in guards])
         tokens, _ = hinted_step(
             logits[:n], logits[n:], beta=config.beta, top_p=config.top_p, temperature=config.temperature,
             generators=gens, force_lam=force,
@@ -100,6 +100,7 @@ def _two_stream_batch(model, hinted, student, config, tokenizer, eos, pad, seeds
         for i, token in enumerate(tokens.tolist()):
             if not done[i]:
                 outs[i].append(token)
+                guards[i].push(token)
                 done[i] = token in eos or repeats[i].push(token)
         if all(done) or step + 1 == config.max_new_tokens:
             break
@@ -122,15 +123,16 @@ def hf_sample(model, prompt_ids: list[list[int]], config: SamplingConfig, tokeni
         chunk = rows[start : start + batch_rows]
         gens = generators_for(streams[start : start + batch_rows])
         outs: list[list[int]] = [[] for _ in chunk]
+        stops = [TailWatch(tokenizer, config.stop) for _ in chunk]
         done = [False] * len(chunk)
-        batch = CachedBatch(model, [prompt_ids[i] for i, _ in chunk], pad)
+        batch = CachedBatch(model, [prompt_ids[i] for i, _ in chunk], pad, config.max_new_tokens)
         logits = batch.logits
         for step in range(config.max_new_tokens):
             tokens = plain_step(logits, top_p=config.top_p, temperature=config.temperature, generators=gens)
             for k, token in enumerate(tokens.tolist()):
                 if not done[k]:
                     outs[k].append(token)
-                    done[k] = token in eos or stop_string_hit(tokenizer, outs[k], config.stop)
+                    done[k] = token in eos or stops[k].push(token)
             if all(done) or step + 1 == config.max_new_tokens:
                 break
             logits = batch.step(tokens)
@@ -145,8 +147,6 @@ class HFBackend(Backend):
 
     def __init__(self, model, tokenizer=None, *, batch_rows: int = 32):
         if isinstance(model, str):
-            from onpolicy_sft.models import load_model
-
             model, loaded = load_model(model)
             tokenizer = tokenizer or loaded
         self.model, self.tokenizer, self.batch_rows = model, tokenizer, batch_rows

@@ -1,6 +1,6 @@
 """The per-step math of Hinted Decoding: entropy-driven mixing, the nucleus, the draw.
 
-Zhang et al., "Towards On-Policy SFT" (arXiv 2602.12222), METHODS.md §5:
+Zhang et al., "Towards On-Policy SFT" (arXiv 2602.12222), docs/methods.md §5:
     λ = clamp(β · H(p) / log V, 0, 1),   m = (1 − λ) log p + λ log q,
 nucleus of softmax(m) at top-p, then a draw from softmax(m / τ) inside it.
 Every backend calls these functions, so the formulas live only here.
@@ -46,20 +46,25 @@ def mix_logprobs(
     return combine(logp, logq, lam), lam
 
 
-def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_mask(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
     """The logits with everything outside the top-p nucleus of softmax(logits) set to −inf.
 
     The nucleus is the smallest set of most likely tokens whose mass reaches top_p; the most
-    likely token is always kept.
+    likely token is always kept. Only the `candidates` most likely tokens are sorted: every token
+    below them has at least their whole mass before it, so it is outside the nucleus whenever
+    that mass reaches top_p; rows where it does not (a flat distribution) are sorted in full.
     """
     if top_p >= 1.0:
         return logits
     probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    drop_sorted = mass_before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)
+    mass = top.cumsum(-1)
+    if top.shape[-1] < probs.shape[-1] and bool((mass[:, -1] < top_p).any()):
+        top, order = probs.sort(dim=-1, descending=True)
+        mass = top.cumsum(-1)
+    keep_sorted = (mass - top) < top_p
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
@@ -141,7 +146,3 @@ def generators_for(seeds: list[int]) -> list[torch.Generator]:
         gens.append(g)
     return gens
 
-
-def make_generators(seed: int, count: int, offset: int = 0) -> list[torch.Generator]:
-    """One CPU generator per row, seeded seed·1_000_003 + (offset + i) so rows never share a stream."""
-    return generators_for([seed * 1_000_003 + offset + i for i in range(count)])

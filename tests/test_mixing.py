@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from decoding import mix_logprobs
-from decoding.mixing import draw, hinted_step, make_generators, plain_step, top_p_mask
-from decoding.reference import RepetitionStop, repetition_length
+from decoding.mixing import draw, generators_for, hinted_step, plain_step, stream_seeds, top_p_mask
+from decoding.rules import RepetitionStop, repetition_length
 
 
 def _formula(h, s, beta):
-    """METHODS.md §5 written out by hand in float64, row by row."""
+    """docs/methods.md §5 written out by hand in float64, row by row."""
     rows, lams = [], []
     for hr, sr in zip(h.double(), s.double()):
         logp = hr - math.log(sum(math.exp(x) for x in hr.tolist()))
@@ -58,11 +58,13 @@ def test_mix_logprobs_tolerates_masked_logits():
     assert torch.isfinite(lam).all() and not torch.isnan(mixed).any()
 
 
-def test_top_p_mask_is_smallest_nucleus():
+@pytest.mark.parametrize("candidates", [9, 3])
+def test_top_p_mask_is_smallest_nucleus(candidates):
+    # candidates=3 sorts only the 3 likeliest tokens: rows whose nucleus is larger take the full sort.
     g = torch.Generator().manual_seed(2)
-    logits = torch.randn(20, 9, generator=g, dtype=torch.float64) * 2
+    logits = torch.randn(20, 9, generator=g, dtype=torch.float64) * torch.linspace(0.1, 6, 20, dtype=torch.float64)[:, None]
     for top_p in (0.05, 0.5, 0.9, 0.999):
-        masked = top_p_mask(logits, top_p)
+        masked = top_p_mask(logits, top_p, candidates=candidates)
         for row, mrow in zip(logits, masked):
             probs = torch.softmax(row, -1).tolist()
             order = sorted(range(len(probs)), key=lambda i: -probs[i])
@@ -78,7 +80,7 @@ def test_top_p_mask_is_smallest_nucleus():
 
 def test_draw_distribution_and_greedy():
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0.0]], dtype=torch.float64))
-    gens = make_generators(0, 1)
+    gens = generators_for(stream_seeds(0, 1))
     counts = torch.zeros(4)
     for _ in range(4000):
         counts[draw(logits, 1.0, gens)] += 1
@@ -90,8 +92,8 @@ def test_draw_distribution_and_greedy():
 def test_draw_rows_do_not_depend_on_batch():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 50, generator=g)
-    together = draw(logits, 0.8, make_generators(7, 6))
-    gens = make_generators(7, 6)
+    together = draw(logits, 0.8, generators_for(stream_seeds(7, 6)))
+    gens = generators_for(stream_seeds(7, 6))
     alone = torch.cat([draw(logits[i : i + 1], 0.8, [gens[i]]) for i in range(6)])
     assert torch.equal(together, alone)
 
@@ -109,7 +111,7 @@ def test_hinted_step_forced_lambda_picks_one_stream():
 def test_plain_step_applies_temperature_before_top_p():
     # At temperature 1 the nucleus at 0.5 holds tokens 0 and 1; at temperature 0.1 only token 0.
     logits = torch.log(torch.tensor([[0.4, 0.35, 0.25]]))
-    gens = make_generators(0, 1)
+    gens = generators_for(stream_seeds(0, 1))
     assert {plain_step(logits, top_p=0.5, temperature=0.1, generators=gens).item() for _ in range(50)} == {0}
 
 

@@ -1,14 +1,16 @@
 """Two-stream Hinted Decoding and plain sampling: the hf backend against the reference loop,
-and the rules of METHODS.md §5 on a scripted model whose logits we choose."""
+and the rules of docs/methods.md §5 on a scripted model whose logits we choose."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from decoding import HintedDecodingConfig, SamplingConfig, make_backend, two_stream_generate
+from decoding import HintedDecodingConfig, SamplingConfig, make_backend, mix_logprobs, two_stream_generate
 from decoding.hf import hf_sample, hf_two_stream
 from decoding.reference import reference_sample, reference_two_stream
+from onpolicy_sft import arith
+from onpolicy_sft.grading import ANSWER_MARKERS, extract_answer
 
 PROMPTS = [
     ("Hint: the answer is 42 because 6*7. Question: what is 6*7?", "Question: what is 6*7?"),
@@ -50,10 +52,18 @@ def test_batch_with_different_lengths_equals_one_by_one(tiny_model, tiny_tokeniz
 
 def test_greedy_is_argmax_of_mixture_and_deterministic(tiny_model, tiny_tokenizer, pairs):
     hinted, student = pairs
-    cfg = HintedDecodingConfig(temperature=0.0, max_new_tokens=10, top_p=0.01, seed=0)
-    a = two_stream_generate(tiny_model, hinted, student, cfg, tiny_tokenizer)
-    b = two_stream_generate(tiny_model, hinted, student, HintedDecodingConfig(**{**cfg.__dict__, "top_p": 1.0, "seed": 5}))
-    assert a == b  # top-p, seed and (here) the tokenizer do not matter at temperature 0
+    cfg = HintedDecodingConfig(temperature=0.0, max_new_tokens=10, top_p=0.01, seed=0, answer_marker="")
+    got = two_stream_generate(tiny_model, hinted, student, cfg, tiny_tokenizer)
+    for h, s, out in zip(hinted, student, got):
+        for k, token in enumerate(out):
+            with torch.no_grad():
+                logits_h = tiny_model(torch.tensor([h + out[:k]])).logits[:, -1].double()
+                logits_s = tiny_model(torch.tensor([s + out[:k]])).logits[:, -1].double()
+            # The first token comes from the hinted stream alone (first_from_hinted).
+            mixed = torch.log_softmax(logits_h, -1) if k == 0 else mix_logprobs(logits_h, logits_s, cfg.beta)[0]
+            assert token == mixed.argmax(-1).item()
+    other = HintedDecodingConfig(**{**cfg.__dict__, "top_p": 1.0, "seed": 5})
+    assert got == two_stream_generate(tiny_model, hinted, student, other)  # top-p and seed do not matter at τ = 0
 
 
 def test_input_errors(tiny_model, pairs):
@@ -195,6 +205,32 @@ def test_sample_stop_strings(tiny_tokenizer):
     assert reference_sample(model, student, cfg, tok) == got
     with pytest.raises(ValueError, match="need a tokenizer"):
         hf_sample(model, student, cfg, None)
+
+
+@pytest.mark.parametrize("form", ["hashes", "boxed"])
+def test_no_answer_is_written_while_the_hinted_stream_leads(tiny_tokenizer, form):
+    """On the built-in data, a hinted stream that copies the reference solution reaches its final
+    answer marker; from the token that completes it on, every token is the student's (λ = 1), so the
+    answer the checker reads is the student's own, and the copied one is never graded."""
+    tok = tiny_tokenizer
+    for problem in arith.generate(0, 4):
+        solution = problem.response if form == "hashes" else problem.response.replace("#### ", "so \\boxed{") + "}"
+        wrong = problem.answer + 1
+        model, hinted, student = _scripted(tok, solution, f"#### {wrong}" if form == "hashes" else f"\\boxed{{{wrong}}}")
+        cfg = HintedDecodingConfig(beta=0.0, temperature=0.0, max_new_tokens=80)
+        lams: list[list[float]] = []
+        want = reference_two_stream(model, hinted, student, cfg, tok, lambdas=lams)
+        assert hf_two_stream(model, hinted, student, cfg, tok) == want
+        text = tok.decode(want[0], skip_special_tokens=True)
+        ends = [k for k in range(1, len(want[0]) + 1)
+                if any(m in tok.decode(want[0][:k]) for m in ANSWER_MARKERS)]
+        assert ends, text
+        assert all(lam == 0.0 for lam in lams[0][: ends[0]]) and all(lam == 1.0 for lam in lams[0][ends[0]:])
+        assert extract_answer(text) == str(wrong), text
+        # Without the guard the hinted stream writes the reference answer itself: the false positive.
+        off = HintedDecodingConfig(**{**cfg.__dict__, "answer_marker": ""})
+        copied = tok.decode(reference_two_stream(model, hinted, student, off, tok)[0], skip_special_tokens=True)
+        assert extract_answer(copied) == str(problem.answer)
 
 
 @pytest.mark.embedded

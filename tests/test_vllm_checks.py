@@ -23,3 +23,13 @@ def test_model_runner_v2_is_refused(monkeypatch, value, refused):
             check_engine_options({})
     else:
         check_engine_options({})
+
+
+def test_model_runner_choice_must_match_the_environment(monkeypatch):
+    monkeypatch.setenv(RUNNER_VARIABLE, "0")
+    with pytest.raises(ValueError, match="model_runner='v2' needs Model Runner V2"):
+        check_engine_options({}, "v2")
+    monkeypatch.setenv(RUNNER_VARIABLE, "1")
+    check_engine_options({}, "v2")
+    with pytest.raises(ValueError, match="model_runner must be one of"):
+        check_engine_options({}, "v3")

@@ -26,13 +26,17 @@ from pathlib import Path
 
 import torch
 
+from decoding import HintedDecodingConfig, SamplingConfig, make_backend
+from decoding.hf import hf_sample, hf_two_stream
+from decoding.reference import reference_two_stream
+from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids
+from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.models import load_model
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def prompts(tokenizer, n: int):
-    from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids
-    from onpolicy_sft.arith import arithmetic_splits
-
     rows = arithmetic_splits(n_train=max(n, 8))["train"].select(range(n))
     hinted = [hinted_prompt_ids(tokenizer, HintTemplate(), r["prompt"], r["response"]) for r in rows]
     student = [student_prompt_ids(tokenizer, r["prompt"]) for r in rows]
@@ -46,11 +50,6 @@ def timed(fn):
 
 
 def bench_hf(model_name: str, sizes: list[int], length: int) -> list[dict]:
-    from decoding import HintedDecodingConfig, SamplingConfig
-    from decoding.hf import hf_sample, hf_two_stream
-    from decoding.reference import reference_two_stream
-    from onpolicy_sft.models import load_model
-
     model, tok = load_model(model_name, dtype=torch.float32)
     # No end-of-sequence: every run decodes exactly `length` tokens per row.
     model.generation_config.eos_token_id = None
@@ -81,10 +80,6 @@ def bench_hf(model_name: str, sizes: list[int], length: int) -> list[dict]:
 
 
 def bench_vllm(model_name: str, batch: int, length: int) -> dict:
-    from decoding import HintedDecodingConfig, SamplingConfig, make_backend
-    from decoding.hf import hf_sample, hf_two_stream
-    from onpolicy_sft.models import load_model
-
     model, tok = load_model(model_name, dtype=torch.float32)
     hinted, student = prompts(tok, batch)
     hd = HintedDecodingConfig(temperature=0.0, max_new_tokens=length, batch_size=batch)
