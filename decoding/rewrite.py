@@ -55,7 +55,7 @@ from onpolicy_sft.models import weights_digest
 from onpolicy_sft.rundir import RunLock, check_fingerprint, digest, write_json, write_text
 
 from .config import HintedDecodingConfig, SamplingConfig
-from .reference import eos_ids
+from .rules import eos_ids
 from .templates import HintTemplate, cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
 
 FALLBACKS = ("original", "drop")

@@ -123,6 +123,7 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
                             "phi_original": summary["original"]["phi_mean"]}
 
                 def fit():
+                    served.sleep()
                     trainee, _ = load_model(path, **load)
                     corpus = training_rows(datasets.load_from_disk(str(ddt_dir / "dataset")))
                     train_config = dataclasses.replace(config.train, objective=objectives[arm])

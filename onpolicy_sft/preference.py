@@ -29,7 +29,7 @@ import torch
 
 from decoding import make_backend
 from decoding.config import SamplingConfig
-from decoding.reference import eos_ids
+from decoding.rules import eos_ids
 from onpolicy_sft.data import collate, encode_prompt, tokenize_for_objective
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.evaluate import row_seeds

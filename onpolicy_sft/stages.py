@@ -270,11 +270,17 @@ class Served:
         if key == self.key:
             return
         start = time.perf_counter()
-        self.backend.update_weights(model)
+        self.backend.wake_up(model)
         self.manifest.data.setdefault("weight_updates", []).append(
             {"for": stage, "seconds": round(time.perf_counter() - start, 3)})
         self.manifest.save()
         self.key = key
+
+    def sleep(self) -> None:
+        """Hand the accelerator to a trainer (vLLM's sleep mode on GPUs); the next ``ensure`` wakes
+        the engine with the weights it asks for."""
+        self.backend.sleep()
+        self.key = None
 
 
 def general_responses(path: Path, base, tokenizer, prompts: list[str], *, max_new_tokens: int, backend) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from decoding import SamplingConfig, make_backend
-from decoding.reference import eos_ids
+from decoding.rules import eos_ids
 from decoding.rewrite import outcome
 from onpolicy_sft.arith import LEVELS, _problem, to_row
 from onpolicy_sft.data import encode_prompt
