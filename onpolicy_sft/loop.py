@@ -16,7 +16,8 @@ way. Evaluation is accuracy on every evaluation set and forgetting against M_0. 
 A killed loop resumes when run again: finished stages are skipped, their artefacts read back. A
 rerun whose inputs (config without display fields, data, model) differ from the first run's is
 refused, naming what differs; one directory serves one run at a time. One generation backend lives
-for the whole loop and is switched to other weights in place (``Backend.update_weights``), which
+for the whole loop: it sleeps while a model trains (vLLM's sleep mode frees the GPU; a no-op where
+there is none) and is woken with the next stage's weights in place (``Backend.wake_up``), which
 experiments/benchmarks/vllm_weight_swap.py measured to be far cheaper than a new engine.
 """
 
