@@ -1,0 +1,76 @@
+"""The loop on 2 CPU processes (torchrun, gloo) ends with the one-process results, written once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from decoding.config import HintedDecodingConfig, SamplingConfig
+from decoding.rewrite import RewriteConfig
+from onpolicy_sft.config import DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
+
+# Every number the summary reports per round and arm, besides times.
+NUMBERS = ("acc_test", "acc_test_se", "acc_test_hard", "acc_test_hard_se", "forgetting_kl", "forgetting_kl_se",
+           "phi_mean", "phi_original", "abs_phi_self", "abs_phi_hinted", "abs_phi_original")
+
+
+def _config(tiny_dir: Path, out: Path) -> LoopConfig:
+    # 5 rows: shares of 3 and 2, and a last training step with one row for two processes
+    return LoopConfig(
+        out_dir=str(out), rounds=1, backend="hf",
+        model=ModelConfig(name=str(tiny_dir)),
+        data=DataConfig(n_train=5, n_test=3, n_test_hard=2, n_general=3),
+        rewrite=RewriteConfig(k_self=1, m_hinted=1, sampling=SamplingConfig(max_new_tokens=6),
+                              hinted=HintedDecodingConfig(max_new_tokens=6), shard_size=2, progress=False),
+        train=TrainConfig(objective=ObjectiveConfig(name="sft"), lr=5e-3, batch_size=4, micro_batch_size=2,
+                          trackers=["jsonl"], progress=False, max_length=512),
+        eval=EvalConfig(max_new_tokens=6, forgetting_max_new_tokens=4),
+    )
+
+
+def _loop(launcher: list[str], tiny_dir: Path, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    config_file = save_config(_config(tiny_dir, tmp_path / name), tmp_path / f"{name}.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([*launcher, "-m", "onpolicy_sft", "loop", "--config", str(config_file)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+@pytest.mark.slow
+def test_two_process_loop_equals_one(tiny_dir, tmp_path):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    one = _loop([sys.executable], tiny_dir, tmp_path, "one")
+    two = _loop([torchrun, "--nproc_per_node", "2"], tiny_dir, tmp_path, "two")
+
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    rows = [{(row["round"], row["arm"]): row for row in s["rounds"]} for s in summaries]
+    assert list(rows[1]) == list(rows[0]) == [(0, "base"), (1, "onpolicy"), (1, "baseline")]
+    for key, row in rows[0].items():
+        theirs = rows[1][key]
+        assert theirs.get("sources") == row.get("sources"), key
+        for number in NUMBERS:
+            assert (number in theirs) == (number in row), (key, number)
+            if row.get(number) is None:
+                assert theirs.get(number) is None, (key, number)
+            else:
+                assert theirs[number] == pytest.approx(row[number], rel=1e-4, abs=1e-6), (key, number)
+    assert rows[0][1, "onpolicy"]["forgetting_kl"] > 0  # training moved the model: the comparison means something
+
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two")]
+    assert manifests[0]["processes"] == 1 and manifests[1]["processes"] == 2
+    assert set(manifests[1]["stages"]) == set(manifests[0]["stages"]) and manifests[1]["unfinished"] == {}
+    assert all(entry["processes"] == 2 and entry["attempts"] == 1 for entry in manifests[1]["stages"].values())
+    # evaluation records how its rows were shared
+    metrics = json.loads((tmp_path / "two" / "round_1" / "onpolicy" / "eval" / "metrics.json").read_text())
+    assert metrics["test"]["processes"] == 2 and metrics["test"]["rows_per_process"] == [2, 1]
+    # the main process alone announces, prints and logs: each stage's line once, one table
+    for stage in manifests[1]["stages"]:
+        assert two.stderr.count(f"{stage}: done in") == 1, stage
+    assert two.stdout.count("| round | arm |") == one.stdout.count("| round | arm |") == 1
+    assert (tmp_path / "two" / "run.log").exists()
