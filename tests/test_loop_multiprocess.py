@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.rewrite import RewriteConfig
@@ -61,6 +64,20 @@ def test_two_process_loop_equals_one(tiny_dir, tmp_path):
             else:
                 assert theirs[number] == pytest.approx(row[number], rel=1e-4, abs=1e-6), (key, number)
     assert rows[0][1, "onpolicy"]["forgetting_kl"] > 0  # training moved the model: the comparison means something
+    # behind the numbers: the same rewritten corpus and per-row φ, weights and greedy answers
+    for arm in ("onpolicy", "baseline"):
+        stage = Path("round_1") / arm
+        scored = [datasets.load_from_disk(str(tmp_path / name / stage / "ddt" / "dataset")) for name in ("one", "two")]
+        assert scored[1]["response"] == scored[0]["response"]
+        assert scored[1]["ddt_phi_mean"] == pytest.approx(scored[0]["ddt_phi_mean"], rel=1e-5, abs=1e-6)
+        weights = [load_file(tmp_path / name / stage / "checkpoint" / "model.safetensors") for name in ("one", "two")]
+        for key, value in weights[0].items():
+            torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6)
+        for split in ("test", "test_hard"):
+            answers = [[json.loads(line)["response"] for line in
+                        (tmp_path / name / stage / "eval" / split / "results.jsonl").read_text().splitlines()]
+                       for name in ("one", "two")]
+            assert answers[1] == answers[0] and len(answers[0]) == (3 if split == "test" else 2)
 
     manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two")]
     assert manifests[0]["processes"] == 1 and manifests[1]["processes"] == 2
@@ -73,4 +90,5 @@ def test_two_process_loop_equals_one(tiny_dir, tmp_path):
     for stage in manifests[1]["stages"]:
         assert two.stderr.count(f"{stage}: done in") == 1, stage
     assert two.stdout.count("| round | arm |") == one.stdout.count("| round | arm |") == 1
-    assert (tmp_path / "two" / "run.log").exists()
+    log = (tmp_path / "two" / "run.log").read_text()
+    assert log.count("round_1/onpolicy/train: starting") == 1
