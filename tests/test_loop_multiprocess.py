@@ -1,4 +1,5 @@
-"""The loop on 2 CPU processes (torchrun, gloo) ends with the one-process results, written once."""
+"""The loop and the comparison on 2 CPU processes (torchrun, gloo) end with the one-process results,
+written once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.rewrite import RewriteConfig
+from onpolicy_sft.compare import CompareConfig, PairsConfig
 from onpolicy_sft.config import DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
 
 # Every number the summary reports per round and arm, besides times.
@@ -36,13 +38,40 @@ def _config(tiny_dir: Path, out: Path) -> LoopConfig:
     )
 
 
-def _loop(launcher: list[str], tiny_dir: Path, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
-    config_file = save_config(_config(tiny_dir, tmp_path / name), tmp_path / f"{name}.yaml")
+def _compare_config(tiny_dir: Path, out: Path) -> CompareConfig:
+    return CompareConfig(
+        out_dir=str(out), seeds=[0], methods=["base", "sft", "hd_sft", "dpo"], backend="hf",
+        model=ModelConfig(name=str(tiny_dir)),
+        data=DataConfig(n_train=5, n_test=3, n_test_hard=2, n_general=3),
+        rewrite=RewriteConfig(k_self=1, m_hinted=1, sampling=SamplingConfig(max_new_tokens=4),
+                              hinted=HintedDecodingConfig(max_new_tokens=4), shard_size=2, progress=False),
+        pairs=PairsConfig(k=2, max_new_tokens=4),
+        train=TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=1, max_length=256, trackers=["jsonl"],
+                          progress=False, mixed_precision="no"),
+        eval=EvalConfig(max_new_tokens=4, n_samples=2, pass_k=[1, 2], forgetting_max_new_tokens=4),
+    )
+
+
+def _cli(command: str, config, launcher: list[str], tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    config_file = save_config(config, tmp_path / f"{name}.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([*launcher, "-m", "onpolicy_sft", "loop", "--config", str(config_file)], env=env,
+    run = subprocess.run([*launcher, "-m", "onpolicy_sft", command, "--config", str(config_file)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return run
+
+
+def _loop(launcher: list[str], tiny_dir: Path, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    return _cli("loop", _config(tiny_dir, tmp_path / name), launcher, tmp_path, name)
+
+
+def _same_numbers(theirs: dict, mine: dict, keys, where) -> None:
+    for key in keys:
+        assert (key in theirs) == (key in mine), (where, key)
+        if mine.get(key) is None:
+            assert theirs.get(key) is None, (where, key)
+        else:
+            assert theirs[key] == pytest.approx(mine[key], rel=1e-4, abs=1e-6), (where, key)
 
 
 @pytest.mark.slow
@@ -57,12 +86,7 @@ def test_two_process_loop_equals_one(tiny_dir, tmp_path):
     for key, row in rows[0].items():
         theirs = rows[1][key]
         assert theirs.get("sources") == row.get("sources"), key
-        for number in NUMBERS:
-            assert (number in theirs) == (number in row), (key, number)
-            if row.get(number) is None:
-                assert theirs.get(number) is None, (key, number)
-            else:
-                assert theirs[number] == pytest.approx(row[number], rel=1e-4, abs=1e-6), (key, number)
+        _same_numbers(theirs, row, NUMBERS, key)
     assert rows[0][1, "onpolicy"]["forgetting_kl"] > 0  # training moved the model: the comparison means something
     # behind the numbers: the same rewritten corpus and per-row φ, weights and greedy answers
     for arm in ("onpolicy", "baseline"):
@@ -92,3 +116,29 @@ def test_two_process_loop_equals_one(tiny_dir, tmp_path):
     assert two.stdout.count("| round | arm |") == one.stdout.count("| round | arm |") == 1
     log = (tmp_path / "two" / "run.log").read_text()
     assert log.count("round_1/onpolicy/train: starting") == 1
+
+
+@pytest.mark.slow
+def test_two_process_comparison_equals_one(tiny_dir, tmp_path):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    one = _cli("compare", _compare_config(tiny_dir, tmp_path / "one"), [sys.executable], tmp_path, "one")
+    two = _cli("compare", _compare_config(tiny_dir, tmp_path / "two"), [torchrun, "--nproc_per_node", "2"],
+               tmp_path, "two")
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two")]
+    assert [r["method"] for r in results[1]["rows"]] == [r["method"] for r in results[0]["rows"]] == [
+        "base", "sft", "hd_sft", "dpo"]
+    for mine, theirs in zip(results[0]["rows"], results[1]["rows"]):
+        keys = {k for k in mine if not k.endswith("seconds")} - {"method", "objective", "corpus"}
+        _same_numbers(theirs, mine, sorted(keys), mine["method"])
+        if mine["method"] != "base":
+            assert mine["forgetting_kl"] > 0  # trained: the comparison means something
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two")]
+    counts = [m["stages"]["corpus/pairs"]["counts"] for m in manifests]
+    assert counts[1].pop("rows_per_process") == [3, 2] and counts[1].pop("processes") == 2
+    assert {k: v for k, v in counts[0].items() if k not in ("processes", "rows_per_process")} == counts[1]
+    assert manifests[1]["stages"]["corpus/hinted"]["sources"] == manifests[0]["stages"]["corpus/hinted"]["sources"]
+    manifest = manifests[1]
+    assert manifest["processes"] == 2 and all(e["processes"] == 2 for e in manifest["stages"].values())
+    for method in ("sft", "hd_sft", "dpo"):
+        assert json.loads((tmp_path / "two" / "cells" / method / "seed_0" / "result.json").read_text())["processes"] == 2
+    assert two.stdout.count("| method |") == one.stdout.count("| method |") == 1
