@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,22 @@ def test_two_process_loop_equals_one(tiny_dir, tmp_path):
     assert two.stdout.count("| round | arm |") == one.stdout.count("| round | arm |") == 1
     log = (tmp_path / "two" / "run.log").read_text()
     assert log.count("round_1/onpolicy/train: starting") == 1
+
+    # A one-process run that died before its last stage, resumed on two processes: the main
+    # process's manifest decides, so both skip the finished stages and run only the last one.
+    shutil.copytree(tmp_path / "one", tmp_path / "resumed")
+    record = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    del record["stages"]["round_1/baseline/eval"]
+    (tmp_path / "resumed" / "manifest.json").write_text(json.dumps(record))
+    shutil.rmtree(tmp_path / "resumed" / "round_1" / "baseline" / "eval")
+    _loop([torchrun, "--nproc_per_node", "2"], tiny_dir, tmp_path, "resumed")
+    resumed = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert {stage: entry["processes"] for stage, entry in resumed["stages"].items()} == {
+        stage: 2 if stage == "round_1/baseline/eval" else 1 for stage in manifests[0]["stages"]}
+    assert all(entry["attempts"] == 1 for entry in resumed["stages"].values())
+    again = json.loads((tmp_path / "resumed" / "summary.json").read_text())["rounds"]
+    for row, theirs in zip(summaries[0]["rounds"], again):
+        _same_numbers(theirs, row, NUMBERS, (row["round"], row["arm"]))
 
 
 @pytest.mark.slow
