@@ -325,6 +325,8 @@ def run_compare(args) -> int:
     config = _load_config(args, cls=compare.CompareConfig)
     route_logs(Path(config.out_dir) / "run.log", args.verbose)
     summary = compare.run_comparison(config)
+    if not process_state().is_main_process:  # every process returns the summary; one prints it
+        return 0
     if summary.get("backend_note"):
         say(summary["backend_note"])
     print(summary["table"])

@@ -17,10 +17,15 @@ Layout of out_dir: config.yaml, manifest.json (corpus stages and their wall time
 base/{general_responses.json, eval/metrics.json, eval/<split>/results.jsonl}, corpora/{original,hinted,pairs}/,
 cells/<method>/seed_<s>/{result.json, eval/<split>/results.jsonl}, results.json, results.md, compare.png.
 The results.jsonl files keep every greedy answer, so a score can be traced to the text behind it.
+
+Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) every process runs every stage and
+cell, the stages splitting their rows across the processes; the main process alone takes the lock,
+decides what is finished and writes (onpolicy_sft/stages.py), and every process returns its summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,14 +41,15 @@ from decoding.rewrite import RewriteConfig, rewrite_with_stats
 from onpolicy_sft import ddt
 from onpolicy_sft.config import (DataConfig, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run_backend,
                                  from_dict, load_config, objective_hparams, save_config, to_dict)
+from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import mean_and_se
 from onpolicy_sft.grading import extract_answer
 from onpolicy_sft.models import load_model, resolve_model_path
 from onpolicy_sft.objectives import build
 from onpolicy_sft.preference import add_reference_logps, build_pairs
 from onpolicy_sft.rundir import RunLock, check_writable, read_json, write_json, write_text
-from onpolicy_sft.stages import (Manifest, evaluate_model, general_responses, load_data, markdown_table, num,
-                                 open_backend, pm, pyplot, source_counts, training_rows)
+from onpolicy_sft.stages import (Manifest, evaluate_model, general_responses, in_step, load_data, main_decides,
+                                 markdown_table, num, on_main, open_backend, pm, pyplot, source_counts, training_rows)
 from onpolicy_sft.train import DONE_FILE, train
 
 logger = logging.getLogger(__name__)
@@ -141,12 +147,14 @@ def _train_config(config: CompareConfig, method: str, seed: int) -> TrainConfig:
 def run_comparison(config: CompareConfig) -> dict:
     """Run (or resume) every (method, seed) cell; returns the summary (rows, markdown table, paths)."""
     out = check_writable(config.out_dir)
-    with RunLock(out, "comparison"):
+    state = process_state()
+    with contextlib.ExitStack() as held:
+        on_main(lambda: held.enter_context(RunLock(out, "comparison")))
         data = load_data(config.data)
-        save_config(config, out / "config.yaml")
+        on_main(lambda: save_config(config, out / "config.yaml"))
         manifest = Manifest(out / "manifest.json")
         base_path = resolve_model_path(config.model.name)
-        load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+        load = dict(dtype=config.model.dtype, device=state.device, trust_remote_code=config.model.trust_remote_code)
         base, tokenizer = load_model(base_path, **load)
         backend, note = open_backend(config.backend, base, tokenizer, config.backend_options,
                                      trust_remote_code=config.model.trust_remote_code)
@@ -162,7 +170,8 @@ def run_comparison(config: CompareConfig) -> dict:
 
         def original_corpus():
             scored = ddt.score(base, tokenizer, data.train, progress=False)
-            scored.save_to_disk(str(corpora / "original"))
+            if state.is_main_process:
+                scored.save_to_disk(str(corpora / "original"))
             return {"rows": len(scored), "phi_mean": _mean_phi(scored)}
 
         def hinted_corpus():
@@ -170,7 +179,8 @@ def run_comparison(config: CompareConfig) -> dict:
                                                out_dir=corpora / "hinted_shards", backend=backend)
             if "ddt_phi_mean" not in corpus.column_names:
                 corpus = ddt.score(base, tokenizer, corpus, progress=False)
-            corpus.save_to_disk(str(corpora / "hinted"))
+            if state.is_main_process:
+                corpus.save_to_disk(str(corpora / "hinted"))
             return {"rows": len(corpus), "phi_mean": _mean_phi(corpus), "sources": source_counts(corpus), "stats": stats}
 
         def pair_corpus():
@@ -190,7 +200,8 @@ def run_comparison(config: CompareConfig) -> dict:
                 scored = ddt.score(base, tokenizer, pairs.select_columns(["prompt", "system", side, f"{side}_truncated"]),
                                    progress=False, response_column=side)
                 phi[side] = _mean_phi(scored)
-            pairs.save_to_disk(str(corpora / "pairs"))
+            if state.is_main_process:
+                pairs.save_to_disk(str(corpora / "pairs"))
             return {"rows": len(pairs), "counts": counts, "phi_mean": phi["chosen"], "phi_rejected": phi["rejected"],
                     "sample_seconds": round(sample_seconds, 2), "ref_logps_seconds": round(ref_seconds, 2)}
 
@@ -219,17 +230,22 @@ def run_comparison(config: CompareConfig) -> dict:
                               corpus, backend, evaluation)
         finally:
             backend.close()
-        return summarize(out, config)
+        # One summary, written by the main process and returned by every process.
+        return main_decides(summarize(out, config) if state.is_main_process else None)
 
 
 def _run_cell(config, method, seed, cell: Path, base_path, tokenizer, corpus, backend, evaluation) -> None:
-    if (cell / "result.json").exists():
+    """Train and evaluate one (method, seed) cell; under N processes the main process decides what
+    is finished, writes, and is waited for at the end, so the next cell reads complete files."""
+    main = process_state().is_main_process
+    if main_decides((cell / "result.json").exists()):
         logger.info("%s seed %d: finished earlier, skipping", method, seed)
         return
-    load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+    load = dict(dtype=config.model.dtype, device=process_state().device, trust_remote_code=config.model.trust_remote_code)
     checkpoint = cell / "checkpoint"
     timing_file = cell / "train_seconds.json"
-    trained = (checkpoint / DONE_FILE).exists() and timing_file.exists() and any(checkpoint.glob("*.safetensors"))
+    trained = main_decides((checkpoint / DONE_FILE).exists() and timing_file.exists()
+                           and any(checkpoint.glob("*.safetensors")))
     if not trained:
         logger.info("%s seed %d: training on %d rows", method, seed, len(corpus))
         train_config = _train_config(config, method, seed)
@@ -237,18 +253,24 @@ def _run_cell(config, method, seed, cell: Path, base_path, tokenizer, corpus, ba
         start = time.perf_counter()
         train(trainee, tokenizer, corpus, train_config, out_dir=checkpoint,
               teacher=_teacher(train_config, base_path, load))
-        write_json(timing_file, {"seconds": time.perf_counter() - start})
+        seconds = time.perf_counter() - start
+        if main:
+            write_json(timing_file, {"seconds": seconds})
         del trainee
+        in_step()
     tuned, _ = load_model(str(checkpoint), **load)
     backend.update_weights(tuned)
     start = time.perf_counter()
     metrics = evaluation(tuned, seed, cell / "eval")
-    result = {"method": method, "seed": seed, "metrics": metrics, "train_rows": len(corpus),
-              "train_seconds": read_json(timing_file)["seconds"], "eval_seconds": time.perf_counter() - start}
-    write_json(cell / "result.json", result)
-    if not config.keep_checkpoints:
-        for weights in checkpoint.glob("*.safetensors"):
-            weights.unlink()
+    if main:
+        result = {"method": method, "seed": seed, "metrics": metrics, "train_rows": len(corpus),
+                  "train_seconds": read_json(timing_file)["seconds"], "eval_seconds": time.perf_counter() - start,
+                  "processes": process_state().num_processes}
+        write_json(cell / "result.json", result)
+        if not config.keep_checkpoints:
+            for weights in checkpoint.glob("*.safetensors"):
+                weights.unlink()
+    in_step()
 
 
 def _teacher(train_config: TrainConfig, base_path: str, load: dict):

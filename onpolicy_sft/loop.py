@@ -19,10 +19,16 @@ refused, naming what differs; one directory serves one run at a time. One genera
 for the whole loop: it sleeps while a model trains (vLLM's sleep mode frees the GPU; a no-op where
 there is none) and is woken with the next stage's weights in place (``Backend.wake_up``), which
 experiments/benchmarks/vllm_weight_swap.py measured to be far cheaper than a new engine.
+
+Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) every process runs every stage with
+its own model and backend on its own device, each stage splitting its rows across the processes,
+and every process returns what one process would have; only the main process takes the lock and
+writes (onpolicy_sft/stages.py). manifest.json records how many processes ran each stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -31,11 +37,12 @@ import datasets
 from decoding.rewrite import rewrite_with_stats
 from onpolicy_sft import ddt, ddt_report
 from onpolicy_sft.config import LoopConfig, save_config, to_dict
+from onpolicy_sft.distributed import process_state
 from onpolicy_sft.models import load_model, resolve_model_path
 from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, read_json, write_json, write_text
 from onpolicy_sft.stages import (Manifest, Served, config_fingerprint, evaluate_model, general_responses,
-                                 load_data, markdown_table, model_identity, num, open_backend, phi_by_source, plot_histograms,
-                                 plot_lines, pm, say, source_counts, training_rows)
+                                 load_data, main_decides, markdown_table, model_identity, num, on_main, open_backend,
+                                 phi_by_source, plot_histograms, plot_lines, pm, say, source_counts, training_rows)
 from onpolicy_sft.train import train
 
 ARMS = ("onpolicy", "baseline")
@@ -49,24 +56,33 @@ DISPLAY = ("out_dir", "rounds", "eval_base", "baseline.enabled", "train.progress
 def run_loop(config: LoopConfig) -> dict:
     """Run (or resume) the loop and its baseline; returns the summary (rows per round and arm, table)."""
     out = check_writable(config.out_dir)
-    with RunLock(out, "loop"):
+    state = process_state()
+    with contextlib.ExitStack() as held:
+        on_main(lambda: held.enter_context(RunLock(out, "loop")))
         data = load_data(config.data)
         base_path = resolve_model_path(config.model.name)
         # Loaded before the fingerprint is recorded, so a missing model is not recorded as the run's.
-        base, tokenizer = load_model(base_path, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+        base, tokenizer = load_model(base_path, dtype=config.model.dtype, device=state.device,
+                                     trust_remote_code=config.model.trust_remote_code)
         inputs = {**config_fingerprint(config, DISPLAY), "data": data.digest(), **model_identity(base_path)}
-        check_fingerprint(out / "fingerprint.json", inputs, "loop")
-        save_config(config, out / "config.yaml")
+
+        def record_inputs():
+            check_fingerprint(out / "fingerprint.json", inputs, "loop")
+            save_config(config, out / "config.yaml")
+
+        on_main(record_inputs)
         manifest = Manifest(out / "manifest.json")
         manifest.data.update(config=to_dict(config), data_notes=data.notes)
         for note in data.notes:
             say(note)
         _run(config, out, manifest, data, base_path, base, tokenizer)
-        return summarize_loop(out, config, manifest)
+        # One summary, written by the main process and returned by every process.
+        return main_decides(summarize_loop(out, config, manifest) if state.is_main_process else None)
 
 
 def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str, base, tokenizer) -> None:
-    load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+    state = process_state()
+    load = dict(dtype=config.model.dtype, device=state.device, trust_remote_code=config.model.trust_remote_code)
     backend, note = open_backend(config.backend, base, tokenizer, config.backend_options,
                                  trust_remote_code=config.model.trust_remote_code)
     manifest.data.update(backend=backend.name, backend_note=note)
@@ -103,7 +119,8 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
                                                        out_dir=corpus_dir, backend=backend)
                     if len(corpus) == 0:
                         raise RuntimeError(f"round {r}: the rewrite kept no rows (fallback 'drop' and nothing verified)")
-                    corpus.save_to_disk(str(corpus_dir / "dataset"))
+                    if state.is_main_process:
+                        corpus.save_to_disk(str(corpus_dir / "dataset"))
                     return {"rows": len(corpus), "sources": source_counts(corpus), "stats": stats}
 
                 def score():
@@ -116,10 +133,11 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
                     else:
                         scored = ddt.score(model, tokenizer, data.train)
                         corpora = {"original": scored}
-                    scored.save_to_disk(str(ddt_dir / "dataset"))
-                    ddt_report.write_report(ddt_dir, corpora)
                     summary = {label: ddt.summarize(ds) for label, ds in corpora.items()}
-                    write_json(ddt_dir / "summary.json", summary)
+                    if state.is_main_process:
+                        scored.save_to_disk(str(ddt_dir / "dataset"))
+                        ddt_report.write_report(ddt_dir, corpora)
+                        write_json(ddt_dir / "summary.json", summary)
                     return {"training_corpus": phi_by_source(scored),
                             "phi_original": summary["original"]["phi_mean"]}
 
@@ -251,6 +269,8 @@ def _plot_phi(out: Path, config: LoopConfig, path: Path) -> Path | None:
 
 def print_summary(summary: dict) -> None:
     """The end of a run on the console: notes, the table, where everything is."""
+    if not process_state().is_main_process:
+        return
     if summary.get("backend_note"):
         say(summary["backend_note"])
     print(summary["table"])

@@ -6,6 +6,12 @@ earlier run finished it, and records in ``manifest.json`` (written atomically af
 its total wall time over all attempts and the number of attempts, so a resumed run reports what
 the stage really cost. An attempt that raised adds its time; one killed outright (SIGKILL)
 counts as an attempt whose time is unknown.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs every stage (the stage functions
+split their rows, see onpolicy_sft/distributed.py) while only the main process writes: the
+manifest, the run's files, the console and the run log. The main process decides whether a stage
+is skipped and every process follows it; the processes meet at the end of each stage, so none
+reads a file before the main process has finished writing it.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from typing import Any, Callable
 import datasets
 import datasets.utils.logging as datasets_logging
 import transformers.utils.logging as transformers_logging
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from decoding import BackendUnavailable, make_backend
 from onpolicy_sft import arith
 from onpolicy_sft.config import DataConfig, EvalConfig, to_dict
 from onpolicy_sft.data import read_demonstrations
+from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
 from onpolicy_sft.rundir import read_json, write_json
 
@@ -43,8 +51,40 @@ SOURCES = ("self", "hinted", "original")
 
 
 def say(text: str) -> None:
-    """One console line (stderr: stdout carries the results a user may pipe on)."""
-    print(text, file=sys.stderr, flush=True)
+    """One console line (stderr: stdout carries the results a user may pipe on), from the main process."""
+    if process_state().is_main_process:
+        print(text, file=sys.stderr, flush=True)
+
+
+def main_decides(value: Any) -> Any:
+    """The main process's ``value`` on every process (a collective: every process must call it)."""
+    state = process_state()
+    if state.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the main process only; every process returns its result or raises its error, so
+    a refusal there (a locked directory, changed inputs) stops all of them instead of leaving the
+    others waiting at the next collective."""
+    outcome = (None, None)
+    if process_state().is_main_process:
+        try:
+            outcome = (fn(), None)
+        except Exception as err:  # noqa: BLE001 -- raised on every process just below
+            outcome = (None, err)
+    result, error = main_decides(outcome)
+    if error is not None:
+        raise error
+    return result
+
+
+def in_step() -> None:
+    """Every process waits here for the others (nothing to do with one process)."""
+    process_state().wait_for_everyone()
 
 
 def duration(seconds: float | None) -> str:
@@ -58,13 +98,16 @@ def duration(seconds: float | None) -> str:
 
 
 class Manifest:
-    """``manifest.json``: finished stages (seconds over all attempts, attempts, what they returned)."""
+    """``manifest.json``: finished stages (seconds over all attempts, attempts, what they returned,
+    how many processes ran them) and the number of processes of the latest run."""
 
     def __init__(self, path: str | Path, announce: Callable[[str], None] | None = say):
         self.path = Path(path)
         self.data = read_json(self.path, {"stages": {}})
         self.data.setdefault("stages", {})
         self.data.setdefault("unfinished", {})  # stage -> {attempts, seconds} of attempts that did not finish
+        self.processes = process_state().num_processes
+        self.data["processes"] = self.processes
         self.announce = announce
 
     def done(self, stage: str) -> bool:
@@ -74,11 +117,13 @@ class Manifest:
         return self.data["stages"].get(stage, {})
 
     def save(self) -> None:
-        write_json(self.path, self.data)
+        if process_state().is_main_process:
+            write_json(self.path, self.data)
 
     def run(self, stage: str, fn: Callable[[], dict | None]) -> None:
-        """Run ``fn`` as ``stage`` unless it finished before; what it returns goes into the record."""
-        if self.done(stage):
+        """Run ``fn`` as ``stage`` unless it finished before; what it returns goes into the record.
+        Every process calls this for every stage; the main process's record decides."""
+        if main_decides(self.done(stage)):
             log.info("%s: finished earlier, skipping", stage)
             return
         tried = self.data["unfinished"].setdefault(stage, {"attempts": 0, "seconds": 0.0})
@@ -99,10 +144,12 @@ class Manifest:
             "last_attempt_seconds": round(seconds, 2),
             # CPU seconds too: on a shared machine the wall time says more about the neighbours
             "cpu_seconds": round(time.process_time() - cpu_start, 1),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "processes": self.processes,
+            **extra,
         }
         self.data["stages"][stage] = entry
         self.save()
+        in_step()  # the stage's files and the record are written before any process goes on
         if self.announce:
             tries = f" ({entry['attempts']} attempts)" if entry["attempts"] > 1 else ""
             self.announce(f"{stage}: done in {duration(entry['seconds'])}{tries}")
@@ -286,15 +333,17 @@ class Served:
 def general_responses(path: Path, base, tokenizer, prompts: list[str], *, max_new_tokens: int, backend) -> None:
     """The base model's greedy answers to the general prompts: the text forgetting is measured on."""
     responses = base_responses(base, tokenizer, prompts, max_new_tokens=max_new_tokens, backend=backend)
-    write_json(path, {"prompts": prompts, "responses": responses})
+    if process_state().is_main_process:
+        write_json(path, {"prompts": prompts, "responses": responses})
 
 
 def evaluate_model(model, tokenizer, evals: dict, config: EvalConfig, *, backend, base, general_file: Path,
                    out_dir: Path | None = None, progress: bool = True) -> dict:
     """Accuracy on every evaluation set and forgetting against ``base`` (on its saved general answers);
-    with ``out_dir``, every answer and metrics.json are written there."""
+    with ``out_dir``, every answer and metrics.json are written there (by the main process)."""
     metrics = {}
-    with tqdm(total=len(evals) + 1, desc="evaluate", unit="set", disable=not progress, leave=False) as bar:
+    main = process_state().is_main_process
+    with tqdm(total=len(evals) + 1, desc="evaluate", unit="set", disable=not (progress and main), leave=False) as bar:
         for name, ds in evals.items():
             bar.set_postfix_str(name)
             metrics[name] = evaluate(model, tokenizer, ds, config, backend=backend,
@@ -304,7 +353,7 @@ def evaluate_model(model, tokenizer, evals: dict, config: EvalConfig, *, backend
         saved = read_json(general_file)
         metrics["forgetting"] = forgetting(base, model, tokenizer, saved["prompts"], responses=saved["responses"])
         bar.update()
-    if out_dir is not None:
+    if out_dir is not None and main:
         write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -424,7 +473,13 @@ def _native_output_to_log():
 def route_logs(log_file: str | Path | None, verbose: bool = False) -> None:
     """A quiet console: every library's INFO and WARNING output (vLLM, transformers, datasets,
     accelerate, Python warnings) goes to ``log_file``; the console shows errors, and our own warnings,
-    unless ``verbose``, which shows everything there too. Call before vLLM is imported."""
+    unless ``verbose``, which shows everything there too. Call before vLLM is imported.
+
+    Of several launched processes only the main one writes ``log_file`` and our warnings; the others
+    show their errors (each process's own failure is worth seeing)."""
+    main = process_state().is_main_process
+    if not main:
+        log_file = None
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM then logs through the root logger
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
@@ -448,7 +503,7 @@ def route_logs(log_file: str | Path | None, verbose: bool = False) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
-        console.addFilter(lambda r: r.levelno >= logging.ERROR or r.name.startswith(_OURS))
+        console.addFilter(lambda r: r.levelno >= logging.ERROR or (main and r.name.startswith(_OURS)))
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handlers = [console]
     if log_file is not None:

@@ -804,7 +804,9 @@ def train(
         train_loop(accelerator, model, wrapped, optimizer, scheduler, data, config, out_dir=out_dir,
                    start_step=start_step, desc=f"train {objective.name}", on_step=on_step)
         save_final(accelerator, wrapped, tokenizer, out_dir, data=data, objective=objective)
-        accelerator.end_training()
+        # Not end_training(): it destroys the process group, which the loop's later stages still use.
+        for tracker in accelerator.trackers:
+            tracker.finish()
         trained = accelerator.unwrap_model(wrapped).model
         if is_lora(trained):
             trained.merge_and_unload()  # ``model`` itself becomes the merged model, as saved
