@@ -147,7 +147,7 @@ def test_numbers_past_the_interpreter_digit_limit_do_not_raise(monkeypatch):
         sys.set_int_max_str_digits(limit)
 
 
-def _last_boxed_by_rescanning(text):
+def last_boxed_by_rescanning(text):
     """The obvious quadratic reading: from each box, last first, scan forward for its closing brace."""
     for match in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))):
         depth, i = 1, match.end()
@@ -164,7 +164,7 @@ def test_last_boxed_agrees_with_the_rescanning_reading_on_random_texts():
     pieces = ["\\boxed{", "\\fbox {", "{", "}", "}", "x", " 1 ", "\\{", "\\}", "\\boxed"]
     for _ in range(3000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
-        assert last_boxed(text) == _last_boxed_by_rescanning(text), text
+        assert last_boxed(text) == last_boxed_by_rescanning(text), text
 
 
 @pytest.mark.timeout(120)  # the rescanning reading needs hours here: a regression fails, it does not hang
