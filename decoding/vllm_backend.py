@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, GenerationConfig
 
-from onpolicy_sft.models import resolve_model_path
+from onpolicy_sft.models import resolve_model_path, save_here
 
 from .backend import Backend, BackendUnavailable, check_prompts
 from .config import HintedDecodingConfig, SamplingConfig
@@ -84,6 +84,19 @@ def check_engine_options(kwargs: dict, model_runner: str = "v1") -> None:
         raise ValueError(f"model_runner='v2' needs Model Runner V2, but {RUNNER_VARIABLE}={os.environ[RUNNER_VARIABLE]}")
 
 
+def engine_devices(local_rank: int, local_processes: int, tensor_parallel_size: int, visible: int) -> list[int] | None:
+    """The GPUs (indices into the visible ones) of this process's engine under a launcher, or None
+    to leave the choice to vLLM.
+
+    vLLM puts an engine it starts on its own on the first visible GPU, so N launched processes that
+    each see every GPU would all land on GPU 0; each takes its own block of tensor_parallel_size GPUs
+    instead. Processes that see fewer GPUs than that were already given theirs (CUDA_VISIBLE_DEVICES).
+    """
+    if local_processes <= 1 or visible < local_processes * tensor_parallel_size:
+        return None
+    return list(range(local_rank * tensor_parallel_size, (local_rank + 1) * tensor_parallel_size))
+
+
 def _import_vllm(model_runner: str = "v1"):
     """(vllm, the qualified name of the mixer for `model_runner`)."""
     if not torch.cuda.is_available():
@@ -129,8 +142,7 @@ def _prepare_checkpoint(model, tokenizer) -> tuple[str, str | None]:
     if tokenizer is None:
         raise ValueError("the vllm backend needs the tokenizer with an in-memory model (it saves both for the engine)")
     tmp = tempfile.mkdtemp(prefix="onpolicy-vllm-")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    save_here(model, tmp, tokenizer)
     return tmp, tmp
 
 
@@ -171,6 +183,15 @@ class VLLMBackend(Backend):
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            devices = engine_devices(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                                     tensor_parallel_size, torch.cuda.device_count())
+            if devices is not None and "device_ids" not in (engine_kwargs or {}):
+                if "device_ids" not in getattr(vllm.EngineArgs, "__dataclass_fields__", {}):
+                    raise BackendUnavailable(
+                        f"this vLLM ({vllm.__version__}) cannot be told which GPUs an engine uses (no device_ids), so "
+                        f"all {os.environ['LOCAL_WORLD_SIZE']} launched processes would start theirs on GPU 0. Give "
+                        "each process its GPUs with CUDA_VISIBLE_DEVICES, or install a vLLM with device_ids (0.32 has it).")
+                kwargs["device_ids"] = devices
         else:
             kwargs["enforce_eager"] = True  # the default compile costs minutes on CPU for no gain here
         if self.sleep_mode:
@@ -358,7 +379,7 @@ class VLLMBackend(Backend):
             # Tensors do not survive the trip to a worker process: go through a checkpoint.
             tmp = tempfile.mkdtemp(prefix="onpolicy-vllm-weights-")
             try:
-                model.save_pretrained(tmp, safe_serialization=True)
+                save_here(model, tmp)
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

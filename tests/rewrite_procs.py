@@ -1,10 +1,10 @@
 """Driver for the multi-process rewrite test (test_rewrite.py): run with python or torchrun.
 
-    rewrite_procs.py OUT_DIR RESULT_JSON [--fail-rank R --fail-on-sample K]
+    rewrite_procs.py OUT_DIR RESULT_JSON [--fail-rank R --fail-on-sample K] [--backend vllm --hidden 256]
 
-The tiny model is built from a fixed seed on every process, the verdict is a deterministic
-stand-in (so that every source occurs), and the rank given by --fail-rank exits hard on its
-K-th sampling call, as a killed process would.
+The tiny model is built from a fixed seed on every process (hidden 256 for vLLM's CPU attention),
+the verdict is a deterministic stand-in (so that every source occurs with hf), and the rank given
+by --fail-rank exits hard on its K-th sampling call, as a killed process would.
 """
 
 import argparse
@@ -44,21 +44,25 @@ def main():
     ap.add_argument("result")
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--fail-on-sample", type=int, default=0)
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--hidden", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     rw.is_correct = _accept_some
     tok = make_tiny_tokenizer()
-    model = make_tiny_model(tok, seed=0)
+    model = make_tiny_model(tok, seed=0, **({"hidden": args.hidden} if args.hidden else {}))
     config = rw.RewriteConfig(k_self=2, m_hinted=2, shard_size=2, seed=5, progress=False,
                               sampling=SamplingConfig(temperature=1.0, max_new_tokens=6),
                               hinted=HintedDecodingConfig(temperature=1.0, max_new_tokens=6))
     state = process_state()
-    backend = make_backend("hf", model, tok)
+    backend = make_backend(args.backend, model, tok, **({"max_model_len": 1024} if args.backend == "vllm" else {}))
     if state.process_index == args.fail_rank:
         backend = DiesOnSample(backend, args.fail_on_sample)
     ds, stats = rw.rewrite_with_stats(model, tok, _corpus(9), config, out_dir=args.out, backend=backend)
     if state.is_main_process:
         Path(args.result).write_text(json.dumps({"rows": ds.to_list(), "stats": stats}))
+    if args.backend == "vllm":
+        backend.close()
 
 
 if __name__ == "__main__":

