@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -198,6 +199,9 @@ class VLLMBackend(Backend):
             kwargs["enable_sleep_mode"] = True
         kwargs.update(engine_kwargs or {})
         threads = torch.get_num_threads()
+        # An engine in this process adopts a launcher's process group as its own world (and would
+        # destroy it on shutdown); one it starts itself is vLLM's to tear down.
+        self._launcher_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
             self.llm = vllm.LLM(**kwargs)
         finally:
@@ -423,7 +427,8 @@ class VLLMBackend(Backend):
             shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
             if shutdown is not None:
                 try:
-                    shutdown()
+                    with _default_group_kept(self.in_process and self._launcher_group):
+                        shutdown()
                 except Exception as err:
                     # After training in the same process, the engine's shutdown can trip over a
                     # torch.distributed process group that is no longer its own; nothing is lost.
@@ -432,6 +437,26 @@ class VLLMBackend(Backend):
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+@contextmanager
+def _default_group_kept(keep: bool):
+    """While vLLM shuts an in-process engine down, keep the default process group when it belongs to
+    the launcher: the stages after this one still gather over it. vLLM's own subgroups still go."""
+    if not keep:
+        yield
+        return
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_all_but_default(group=None):
+        if group is not None:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_all_but_default
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
 
 
 def _rebuild_cpu_lm_head(module) -> None:

