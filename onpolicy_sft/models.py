@@ -101,13 +101,15 @@ def embedded_checkpoint() -> Path:
     Processes started together (torchrun) take turns on a lock: one converts, the others find it done.
     """
     target = cache_dir() / EMBEDDED_MODEL
-    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+
+    def converted() -> bool:
+        return (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists()
+
+    if converted():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / f".{EMBEDDED_MODEL}.lock")):
-        if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
-            return target
-        return _convert_embedded(target)
+        return target if converted() else _convert_embedded(target)
 
 
 def _convert_embedded(target: Path) -> Path:
