@@ -12,6 +12,21 @@ ended its turn: it hit the token limit or the repetition stop); ``no_answer`` (i
 without a final answer). The counts per stage are in the stats under ``attempts`` (rewrite_stats),
 which is where to look when rows fall back to the original.
 
+Options (all off by default, which gives the corpus described above):
+
+- ``keep_verified: n`` keeps up to n distinct verified answers of a question as separate training
+  rows (rejection-sampling fine-tuning): the self-answers when the question has any right one,
+  else the hinted rewrites. The first row keeps the question's id, the j-th further one gets
+  ``<id>#<j>`` and every row a ``copy`` index j (the column exists only when n > 1).
+- ``adaptive``: the self-answers are drawn in rounds (keep_verified answers first, then as many
+  as already drawn, up to k_self in all) and a question stops drawing once it has keep_verified
+  distinct right answers that ended by themselves. Answer j of a row always comes from the
+  stream row_seed + j, so the kept responses are exactly those of drawing all k_self at once;
+  only the unneeded draws (and their outcomes) are gone.
+- ``triage``: the original corpus is DDT-scored first (docs/methods.md §1) and only the rows the
+  test flags as off-distribution are rewritten; the others are kept as they are, as source
+  ``in_distribution`` (no attempts, their DDT scores reused).
+
 Truncation rule. A kept answer is trained with an end-of-turn token only if the model wrote one.
 Among the right answers of a stage, one that ended by itself is preferred. A right answer that
 never ended (cut at the limit or by the repetition stop) is kept only up to the end of its final
@@ -39,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -59,16 +75,48 @@ from .rules import eos_ids
 from .templates import HintTemplate, cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
 
 FALLBACKS = ("original", "drop")
-SOURCES = ("self", "hinted", "original")
+SOURCES = ("self", "hinted", "original", "in_distribution")
 OUTCOMES = ("right", "wrong", "no_answer", "cut")
 STAGES = ("self", "hinted")
+TRIAGE_BY = ("off", "p_value", "phi")
+# The levels a test flags at by default: the per-row 1% test of docs/methods.md §1, and the mean φ
+# below which the DDT authors read a text as out of distribution.
+TRIAGE_LEVELS = {"p_value": ddt.REJECT_LEVEL, "phi": -0.1}
+# Settings added after corpora were recorded: left out of the fingerprint while at these defaults,
+# so that a default run keeps the config_hash (and the resumable runs) it had before them.
+ADDED_DEFAULTS = {"triage.by": "off", "triage.level": None, "keep_verified": 1, "adaptive": False}
+
+
+@dataclass
+class TriageConfig:
+    """DDT triage before the rewrite: ``by`` "p_value" flags a row whose p-value is below
+    ``level`` (default 0.01), "phi" one whose mean φ is below ``level`` (default −0.1); only
+    flagged rows are rewritten. "off": every row is rewritten."""
+
+    by: str = "off"
+    level: float | None = None
+
+    def __post_init__(self):
+        if self.by not in TRIAGE_BY:
+            raise ValueError(f"by: must be one of {TRIAGE_BY}, got {self.by!r}")
+        if self.level is None:
+            return
+        if self.by == "off":
+            raise ValueError("level: a level needs a test; set triage.by to p_value or phi")
+        if not math.isfinite(self.level) or (self.by == "p_value" and not 0 < self.level < 1):
+            raise ValueError(f"level: must be {'in (0, 1)' if self.by == 'p_value' else 'finite'}, got {self.level}")
+
+    @property
+    def threshold(self) -> float:
+        return TRIAGE_LEVELS[self.by] if self.level is None else self.level
 
 
 @dataclass
 class RewriteConfig:
     """Settings of the corpus rewrite. ``sampling`` drives the k self-answers (its n is replaced by
     k_self and its seed by the per-row seeds); ``hinted`` drives the m hinted attempts and names the
-    backend. ``analysis`` turns on the stage-1 analysis prefix (templates.py)."""
+    backend. ``analysis`` turns on the stage-1 analysis prefix (templates.py). ``keep_verified``,
+    ``adaptive`` and ``triage``: the module docstring."""
 
     k_self: int = 4
     m_hinted: int = 4
@@ -85,6 +133,9 @@ class RewriteConfig:
     score_batch_tokens: int = 4096
     model_name: str = ""  # provenance only; default: the model's name_or_path
     progress: bool = True
+    keep_verified: int = 1
+    adaptive: bool = False
+    triage: TriageConfig = field(default_factory=TriageConfig)
 
     def __post_init__(self):
         if self.k_self < 0 or self.m_hinted < 0:
@@ -93,6 +144,8 @@ class RewriteConfig:
             raise ValueError(f"RewriteConfig.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.shard_size < 1:
             raise ValueError(f"RewriteConfig.shard_size must be >= 1, got {self.shard_size}")
+        if self.keep_verified < 1:
+            raise ValueError(f"keep_verified: must be >= 1, got {self.keep_verified}")
 
     def settings(self) -> dict:
         """Every setting that changes the rows, flattened ("hinted.beta": 3.0), so that a refused
@@ -107,11 +160,18 @@ class RewriteConfig:
                 flat[prefix] = value
 
         walk("", {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "model_name")})
-        return flat
+        return without_added_defaults(flat)
 
     def fingerprint(self) -> str:
         """A short hash of ``settings()``."""
         return digest(self.settings())
+
+
+def without_added_defaults(flat: dict, prefix: str = "") -> dict:
+    """``flat`` (dotted names under ``prefix``) less the ADDED_DEFAULTS settings at their defaults."""
+    missing = object()
+    return {k: v for k, v in flat.items()
+            if not (k.startswith(prefix) and ADDED_DEFAULTS.get(k[len(prefix):], missing) == v)}
 
 
 def row_seed(seed: int, row_id: str, stage: str) -> int:
@@ -147,17 +207,28 @@ def outcome(text: str, answer: str, cut: bool, timeout: float = 5.0) -> str:
     return "cut" if cut else "no_answer"
 
 
-def _pick(texts: list[str], cuts: list[bool], outcomes: list[str]) -> tuple[str, bool] | None:
-    """The answer to keep of one stage, and whether it is truncated: the first right answer that
-    ended by itself, else the first right one cut after its final answer (module docstring)."""
+def _picks(texts: list[str], cuts: list[bool], outcomes: list[str], n: int = 1) -> list[tuple[str, bool]]:
+    """Up to n distinct answers to keep of one stage, each with whether it is truncated: the right
+    answers that ended by themselves in order, then right ones cut after their final answer
+    (module docstring). Distinct as kept: two answers equal once cut count once."""
     right = [i for i, o in enumerate(outcomes) if o == "right"]
-    if not right:
-        return None
-    ended = [i for i in right if not cuts[i]]
-    if ended:
-        return texts[ended[0]], False
-    text = texts[right[0]]
-    return text[: answer_end(text)].rstrip(), True
+    ended = [(texts[i], False) for i in right if not cuts[i]]
+    cut = [(texts[i][: answer_end(texts[i])].rstrip(), True) for i in right if cuts[i]]
+    picked, seen = [], set()
+    for text, truncated in ended + cut:
+        if text not in seen and len(picked) < n:
+            seen.add(text)
+            picked.append((text, truncated))
+    return picked
+
+
+def _good(answers: list[tuple[str, bool]], outcomes: list[str]) -> int:
+    """How many distinct right answers that ended by themselves there are: what adaptive sampling waits for."""
+    return len({text for (text, cut), o in zip(answers, outcomes) if o == "right" and not cut})
+
+
+def _question_id(row: dict) -> str:
+    return row["id"].rsplit("#", 1)[0] if row.get("copy") else row["id"]
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
@@ -193,18 +264,39 @@ class _Rewriter:
         self.model_name = config.model_name or str(getattr(model, "name_or_path", "") or "")
         self.config_hash = config.fingerprint()
         self.stops = eos_ids(model, tokenizer)
+        # Set by triage(): the ids kept as they are, and every original's ddt_original_ scores.
+        self.in_distribution: set[str] = set()
+        self.original_scores: dict[str, dict] = {}
 
     def _cut(self, ids: list[int]) -> bool:
         return not ids or ids[-1] not in self.stops
 
-    def _self_answers(self, rows, student):
-        k = self.cfg.k_self
-        if k == 0:
-            return [[] for _ in rows]
-        sampling = dataclasses.replace(self.cfg.sampling, n=k)
-        seeds = [row_seed(self.cfg.seed, r["id"], "self") for r in rows]
+    def _draw(self, student, seeds: list[int], n: int) -> list[list[tuple[str, bool]]]:
+        """n self-answers per prompt; answer j of a prompt comes from the stream seeds[i] + j."""
+        sampling = dataclasses.replace(self.cfg.sampling, n=n)
         outs = self.backend.sample(student, sampling, seeds=seeds)
         return [[(_decode(self.tok, ids), self._cut(ids)) for ids in per_row] for per_row in outs]
+
+    def _self_answers(self, rows, student):
+        """(answers, outcomes) per row: k_self answers at once, or, ``adaptive``, drawn in rounds."""
+        seeds = [row_seed(self.cfg.seed, r["id"], "self") for r in rows]
+        if not self.cfg.adaptive:
+            answers = self._draw(student, seeds, self.cfg.k_self) if self.cfg.k_self else [[] for _ in rows]
+            return answers, [self._outcomes(a, r["answer"]) for a, r in zip(answers, rows)]
+        k, need = self.cfg.k_self, self.cfg.keep_verified
+        answers, outcomes = [[] for _ in rows], [[] for _ in rows]
+        while True:
+            # keep_verified answers first, then as many as drawn so far (doubling), up to k in all
+            sizes = {i: min(k - len(answers[i]), max(need, len(answers[i]))) for i in range(len(rows))
+                     if len(answers[i]) < k and _good(answers[i], outcomes[i]) < need}
+            if not sizes:
+                return answers, outcomes
+            for size in sorted(set(sizes.values())):
+                group = [i for i, s in sizes.items() if s == size]
+                drawn = self._draw([student[i] for i in group], [seeds[i] + len(answers[i]) for i in group], size)
+                for i, new in zip(group, drawn):
+                    answers[i] += new
+                    outcomes[i] += self._outcomes(new, rows[i]["answer"])
 
     def _hinted_prompts(self, rows) -> list[list[int]]:
         template = self.cfg.template
@@ -236,46 +328,91 @@ class _Rewriter:
         return [outcome(text, reference, cut, self.cfg.verify_timeout) for text, cut in answers]
 
     def shard(self, rows: list[dict]) -> list[dict]:
-        """The rewritten rows of one shard, unscored."""
-        cfg = self.cfg
+        """The rows of one shard, unscored, in question order: per question its kept rewrites (up
+        to keep_verified rows), its original, or, triaged in distribution, the row as it is."""
+        todo = [r for r in rows if r["id"] not in self.in_distribution]
+        made = dict(zip([r["id"] for r in todo], self._rewrite(todo)))
+        return [row for r in rows for row in (made[r["id"]] if r["id"] in made else [self._as_is(r)])]
+
+    def _rewrite(self, rows: list[dict]) -> list[list[dict]]:
+        if not rows:
+            return []
         student = [student_prompt_ids(self.tok, r["prompt"], r["system"]) for r in rows]
-        self_answers = self._self_answers(rows, student)
-        self_outcomes = [self._outcomes(a, r["answer"]) for a, r in zip(self_answers, rows)]
+        self_answers, self_outcomes = self._self_answers(rows, student)
         need = [i for i, o in enumerate(self_outcomes) if "right" not in o]
         hinted_answers = dict(zip(need, self._hinted_answers([rows[i] for i in need], [student[i] for i in need])))
-        out = []
-        for i, r in enumerate(rows):
-            hinted = hinted_answers.get(i, [])
-            hinted_outcomes = self._outcomes(hinted, r["answer"])
-            row = dict(r, original_response=r["response"], attempts=len(self_answers[i]) + len(hinted),
-                       n_self_correct=self_outcomes[i].count("right"), n_hinted_correct=hinted_outcomes.count("right"),
-                       self_outcomes=self_outcomes[i], hinted_outcomes=hinted_outcomes, kept=True)
-            mine = _pick([t for t, _ in self_answers[i]], [c for _, c in self_answers[i]], self_outcomes[i])
-            hint = _pick([t for t, _ in hinted], [c for _, c in hinted], hinted_outcomes)
-            if mine is not None:
-                row.update(response=mine[0], response_truncated=mine[1], source="self", verified=True)
-            elif hint is not None:
-                row.update(response=hint[0], response_truncated=hint[1], source="hinted", verified=True)
-            else:
-                row.update(source="original", response_truncated=False, kept=cfg.fallback == "original",
-                           verified=is_correct(r["response"], r["answer"], cfg.verify_timeout))
-            row.update(model=self.model_name, config_hash=self.config_hash, seed=cfg.seed)
-            out.append(row)
-        return out
+        return [self._question_rows(r, self_answers[i], self_outcomes[i], hinted_answers.get(i, []))
+                for i, r in enumerate(rows)]
 
-    def score(self, rows: list[dict]) -> list[dict]:
-        """Add the ddt_ scores of the kept response and the ddt_original_ scores of the original.
-        Collective under several processes: ddt.score deals its batches out and gathers them back."""
+    def _question_rows(self, r: dict, answers, outcomes: list[str], hinted) -> list[dict]:
+        cfg = self.cfg
+        hinted_outcomes = self._outcomes(hinted, r["answer"])
+        base = dict(r, original_response=r["response"], attempts=len(answers) + len(hinted),
+                    n_self_correct=outcomes.count("right"), n_hinted_correct=hinted_outcomes.count("right"),
+                    self_outcomes=outcomes, hinted_outcomes=hinted_outcomes, kept=True)
+        n = cfg.keep_verified
+        mine = _picks([t for t, _ in answers], [c for _, c in answers], outcomes, n)
+        source, picked = ("self", mine) if mine else ("hinted", _picks([t for t, _ in hinted], [c for _, c in hinted],
+                                                                        hinted_outcomes, n))
+        if not picked:
+            return [self._finish(dict(base, source="original", response_truncated=False, kept=cfg.fallback == "original",
+                                      verified=is_correct(r["response"], r["answer"], cfg.verify_timeout)), 0)]
+        return [self._finish(dict(base, response=text, response_truncated=truncated, source=source, verified=True), j)
+                for j, (text, truncated) in enumerate(picked)]
+
+    def _as_is(self, r: dict) -> dict:
+        """A row the triage found in distribution: kept as it is, with nothing attempted."""
+        return self._finish(dict(r, original_response=r["response"], attempts=0, n_self_correct=0, n_hinted_correct=0,
+                                 self_outcomes=[], hinted_outcomes=[], kept=True, source="in_distribution",
+                                 response_truncated=False,
+                                 verified=is_correct(r["response"], r["answer"], self.cfg.verify_timeout)), 0)
+
+    def _finish(self, row: dict, copy: int) -> dict:
+        """Provenance, and with keep_verified > 1 the copy index (the j-th further row: id ``<id>#<j>``)."""
+        row.update(model=self.model_name, config_hash=self.config_hash, seed=self.cfg.seed)
+        if self.cfg.keep_verified > 1:
+            row.update(id=f"{row['id']}#{copy}" if copy else row["id"], copy=copy)
+        return row
+
+    def triage(self, rows: list[dict]) -> None:
+        """DDT-score the originals once and keep the ids the test does not flag (collective: ddt.score
+        deals its batches out under several processes and gathers them back)."""
+        ds = Dataset.from_list([{k: r[k] for k in ("prompt", "system", "response")} for r in rows])
+        scored = ddt.score(self.model, self.tok, ds, batch_tokens=self.cfg.score_batch_tokens, progress=False)
+        flagged = ddt.off_distribution(scored, self.cfg.triage.by, self.cfg.triage.threshold)
+        self.in_distribution = {r["id"] for r, off in zip(rows, flagged) if not off}
+        names = [c for c in scored.column_names if c.startswith("ddt_")]
+        columns = {name: scored[name] for name in names}
+        self.original_scores = {r["id"]: {"ddt_original_" + name[4:]: columns[name][i] for name in names}
+                                for i, r in enumerate(rows)}
+
+    def _score_column(self, rows: list[dict], column: str, prefix: str) -> None:
         # Score a bare copy: score() replaces every existing ddt_ column, ddt_original_ included.
         columns = ("prompt", "system", "response", "response_truncated", "original_response")
         ds = Dataset.from_list([{k: r[k] for k in columns} for r in rows])
-        opts = dict(batch_tokens=self.cfg.score_batch_tokens, progress=False)
-        for column, prefix in (("original_response", "ddt_original_"), ("response", "ddt_")):
-            scored = ddt.score(self.model, self.tok, ds, response_column=column, **opts)
-            for name in scored.column_names:
-                if name.startswith("ddt_"):
-                    for row, value in zip(rows, scored[name]):
-                        row[prefix + name[4:]] = value
+        scored = ddt.score(self.model, self.tok, ds, response_column=column, batch_tokens=self.cfg.score_batch_tokens,
+                           progress=False)
+        for name in scored.column_names:
+            if name.startswith("ddt_"):
+                for row, value in zip(rows, scored[name]):
+                    row[prefix + name[4:]] = value
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        """Add the ddt_ scores of the kept response and the ddt_original_ scores of the original.
+        After triage the originals' scores are reused, and an in-distribution row's response is its
+        original. Collective under several processes (every process holds the same rows)."""
+        if not self.original_scores:
+            self._score_column(rows, "original_response", "ddt_original_")
+            self._score_column(rows, "response", "ddt_")
+            return rows
+        for row in rows:
+            row.update(self.original_scores[_question_id(row)])
+        fresh = [r for r in rows if r["source"] != "in_distribution"]
+        if fresh:
+            self._score_column(fresh, "response", "ddt_")
+        for row in rows:
+            if row["source"] == "in_distribution":
+                row.update({"ddt_" + k[len("ddt_original_"):]: v for k, v in self.original_scores[row["id"]].items()})
         return rows
 
 
@@ -331,10 +468,15 @@ def rewrite_with_stats(model, tokenizer, dataset, config: RewriteConfig | None =
                 except Exception as err:  # noqa: BLE001 -- raised on every process just below
                     error = err
             _every_process_ok(error, state)
+        if config.triage.by != "off":
+            worker.triage(rows)
         done = _generate(worker, rows, shards_dir, state)
         if config.score and done:
             done = worker.score(done)
         stats = rewrite_stats(done, config.fallback)
+        if config.triage.by != "off":
+            stats["triage"] = {"by": config.triage.by, "level": config.triage.threshold,
+                               "in_distribution": len(worker.in_distribution)}
         stats["processes"] = state.num_processes
         stats["rows_per_process"] = _rows_per_process(len(rows), config.shard_size, state.num_processes)
         kept = [{k: v for k, v in r.items() if k != "kept"} for r in done if r["kept"]]
@@ -362,7 +504,10 @@ def _generate(worker: _Rewriter, rows: list[dict], shards_dir: Path | None, stat
     mine = my_share(bounds, state)
     bar = tqdm(total=len(rows), desc="rewrite", unit="row",
                disable=not (worker.cfg.progress and state.is_main_process))
-    totals = dict.fromkeys(SOURCES, 0)
+    # The bar counts questions (a question can give keep_verified rows) and rows per source;
+    # in_distribution appears only where the triage can produce it.
+    shown = SOURCES if worker.cfg.triage.by != "off" else SOURCES[:3]
+    totals = dict.fromkeys(shown, 0)
     results: list[tuple[int, list[dict]]] = []
     try:
         for turn in range(-(-len(bounds) // state.num_processes)):
@@ -378,12 +523,12 @@ def _generate(worker: _Rewriter, rows: list[dict], shards_dir: Path | None, stat
                     if path is not None:
                         write_text(path, "".join(json.dumps(r) + "\n" for r in shard))
                 results.append((index, shard))
-            counts = [(len(shard), _counts(shard))]
+            counts = [(sum(not r.get("copy") for r in shard), _counts(shard))]
             if state.num_processes > 1:
                 counts = gather_object(counts)
             for n, per_source in counts:
                 bar.update(n)
-                for s in SOURCES:
+                for s in shown:
                     totals[s] += per_source[s]
             seen = sum(totals.values())
             if seen:
@@ -400,7 +545,7 @@ def rewrite_corpus(model, tokenizer, dataset, config: RewriteConfig | None = Non
     answer), and optionally id and system. `model` is the transformers model that DDT-scores the
     results; `backend` (a decoding Backend) generates, by default make_backend(config.hinted.backend,
     model, tokenizer). Returns a Dataset with id, prompt, response, response_truncated, answer,
-    system, source ("self" | "hinted" | "original"), verified, attempts, n_self_correct,
+    system, source ("self" | "hinted" | "original" | "in_distribution"), verified, attempts, n_self_correct,
     n_hinted_correct, self_outcomes and hinted_outcomes (one of OUTCOMES per answer),
     original_response, the ddt_ scores of the kept response and the ddt_original_ scores of the
     original, and provenance (model, config_hash, seed). With `out_dir`, shards, manifest.json,
@@ -428,19 +573,24 @@ def rewrite_stats(rows: list[dict], fallback: str = "original") -> dict:
     reached the stage), ``answers``, one count per outcome (``right``, ``wrong``, ``no_answer``,
     ``cut``; they add up to ``answers``) and ``rows_right`` (rows with at least one right answer).
     ``truncated_kept``: kept rewrites cut after their final answer (``response_truncated``).
+    ``rows`` counts questions; ``per_source`` the rows each source gave (with keep_verified > 1 a
+    question gives several), ``questions_per_source`` the questions, ``training_rows`` the rows kept.
     """
-    n = len(rows)
-    per_source = _counts(rows)
-    accepted = per_source["self"] + per_source["hinted"]
-    tried_hinted = sum(r["source"] != "self" for r in rows)
+    questions = [r for r in rows if not r.get("copy")]
+    n = len(questions)
+    per_question = _counts(questions)
+    accepted = per_question["self"] + per_question["hinted"]
+    tried_hinted = sum(r["source"] in ("hinted", "original") for r in questions)
     stats = {
         "rows": n,
-        "per_source": per_source,
+        "per_source": _counts(rows),
+        "questions_per_source": per_question,
+        "training_rows": sum(r["kept"] for r in rows),
         "dropped": sum(not r["kept"] for r in rows),
         "acceptance_rate": accepted / n if n else 0.0,
-        "hinted_acceptance_rate": per_source["hinted"] / tried_hinted if tried_hinted else 0.0,
+        "hinted_acceptance_rate": per_question["hinted"] / tried_hinted if tried_hinted else 0.0,
         "fallback": fallback,
-        "attempts": {stage: _stage_counts([r[f"{stage}_outcomes"] for r in rows]) for stage in STAGES},
+        "attempts": {stage: _stage_counts([r[f"{stage}_outcomes"] for r in questions]) for stage in STAGES},
         "truncated_kept": sum(bool(r["response_truncated"]) for r in rows if r["kept"]),
     }
 
@@ -452,9 +602,9 @@ def rewrite_stats(rows: list[dict], fallback: str = "original") -> dict:
         kept = [r for r in rows if r["kept"]]
         rewritten = [r for r in rows if r["source"] in ("self", "hinted")]
         stats.update(
-            phi_before=mean(r["ddt_original_phi_mean"] for r in rows),
+            phi_before=mean(r["ddt_original_phi_mean"] for r in questions),
             phi_after=mean(r["ddt_phi_mean"] for r in kept),
-            phi_before_rewritten=mean(r["ddt_original_phi_mean"] for r in rewritten),
+            phi_before_rewritten=mean(r["ddt_original_phi_mean"] for r in rewritten if not r.get("copy")),
             phi_after_rewritten=mean(r["ddt_phi_mean"] for r in rewritten),
         )
     return stats

@@ -342,7 +342,8 @@ REWRITE_FLAGS = {
     "temperature": ["rewrite.hinted.temperature"],
     "max_new_tokens": ["rewrite.sampling.max_new_tokens", "rewrite.hinted.max_new_tokens"],
     "fallback": ["rewrite.fallback"], "shard_size": ["rewrite.shard_size"], "seed": ["rewrite.seed"],
-    "backend": ["backend"], "model": ["model.name"],
+    "backend": ["backend"], "model": ["model.name"], "keep_verified": ["rewrite.keep_verified"],
+    "triage": ["rewrite.triage.by"], "triage_level": ["rewrite.triage.level"],
 }
 
 
@@ -368,13 +369,22 @@ def add_rewrite(sub) -> None:
     p.add_argument("--analysis", action="store_true", help="stage-1 analysis prefix in the hinted stream")
     p.add_argument("--shard-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--keep-verified", type=int, default=None,
+                   help="keep up to N distinct verified answers per question as rows (= --set rewrite.keep_verified=N)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="draw self-answers in rounds until a question has keep_verified of them (= --set rewrite.adaptive=true)")
+    p.add_argument("--triage", choices=["p_value", "phi"], default=None,
+                   help="DDT-score the originals first and rewrite only the rows this test flags (= --set rewrite.triage.by=...)")
+    p.add_argument("--triage-level", type=float, default=None,
+                   help="the test's level (default: p-value 0.01, mean φ -0.1)")
     p.set_defaults(run=run_rewrite)
 
 
 def run_rewrite(args) -> int:
     flags = [f"{key}={value}" for name, keys in REWRITE_FLAGS.items() if (value := getattr(args, name)) is not None
              for key in keys]
-    args.overrides = args.overrides + flags + (["rewrite.analysis=true"] if args.analysis else [])
+    switches = [f"rewrite.{name}=true" for name in ("analysis", "adaptive") if getattr(args, name)]
+    args.overrides = args.overrides + flags + switches
     config = _load_config(args)
     config.rewrite.model_name = config.model.name
     split = args.split or config.data.train_split

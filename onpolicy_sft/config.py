@@ -145,13 +145,17 @@ class PeftConfig:
 class TrainConfig:
     """Optimisation settings. ``batch_size`` counts sequences (or pairs) per optimizer step over all
     processes; ``micro_batch_size`` is what one process runs per forward. The defaults of the
-    optimiser and schedule are the published ones (AdamW 0.9/0.95, wd 0.01, 10% warmup, cosine, clip 1)."""
+    optimiser and schedule are the published ones (AdamW 0.9/0.95, wd 0.01, 10% warmup, cosine, clip 1).
+    ``rows``, when set, is the training budget in rows (sequences, or pairs) in place of ``epochs``:
+    the same number of optimizer steps whatever the corpus size, so that arms whose corpora differ
+    (``rewrite.keep_verified`` > 1) stay comparable."""
 
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     lr: float = 5e-5
     batch_size: int = 8
     micro_batch_size: int = 4
     epochs: float = 1.0
+    rows: int | None = None
     max_steps: int | None = None
     max_length: int = 512
     warmup_ratio: float = 0.1
@@ -176,6 +180,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.rows is not None and self.rows < 1:
+            raise ValueError(f"rows: must be >= 1 or null (then epochs decides), got {self.rows}")
         if self.packing and not self.fused:
             raise ValueError("train.packing needs the fused path: set train.fused: true or train.packing: false")
         if self.fsdp and self.peft.rank:

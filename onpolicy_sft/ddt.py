@@ -27,7 +27,8 @@ from onpolicy_sft.distributed import gather_in_order, my_share, process_state
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight, weights_digest
 from onpolicy_sft.ops import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, TokenStats, chunked_token_stats, token_stats
 
-__all__ = ["SCORE_KEYS", "TokenStats", "token_stats", "sequence_scores", "score", "summarize", "process_state"]
+__all__ = ["SCORE_KEYS", "TokenStats", "token_stats", "sequence_scores", "score", "off_distribution", "summarize",
+           "process_state"]
 
 SCORE_KEYS = (
     "phi_mean", "phi_sum", "z", "pvalue",
@@ -257,6 +258,14 @@ def score(
     for key in keys:
         out = out.add_column(PREFIX + key, [by_index[i][key] for i in range(len(dataset))])
     return out.add_column(CUT_COLUMN, cuts)
+
+
+def off_distribution(dataset, by: str, level: float) -> list[bool]:
+    """Which rows of a scored dataset the test flags as not the model's own writing: the p-value
+    below ``level`` (``by="p_value"``) or the mean φ below ``level`` (``by="phi"``). A row without
+    a score (NaN: nothing scored) is flagged, since nothing says it is the model's own."""
+    column = {"p_value": "pvalue", "phi": "phi_mean"}[by]
+    return [not value >= level for value in dataset[PREFIX + column]]
 
 
 def summarize(dataset) -> dict:

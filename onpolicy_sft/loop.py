@@ -34,7 +34,7 @@ from pathlib import Path
 
 import datasets
 
-from decoding.rewrite import rewrite_with_stats
+from decoding.rewrite import rewrite_with_stats, without_added_defaults
 from onpolicy_sft import ddt, ddt_report
 from onpolicy_sft.config import LoopConfig, save_config, to_dict
 from onpolicy_sft.distributed import process_state
@@ -42,7 +42,8 @@ from onpolicy_sft.models import load_model, resolve_model_path
 from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, read_json, write_json, write_text
 from onpolicy_sft.stages import (Manifest, Served, config_fingerprint, evaluate_model, general_responses,
                                  load_data, main_decides, markdown_table, model_identity, num, on_main, open_backend,
-                                 phi_by_source, plot_histograms, plot_lines, pm, say, source_counts, training_rows)
+                                 SOURCES, phi_by_source, plot_histograms, plot_lines, pm, say, source_counts,
+                                 training_rows)
 from onpolicy_sft.train import train
 
 ARMS = ("onpolicy", "baseline")
@@ -64,7 +65,9 @@ def run_loop(config: LoopConfig) -> dict:
         # Loaded before the fingerprint is recorded, so a missing model is not recorded as the run's.
         base, tokenizer = load_model(base_path, dtype=config.model.dtype, device=state.device,
                                      trust_remote_code=config.model.trust_remote_code)
-        inputs = {**config_fingerprint(config, DISPLAY), "data": data.digest(), **model_identity(base_path)}
+        # Rewrite settings added later count only when set, so runs recorded before them still resume.
+        settings = without_added_defaults(config_fingerprint(config, DISPLAY), prefix="rewrite.")
+        inputs = {**settings, "data": data.digest(), **model_identity(base_path)}
 
         def record_inputs():
             check_fingerprint(out / "fingerprint.json", inputs, "loop")
@@ -205,7 +208,7 @@ def summarize_loop(out: Path, config: LoopConfig, manifest: Manifest | None = No
                 if entry:
                     row[f"seconds_{s}"], row[f"attempts_{s}"] = entry["seconds"], entry.get("attempts", 1)
             rows.append(row)
-    table = _table(rows, evals, manifest)
+    table = _table(rows, evals, manifest, triage=config.rewrite.triage.by != "off")
     summary = {"out_dir": str(out), "backend": manifest.data.get("backend"), "backend_note": manifest.data.get("backend_note"),
                "data_notes": manifest.data.get("data_notes", []), "rounds": rows, "table": table,
                "weight_updates": manifest.data.get("weight_updates", [])}
@@ -217,15 +220,17 @@ def summarize_loop(out: Path, config: LoopConfig, manifest: Manifest | None = No
     return summary
 
 
-def _table(rows: list[dict], evals: list[str], manifest: Manifest) -> str:
-    head = ["round", "arm", "corpus self/hinted/original", "φ corpus", "φ original", "abs φ̄ self", "abs φ̄ hinted",
+def _table(rows: list[dict], evals: list[str], manifest: Manifest, triage: bool = False) -> str:
+    # The in_distribution source (rows the DDT triage kept as they are) only exists with the triage on.
+    shown = SOURCES if triage else SOURCES[:3]
+    head = ["round", "arm", f"corpus {'/'.join(shown)}", "φ corpus", "φ original", "abs φ̄ self", "abs φ̄ hinted",
             "abs φ̄ original"] + [f"acc {name}" for name in evals] + ["forgetting KL"] + [f"{s} s" for s in STAGES]
     lines = []
     for row in rows:
         stage = "round_0" if row["round"] == 0 else f"round_{row['round']}/{row['arm']}"
         sources = row.get("sources")
         cells = [str(row["round"]), row["label"],
-                 "–" if not sources else "/".join(str(sources.get(s, 0)) for s in ("self", "hinted", "original")),
+                 "–" if not sources else "/".join(str(sources.get(s, 0)) for s in shown),
                  num(row.get("phi_mean")), num(row.get("phi_original")), num(row.get("abs_phi_self")),
                  num(row.get("abs_phi_hinted")), num(row.get("abs_phi_original"))]
         cells += [pm(row.get(f"acc_{name}"), row.get(f"acc_{name}_se")) for name in evals]

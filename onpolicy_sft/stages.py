@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # response_truncated keeps a cut-off response from being trained with an end-of-turn token the model never wrote.
 TRAINING_COLUMNS = ("id", "prompt", "response", "answer", "system", "response_truncated")
-SOURCES = ("self", "hinted", "original")
+SOURCES = ("self", "hinted", "original", "in_distribution")
 
 
 def say(text: str) -> None:

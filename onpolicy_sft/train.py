@@ -77,10 +77,12 @@ def plan_steps(
     epochs: float = 1.0,
     seed: int = 0,
     group_by_length: bool = True,
+    rows: int | None = None,
 ) -> list[list[list[list[int]]]]:
     """``steps[s][p]`` = the micro-batches (lists of row indices) process ``p`` runs at step ``s``.
 
-    Rows are shuffled per epoch with ``seed`` and cut into steps of ``batch_size`` rows. Within a
+    Rows are shuffled per epoch with ``seed`` and cut into steps of ``batch_size`` rows; ``rows``,
+    when given, is how many rows are trained on in all (epochs as needed), else epochs × n. Within a
     step, rows are sorted by length (so micro-batches need little padding) and split into
     equal numbers of micro-batches per process; a micro-batch can be empty when the last step
     has fewer rows than processes, and then contributes nothing.
@@ -93,7 +95,7 @@ def plan_steps(
     n = len(lengths)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
-    total = max(1, round(epochs * n))
+    total = rows if rows is not None else max(1, round(epochs * n))
     order: list[int] = []
     epoch = 0
     while len(order) < total:
@@ -576,6 +578,7 @@ def setup_data(dataset, tokenizer, objective: Objective, config: TrainConfig, nu
         epochs=config.epochs,
         seed=config.seed,
         group_by_length=config.group_by_length,
+        rows=config.rows,
     )
     if config.max_steps is not None:
         plan = plan[: config.max_steps]

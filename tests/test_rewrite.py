@@ -1,5 +1,6 @@
 """The corpus rewrite: answer guard, repetition stop, fallback, resumption, batching independence."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -82,7 +83,8 @@ def test_self_answer_is_kept_first(tiny_tokenizer):
     cfg = _config(score=False, sampling=SamplingConfig(temperature=0.0, max_new_tokens=30))
     ds, stats = rewrite_with_stats(model, tok, _one_question(), cfg)
     assert ds[0]["source"] == "self" and ds[0]["response"] == "mine \\boxed{42}" and ds[0]["attempts"] == 2
-    assert stats["per_source"] == {"self": 1, "hinted": 0, "original": 0} and stats["acceptance_rate"] == 1.0
+    assert stats["per_source"] == {"self": 1, "hinted": 0, "original": 0, "in_distribution": 0}
+    assert stats["acceptance_rate"] == 1.0
 
 
 class _Recording:
@@ -246,9 +248,19 @@ def test_a_right_answer_cut_at_the_limit_ends_at_its_final_answer_with_no_end_of
 
 def test_pick_prefers_a_right_answer_that_ended_by_itself():
     texts = ["\\boxed{5} and on", "so \\boxed{5}.", "\\boxed{6}"]
-    assert rw._pick(texts, [True, False, False], ["right", "right", "wrong"]) == ("so \\boxed{5}.", False)
-    assert rw._pick(texts, [True, True, False], ["right", "right", "wrong"]) == ("\\boxed{5}", True)
-    assert rw._pick(texts, [False, False, False], ["wrong", "no_answer", "wrong"]) is None
+    assert rw._picks(texts, [True, False, False], ["right", "right", "wrong"]) == [("so \\boxed{5}.", False)]
+    assert rw._picks(texts, [True, True, False], ["right", "right", "wrong"]) == [("\\boxed{5}", True)]
+    assert rw._picks(texts, [False, False, False], ["wrong", "no_answer", "wrong"]) == []
+
+
+def test_picks_keeps_distinct_right_answers_ended_first():
+    texts = ["a \\boxed{5}", "\\boxed{5} and on", "a \\boxed{5}", "b \\boxed{5}", "\\boxed{5} more", "\\boxed{6}"]
+    cuts = [False, True, False, False, True, False]
+    outcomes = ["right", "right", "right", "right", "right", "wrong"]
+    # the two distinct ended answers, then the cut ones, which are equal once cut after the answer
+    assert rw._picks(texts, cuts, outcomes, 4) == [("a \\boxed{5}", False), ("b \\boxed{5}", False),
+                                                    ("\\boxed{5}", True)]
+    assert rw._picks(texts, cuts, outcomes, 2) == [("a \\boxed{5}", False), ("b \\boxed{5}", False)]
 
 
 @pytest.mark.parametrize("text", [
@@ -342,3 +354,112 @@ def test_answer_end_is_linear_on_many_unterminated_boxes():
     # 8000 unterminated boxes and then a real one: a scan to the end per box would take minutes
     text = "\\boxed{" * 8000 + " \\boxed{5} tail"
     assert text[: rw.answer_end(text)].endswith("\\boxed{5}")
+
+
+class _CountingPrompts:
+    """A backend wrapper that counts the prompts given to `sample`."""
+
+    def __init__(self, inner):
+        self.inner, self.sampled = inner, 0
+
+    def sample(self, prompt_ids, *args, **kwargs):
+        self.sampled += len(prompt_ids)
+        return self.inner.sample(prompt_ids, *args, **kwargs)
+
+    def two_stream(self, *args, **kwargs):
+        return self.inner.two_stream(*args, **kwargs)
+
+
+@pytest.mark.parametrize("by, column", [("phi", "ddt_phi_mean"), ("p_value", "ddt_pvalue")])
+def test_triage_rewrites_exactly_the_rows_the_test_flags(tiny_model, tiny_tokenizer, monkeypatch, by, column):
+    from onpolicy_sft import ddt
+
+    monkeypatch.setattr(rw, "is_correct", _accept_some)
+    data = _corpus(6)
+    values = ddt.score(tiny_model, tiny_tokenizer, data, progress=False)[column]
+    level = sorted(values)[3]  # rows at or above it pass the test: 3 of 6
+    accepted = {i for i, v in zip(data["id"], values) if v >= level}
+    assert len(accepted) == 3
+    backend = _CountingPrompts(make_backend("hf", tiny_model, tiny_tokenizer))
+    cfg = _config(triage=rw.TriageConfig(by=by, level=level))
+    ds, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, cfg, backend=backend)
+    full = {r["id"]: r for r in rewrite_corpus(tiny_model, tiny_tokenizer, data, _config())}
+    assert ds["id"] == data["id"] and backend.sampled == 3  # only the flagged rows were answered
+    for row, original in zip(ds, data):
+        if row["id"] in accepted:
+            assert row["source"] == "in_distribution" and row["attempts"] == 0
+            assert row["response"] == original["response"] and not row["response_truncated"]
+            assert row["ddt_phi_mean"] == row["ddt_original_phi_mean"]
+        else:  # rewritten as the full rewrite rewrites it (the same per-row seeds)
+            assert row["source"] == full[row["id"]]["source"] and row["response"] == full[row["id"]]["response"]
+            assert row["ddt_phi_mean"] == pytest.approx(full[row["id"]]["ddt_phi_mean"], rel=1e-4, abs=1e-5)
+        assert row["ddt_original_phi_mean"] == pytest.approx(full[row["id"]]["ddt_original_phi_mean"], rel=1e-4, abs=1e-5)
+    assert stats["per_source"]["in_distribution"] == 3 and stats["triage"] == {"by": by, "level": level,
+                                                                               "in_distribution": 3}
+    assert stats["attempts"]["self"]["rows"] == 3
+
+
+def test_keep_verified_gives_distinct_verified_rows_per_question(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(rw, "is_correct", _accept_some)
+    data = _corpus(6)
+    one = {r["id"]: r for r in rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(k_self=4, score=False))}
+    ds, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, _config(k_self=4, keep_verified=3, score=False))
+    by_question: dict[str, list[dict]] = {}
+    for row in ds:
+        by_question.setdefault(row["id"].split("#")[0], []).append(row)
+    assert list(by_question) == data["id"] and len(set(ds["id"])) == len(ds)
+    assert max(len(rows) for rows in by_question.values()) > 1  # the test reaches several rows per question
+    for qid, rows in by_question.items():
+        assert [r["copy"] for r in rows] == list(range(len(rows)))
+        assert [r["id"] for r in rows] == [qid] + [f"{qid}#{j}" for j in range(1, len(rows))]
+        assert rows[0]["response"] == one[qid]["response"] and rows[0]["source"] == one[qid]["source"]
+        assert len({r["response"] for r in rows}) == len(rows) <= 3
+        if rows[0]["source"] in ("self", "hinted"):
+            right = rows[0]["n_self_correct"] if rows[0]["source"] == "self" else rows[0]["n_hinted_correct"]
+            assert all(r["verified"] and _accept_some(r["response"], "") for r in rows) and len(rows) <= right
+        else:
+            assert len(rows) == 1
+    assert stats["per_source"] == {s: ds["source"].count(s) for s in rw.SOURCES}
+    assert stats["questions_per_source"] == {s: [r["source"] for r in one.values()].count(s) for s in rw.SOURCES}
+    assert stats["rows"] == 6 and stats["training_rows"] == len(ds)
+
+
+def _without(rows, *keys):
+    return [{k: v for k, v in r.items() if k not in keys} for r in rows]
+
+
+def _chatty(tok, eos_boost=4.0):
+    """A scripted LM that writes varied short answers: its logits are pseudo-random in the context
+    (so every sample stream differs, whatever the batch), with a boost on end-of-turn so that most
+    answers end by themselves within a few tokens."""
+    eos = tok.eos_token_id
+
+    def script(context):
+        logits = torch.randn(len(tok), generator=torch.Generator().manual_seed(hash(tuple(context)) % (1 << 62)))
+        logits[eos] += eos_boost
+        return logits
+
+    return ScriptedLM(script, len(tok), eos)
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_adaptive_sampling_keeps_the_answers_of_the_full_draw_with_fewer_samples(tiny_tokenizer, monkeypatch, keep):
+    monkeypatch.setattr(rw, "is_correct", _accept_some)
+    model, data = _chatty(tiny_tokenizer), _corpus(8)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
+    full = rewrite_corpus(model, tiny_tokenizer, data, _config(k_self=4, keep_verified=keep, score=False,
+                                                                sampling=sampling))
+    cfg = _config(k_self=4, keep_verified=keep, adaptive=True, score=False, sampling=sampling)
+    adaptive = rewrite_corpus(model, tiny_tokenizer, data, cfg)
+    assert adaptive["response"] == full["response"] and adaptive["source"] == full["source"]
+    assert adaptive["id"] == full["id"] and adaptive["hinted_outcomes"] == full["hinted_outcomes"]
+    for a, f in zip(adaptive["self_outcomes"], full["self_outcomes"]):
+        assert f[: len(a)] == a  # a prefix of the full draw: answer j comes from stream j either way
+    assert min(adaptive["attempts"]) == keep and sum(adaptive["attempts"]) < sum(full["attempts"])
+    assert max(len(o) for o in adaptive["self_outcomes"]) == 4  # and a hard question got the whole budget
+    # the same corpus in other shards, another order, and one row per forward
+    other = rewrite_corpus(model, tiny_tokenizer, data.select(list(range(8))[::-1]),
+                           dataclasses.replace(cfg, shard_size=1),
+                           backend=make_backend("hf", model, tiny_tokenizer, batch_rows=1))
+    rows = {r["id"]: r for r in other}
+    assert _without([rows[i] for i in adaptive["id"]], "config_hash") == _without(adaptive.to_list(), "config_hash")
