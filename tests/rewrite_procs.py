@@ -1,10 +1,11 @@
 """Driver for the multi-process rewrite test (test_rewrite.py): run with python or torchrun.
 
-    rewrite_procs.py OUT_DIR RESULT_JSON [--fail-rank R --fail-on-sample K] [--backend vllm --hidden 256]
+    rewrite_procs.py OUT_DIR RESULT_JSON [--fail-rank R --fail-on-sample K] [--backend vllm --hidden 256] [--options]
 
 The tiny model is built from a fixed seed on every process (hidden 256 for vLLM's CPU attention),
 the verdict is a deterministic stand-in (so that every source occurs with hf), and the rank given
-by --fail-rank exits hard on its K-th sampling call, as a killed process would.
+by --fail-rank exits hard on its K-th sampling call, as a killed process would. --options turns on
+the triage (mean φ below 0.2 flagged: 4 of the 9 rows), keep_verified 2 and adaptive sampling.
 """
 
 import argparse
@@ -46,6 +47,7 @@ def main():
     ap.add_argument("--fail-on-sample", type=int, default=0)
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--options", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rw.is_correct = _accept_some
@@ -54,6 +56,9 @@ def main():
     config = rw.RewriteConfig(k_self=2, m_hinted=2, shard_size=2, seed=5, progress=False,
                               sampling=SamplingConfig(temperature=1.0, max_new_tokens=6),
                               hinted=HintedDecodingConfig(temperature=1.0, max_new_tokens=6))
+    if args.options:
+        config = rw.RewriteConfig(**{**config.__dict__, "k_self": 4, "keep_verified": 2, "adaptive": True,
+                                     "triage": rw.TriageConfig(by="phi", level=0.2)})
     state = process_state()
     backend = make_backend(args.backend, model, tok, **({"max_model_len": 1024} if args.backend == "vllm" else {}))
     if state.process_index == args.fail_rank:

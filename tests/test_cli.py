@@ -125,6 +125,34 @@ def test_columns_and_on_error_reach_train_score_and_rewrite(tmp_path, capsys, ti
     assert written[0]["prompt"] == rows[0]["q"]
 
 
+def test_rewrite_triage_keep_verified_and_adaptive_from_the_cli(tmp_path, capsys, tiny_dir):
+    data_file = _jsonl(tmp_path / "d.jsonl", _rows(4))
+    config_file = _config_file(tmp_path, tiny_dir)
+    # A bad value stops the command before any model loads, naming its path.
+    assert main(["rewrite", "--config", str(config_file), "--data", str(data_file), "--out", str(tmp_path / "bad"),
+                 "--keep-verified", "0"]) == 2
+    assert "rewrite.keep_verified: must be >= 1" in _error_line(capsys) and not (tmp_path / "bad").exists()
+    out = tmp_path / "rewrite"
+    # a level of -1000 lets every row pass the test (mean φ of the near-uniform tiny model is about 0)
+    assert main(["rewrite", "--config", str(config_file), "--data", str(data_file), "--out", str(out),
+                 "--triage", "phi", "--triage-level", "-1000", "--keep-verified", "2", "--adaptive"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["triage"] == {"by": "phi", "level": -1000.0, "in_distribution": 4}
+    assert stats["per_source"]["in_distribution"] == 4 and stats["attempts"]["self"]["answers"] == 0
+    written = [json.loads(line) for line in (out / "rewritten.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in written] == ["in_distribution"] * 4 and [r["copy"] for r in written] == [0] * 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config.keep_verified"] == 2 and manifest["config.adaptive"] is True
+    assert manifest["config.triage.by"] == "phi"
+    # and a level of 1000 flags every row, so all are rewritten
+    again = tmp_path / "again"
+    assert main(["rewrite", "--config", str(config_file), "--data", str(data_file), "--out", str(again),
+                 "--triage", "phi", "--triage-level", "1000", "--keep-verified", "2", "--adaptive"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["triage"]["in_distribution"] == 0
+    assert stats["attempts"]["self"]["rows"] == 4 and stats["training_rows"] == sum(stats["per_source"].values())
+
+
 def test_a_file_source_needs_named_evaluation_sets(tmp_path, capsys, tiny_dir):
     train_file = _jsonl(tmp_path / "train.jsonl", _rows(6))
     with pytest.raises(ValueError, match=r"data\.eval_sources"):

@@ -42,6 +42,12 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("rounds: two\n", "config.yaml: rounds: expected int, got 'two'"),
     ("data:\n  on_error: ignore\n", "config.yaml: data: on_error must be 'raise' or 'skip'"),
     ("model:\n  trust_remote_code: 'yes'\n", "config.yaml: model.trust_remote_code: expected bool"),
+    ("rewrite:\n  keep_verified: 0\n", "config.yaml: rewrite.keep_verified: must be >= 1, got 0"),
+    ("rewrite:\n  adaptive: maybe\n", "config.yaml: rewrite.adaptive: expected bool, got 'maybe'"),
+    ("rewrite:\n  triage: {by: entropy}\n", "config.yaml: rewrite.triage.by: must be one of ('off', 'p_value', 'phi')"),
+    ("rewrite:\n  triage: {by: p_value, level: 2}\n", "config.yaml: rewrite.triage.level: must be in (0, 1), got 2.0"),
+    ("rewrite:\n  triage: {level: 0.05}\n", "config.yaml: rewrite.triage.level: a level needs a test"),
+    ("train:\n  rows: 0\n", "config.yaml: train.rows: must be >= 1 or null"),
 ])
 def test_each_kind_of_bad_value_fails_at_load_with_its_path(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:

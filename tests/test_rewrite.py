@@ -335,6 +335,18 @@ def test_two_processes_equal_one_and_resume_after_a_process_dies(tmp_path):
     assert json.loads((tmp_path / "resumed.json").read_text())["rows"] == one["rows"]
 
 
+@pytest.mark.slow
+def test_two_processes_equal_one_with_triage_keep_verified_and_adaptive_sampling(tmp_path):
+    for launcher, name in (([sys.executable], "one"), (TORCHRUN_2, "two")):
+        _run_rewrite_procs(launcher, tmp_path / name, tmp_path / f"{name}.json", "--options")
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert {r["source"] for r in one["rows"]} >= {"in_distribution", "self"}
+    assert len(one["rows"]) > one["stats"]["rows"]  # some question gave two rows
+    assert two["rows"] == one["rows"] and two["stats"]["rows_per_process"] == [5, 4]
+    assert {k: v for k, v in two["stats"].items() if k not in ("processes", "rows_per_process")} == \
+        {k: v for k, v in one["stats"].items() if k not in ("processes", "rows_per_process")}
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_two_processes_each_with_their_own_vllm_engine_equal_one(tmp_path):

@@ -64,6 +64,14 @@ def test_plan_steps_covers_every_row_once_and_fixes_step_contents():
     assert counts.tolist() == [2] * len(lengths)
 
 
+def test_a_budget_in_rows_gives_the_same_steps_whatever_the_corpus_size():
+    small, large = [3] * 6, [3] * 15
+    plans = [plan_steps(lengths, batch_size=4, micro_batch_size=4, epochs=5.0, rows=12) for lengths in (small, large)]
+    assert [len(p) for p in plans] == [3, 3]  # 12 rows in steps of 4, epochs ignored
+    counts = torch.bincount(torch.tensor([i for s in plans[0] for p in s for mb in p for i in mb]))
+    assert counts.tolist() == [2] * 6  # the small corpus is gone through twice, each row once per epoch
+
+
 def _full_batch_token_mean_grads(model, batch):
     """Independent reference: SFT token mean over the whole step, from the full logits."""
     model.zero_grad()
