@@ -101,6 +101,29 @@ def test_loop_two_rounds_end_to_end(finished, tiny_dir):
     assert any(not torch.equal(w1[k], v) for k, v in _final_weights(out).items())
 
 
+def test_loop_with_triage_and_several_verified_answers_keeps_the_arms_budget_in_rows(tiny_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    import decoding.rewrite as rw
+    from test_rewrite import _accept_some
+
+    monkeypatch.setattr(rw, "is_correct", _accept_some)  # a stand-in verdict, so that answers verify
+    config = _loop_config(tiny_dir, tmp_path / "run")
+    config.rounds, config.eval_base = 1, False
+    config.rewrite = dataclasses.replace(config.rewrite, k_self=3, keep_verified=2, adaptive=True,
+                                         triage=rw.TriageConfig(by="phi", level=0.2))
+    config.train = dataclasses.replace(config.train, rows=8)
+    summary = run_loop(config)
+    corpus = datasets.load_from_disk(str(tmp_path / "run" / "round_1" / "onpolicy" / "corpus" / "dataset"))
+    onpolicy = next(row for row in summary["rounds"] if row["arm"] == "onpolicy")
+    assert onpolicy["sources"] == {s: corpus["source"].count(s) for s in rw.SOURCES}
+    assert len(corpus) > 8 and len({i.split("#")[0] for i in corpus["id"]}) == 8  # some question gave 2 rows
+    assert summary["table"].splitlines()[0].startswith("| round | arm | corpus self/hinted/original/in_distribution |")
+    for arm in ("onpolicy", "baseline"):  # 8 rows in steps of 4, whatever the corpus size
+        record = json.loads((tmp_path / "run" / "round_1" / arm / "checkpoint" / "train_data.json").read_text())
+        assert record["steps"] == 2
+
+
 class _Killed(Exception):
     pass
 
