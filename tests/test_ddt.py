@@ -434,3 +434,12 @@ def test_unwritable_output_fails_before_any_scoring(tmp_path, tiny_tokenizer, mo
         ddt.score(peaked_model(tiny_tokenizer), tiny_tokenizer, _dataset(EXAMPLES), out_dir=blocker / "out",
                   progress=False)
     assert calls == []
+
+
+def test_off_distribution_flags_rows_below_the_level_and_unscored_rows():
+    from datasets import Dataset
+
+    scored = Dataset.from_dict({"ddt_pvalue": [0.5, 0.001, float("nan"), 0.01],
+                                "ddt_phi_mean": [0.0, -0.3, float("nan"), -0.1]})
+    assert ddt.off_distribution(scored, "p_value", 0.01) == [False, True, True, False]
+    assert ddt.off_distribution(scored, "phi", -0.1) == [False, True, True, False]
