@@ -5,9 +5,9 @@ own greedy answer, the rest keep the original demonstration. The full rewrite (e
 triaged rewrite (``rewrite.triage.by``) run with the same settings; the goal (issue 21) is that the
 triage keeps the model's own rows, rewrites the others, and takes at most 0.55x the full rewrite's
 time for a corpus mean φ within 0.05 of the full rewrite's. The runs alternate (full, triage, full,
-...) so that a slow spell on the shared machine hits both.
+...) so that a slow spell on the shared machine hits both. Results: results/triage_bench_<by>.json and .md.
 
-    PYTHONPATH=. .venv/bin/python experiments/benchmarks/triage_bench.py --n 32 --repeats 2
+    PYTHONPATH=. .venv/bin/python experiments/benchmarks/triage_bench.py --n 16 --repeats 2 --by phi --max-new-tokens 64 --threads 1
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def report(args, corpus, runs) -> None:
     result["met"] = (result["time_ratio"] <= 0.55 and result["phi_gap"] <= 0.05
                      and result["own_rows_kept"] == result["own_rows"]
                      and result["other_rows_rewritten"] == result["other_rows"])
-    (RESULTS / "triage_bench.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"triage_bench_{args.by}.json").write_text(json.dumps(result, indent=2))
     per_source = {k: "/".join(str(v[s]) for s in ("self", "hinted", "original", "in_distribution"))
                   for k, v in result["per_source"].items()}
     lines = [
@@ -113,7 +113,7 @@ def report(args, corpus, runs) -> None:
         f"| demonstrations rewritten | {result['other_rows_rewritten']} of {result['other_rows']} | "
         f"{'yes' if result['other_rows_rewritten'] == result['other_rows'] else 'no'} |",
     ]
-    (RESULTS / "triage_bench.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"triage_bench_{args.by}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
