@@ -49,6 +49,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from onpolicy_sft import ddt
+from onpolicy_sft.data import EXEMPLARS
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state
 from onpolicy_sft.grading import extract_answer, is_correct
 from onpolicy_sft.models import weights_digest
@@ -167,7 +168,8 @@ def _decode(tokenizer, ids: list[int]) -> str:
 def _dataset_fingerprint(rows: list[dict]) -> str:
     hashed = hashlib.sha256()
     for r in rows:
-        hashed.update(json.dumps([r["id"], r["prompt"], r["response"], r["answer"], r["system"]]).encode())
+        fields = [r["id"], r["prompt"], r["response"], r["answer"], r["system"]]
+        hashed.update(json.dumps(fields + ([r["exemplars"]] if r["exemplars"] else [])).encode())
     return hashed.hexdigest()[:16]
 
 
@@ -180,7 +182,7 @@ def _normalise_rows(dataset) -> list[dict]:
         rows.append({
             "id": str(r["id"]) if r.get("id") is not None else str(i),
             "prompt": r["prompt"], "response": r["response"], "answer": str(r["answer"]),
-            "system": r.get("system") or "",
+            "system": r.get("system") or "", "exemplars": r.get("exemplars") or [],
         })
     if len({r["id"] for r in rows}) != len(rows):
         raise ValueError("rewrite_corpus needs unique row ids (column 'id'): they seed each row's sampling")
@@ -208,10 +210,12 @@ class _Rewriter:
 
     def _hinted_prompts(self, rows) -> list[list[int]]:
         template = self.cfg.template
-        plain = [hinted_prompt_ids(self.tok, template, r["prompt"], r["response"]) for r in rows]
+        plain = [hinted_prompt_ids(self.tok, template, r["prompt"], r["response"], exemplars=r["exemplars"])
+                 for r in rows]
         if not self.cfg.analysis:
             return plain
-        asked = [hinted_prompt_ids(self.tok, template, r["prompt"], r["response"], analysis=True) for r in rows]
+        asked = [hinted_prompt_ids(self.tok, template, r["prompt"], r["response"], analysis=True,
+                                   exemplars=r["exemplars"]) for r in rows]
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.cfg.analysis_max_new_tokens, stop=[template.analysis_marker])
         prompts = []
         for ask, fallback, out in zip(asked, plain, self.backend.sample(asked, greedy)):
@@ -238,7 +242,7 @@ class _Rewriter:
     def shard(self, rows: list[dict]) -> list[dict]:
         """The rewritten rows of one shard, unscored."""
         cfg = self.cfg
-        student = [student_prompt_ids(self.tok, r["prompt"], r["system"]) for r in rows]
+        student = [student_prompt_ids(self.tok, r["prompt"], r["system"], r["exemplars"]) for r in rows]
         self_answers = self._self_answers(rows, student)
         self_outcomes = [self._outcomes(a, r["answer"]) for a, r in zip(self_answers, rows)]
         need = [i for i, o in enumerate(self_outcomes) if "right" not in o]
@@ -267,8 +271,8 @@ class _Rewriter:
         """Add the ddt_ scores of the kept response and the ddt_original_ scores of the original.
         Collective under several processes: ddt.score deals its batches out and gathers them back."""
         # Score a bare copy: score() replaces every existing ddt_ column, ddt_original_ included.
-        columns = ("prompt", "system", "response", "response_truncated", "original_response")
-        ds = Dataset.from_list([{k: r[k] for k in columns} for r in rows])
+        columns = ("prompt", "system", "exemplars", "response", "response_truncated", "original_response")
+        ds = Dataset.from_list([{k: r[k] for k in columns} for r in rows]).cast_column("exemplars", EXEMPLARS)
         opts = dict(batch_tokens=self.cfg.score_batch_tokens, progress=False)
         for column, prefix in (("original_response", "ddt_original_"), ("response", "ddt_")):
             scored = ddt.score(self.model, self.tok, ds, response_column=column, **opts)
@@ -341,7 +345,7 @@ def rewrite_with_stats(model, tokenizer, dataset, config: RewriteConfig | None =
         if out_dir is not None and state.is_main_process:
             write_json(out_dir / "stats.json", stats)
             write_text(out_dir / "rewritten.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    return (Dataset.from_list(kept) if kept else Dataset.from_dict({})), stats
+    return (Dataset.from_list(kept).cast_column("exemplars", EXEMPLARS) if kept else Dataset.from_dict({})), stats
 
 
 def _bounds(n_rows: int, shard_size: int) -> list[tuple[int, int]]:

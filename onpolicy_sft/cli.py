@@ -19,6 +19,8 @@ from decoding.rewrite import rewrite_with_stats
 from onpolicy_sft import compare, data, ddt, ddt_report, models
 from onpolicy_sft import loop as loop_recipe
 from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.exemplars import resolve as resolve_exemplars
+from onpolicy_sft.exemplars import with_exemplars
 from onpolicy_sft.config import ConfigError, ObjectiveConfig, load_config
 from onpolicy_sft.evaluate import evaluate, forgetting
 from onpolicy_sft.models import EMBEDDED_MODEL, ModelUnavailableError, load_model, load_tokenizer, resolve_model_path
@@ -142,6 +144,7 @@ def run_data(args) -> int:
         raise ConfigError("data convert needs --out FILE.jsonl|FILE.parquet")
     if args.source == "arithmetic":
         dataset = arithmetic_splits(seed=args.seed, n_train=args.n, n_test=args.n, n_test_hard=args.n)[args.split or "test"]
+        dataset = with_exemplars(dataset, resolve_exemplars(None, source="arithmetic"))
     else:
         dataset = _read_data(args.source, split=args.split or "train", columns=data.parse_columns(args.columns),
                              on_error=args.on_error or "raise", preferences=args.preferences)
@@ -274,9 +277,10 @@ def add_score(sub) -> None:
 
 def _demonstrations(source: str, split: str, limit: int | None, columns: dict, on_error: str,
                     require_answer: bool = True):
-    """The built-in arithmetic split, or demonstrations read from a file or hub name; the first `limit` rows."""
+    """The built-in arithmetic split (with its default exemplar turns, as in the loop), or
+    demonstrations read from a file or hub name; the first `limit` rows."""
     if source == "arithmetic":
-        dataset = arithmetic_splits()[split]
+        dataset = with_exemplars(arithmetic_splits()[split], resolve_exemplars(None, source="arithmetic"))
     else:
         dataset = _read_data(source, split=split, columns=columns, on_error=on_error, require_answer=require_answer)
     return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset

@@ -26,6 +26,7 @@ from decoding.hf import HFBackend
 from decoding.rewrite import RewriteConfig
 from decoding.vllm_backend import VLLMBackend
 from onpolicy_sft import objectives
+from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.models import EMBEDDED_MODEL
 from onpolicy_sft.rundir import write_text
 
@@ -58,7 +59,8 @@ class DataConfig:
     the log and the run's record). A hub dataset with splits uses ``eval_splits``. Rows that are in
     both the training data and an evaluation set are refused. Every set is cut to the n_* sizes
     (``n_test`` for evaluation sets other than test_hard). ``columns`` and ``on_error`` are as in
-    ``data.load_demonstrations``.
+    ``data.load_demonstrations``. ``exemplars`` are the worked examples every prompt of the training
+    and evaluation sets is shown first, as earlier chat turns (``onpolicy_sft.exemplars``).
     """
 
     source: str = "arithmetic"
@@ -73,8 +75,15 @@ class DataConfig:
     n_test_hard: int = 64
     n_general: int = 20  # general prompts for forgetting
     seed: int = 0
+    # Worked examples rendered as earlier chat turns before every question (onpolicy_sft.exemplars):
+    # unset = the source's default, 0 = none, n = drawn from exemplar_pool, or a list / file of them.
+    exemplars: int | str | list[dict[str, str]] | None = None
+    exemplar_pool: str = ""
 
     def __post_init__(self):
+        if self.exemplar_pool and not Path(self.exemplar_pool).is_file():
+            raise ValueError(f"exemplar_pool: no file {self.exemplar_pool}")
+        resolve_exemplars(self.exemplars, source=self.source, pool=self.exemplar_pool, seed=self.seed)
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.holdout < 0:

@@ -41,12 +41,14 @@ from onpolicy_sft.config import DataConfig, EvalConfig, to_dict
 from onpolicy_sft.data import read_demonstrations
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
+from onpolicy_sft.exemplars import resolve as resolve_exemplars
+from onpolicy_sft.exemplars import with_exemplars
 from onpolicy_sft.rundir import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 # response_truncated keeps a cut-off response from being trained with an end-of-turn token the model never wrote.
-TRAINING_COLUMNS = ("id", "prompt", "response", "answer", "system", "response_truncated")
+TRAINING_COLUMNS = ("id", "prompt", "response", "answer", "system", "exemplars", "response_truncated")
 SOURCES = ("self", "hinted", "original")
 
 
@@ -262,6 +264,9 @@ def load_data(config: DataConfig) -> RunData:
     train_set = train_set.select(range(min(config.n_train, len(train_set))))
     evals = {s: d.select(range(min(sizes.get(s, config.n_test), len(d)))) for s, d in evals.items()}
     _refuse_overlap(train_set, evals, config)
+    turns = resolve_exemplars(config.exemplars, source=config.source, pool=config.exemplar_pool, seed=config.seed)
+    train_set = with_exemplars(train_set, turns)
+    evals = {s: with_exemplars(d, turns) for s, d in evals.items()}
     general = arith.general_prompts()[: config.n_general]
     return RunData(train_set, evals, general, notes)
 
