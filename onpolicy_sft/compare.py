@@ -39,7 +39,7 @@ import datasets
 from decoding.config import SamplingConfig
 from decoding.rewrite import RewriteConfig, rewrite_with_stats
 from onpolicy_sft import ddt
-from onpolicy_sft.config import (DataConfig, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run_backend,
+from onpolicy_sft.config import (DataConfig, check_seed, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run_backend,
                                  from_dict, load_config, objective_hparams, save_config, to_dict)
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import mean_and_se
@@ -107,6 +107,8 @@ class CompareConfig:
             raise ValueError(f"methods: unknown method(s) {unknown}; valid methods: {list(METHODS)}")
         if not self.seeds:
             raise ValueError("seeds: list at least one seed")
+        for seed in self.seeds:
+            check_seed(seed, "seeds")  # each becomes train.seed of its cells, checked only then otherwise
         for where, table in (("hparams", self.hparams), ("train_overrides", self.train_overrides)):
             bad = sorted(set(table) - {m for m, spec in METHODS.items() if spec})
             if bad:

@@ -459,6 +459,9 @@ def _preference(record: dict, ctx: dict) -> dict:
     prompt = _text(record, "prompt", ctx)
     chosen = _text(record, "chosen", ctx)
     rejected = _text(record, "rejected", ctx)
+    if chosen.strip() == rejected.strip():
+        raise DataError("chosen and rejected are the same text, so the pair prefers nothing", field="rejected",
+                        kind="same_sides", **ctx)
     # Pairs train without grading, so a pair may have no answer; where it has one, it is read by the same rules.
     answer = _reference_answer(record, chosen, ctx, source_field="chosen", required=False)
     row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, chosen, rejected)
@@ -468,6 +471,10 @@ def _preference(record: dict, ctx: dict) -> dict:
 def _read(source, normalise, names, *, split, columns, on_error, limit):
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    try:
+        check_columns(columns or {})
+    except ValueError as err:
+        raise DataError(str(err), source="columns", kind="invalid") from None
     name, rows = _raw_rows(source, split)
     report = LoadReport(source=name)
     out, seen = [], Counter()
@@ -570,6 +577,26 @@ def parse_columns(items: list[str]) -> dict[str, str]:
             raise DataError(f"unknown column {ours.strip()!r} in {item!r}; ours are "
                             f"{sorted(set(DEMONSTRATION_COLUMNS) | set(PREFERENCE_COLUMNS))}", source="--columns")
         columns[ours.strip()] = theirs.strip()
+    try:
+        return check_columns(columns)
+    except ValueError as err:
+        raise DataError(str(err), source="--columns", kind="invalid") from None
+
+
+def check_columns(columns: dict[str, str]) -> dict[str, str]:
+    """``columns`` if no column of the source feeds two of our fields. ``prompt=response`` would
+    read the reference solution as the prompt of every row while the same column stays the
+    response; the source's column must be renamed away from our name too (``response=...``)."""
+    ours = set(DEMONSTRATION_COLUMNS) | set(PREFERENCE_COLUMNS)
+    fed_by: dict[str, list[str]] = {}
+    for field_name, theirs in columns.items():
+        fed_by.setdefault(theirs, []).append(field_name)
+    for theirs, fields in fed_by.items():
+        if theirs in ours and theirs not in columns:
+            fields = [theirs, *fields]  # unmapped, our same-named field still reads it
+        if len(set(fields)) > 1:
+            raise ValueError(f"the column {theirs!r} would feed {' and '.join(repr(f) for f in fields)}; map each of "
+                             f"our fields from its own column (e.g. --columns {fields[-1]}=OTHER)")
     return columns
 
 

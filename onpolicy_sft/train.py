@@ -41,7 +41,7 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from onpolicy_sft.config import TrainConfig, to_dict
+from onpolicy_sft.config import TrainConfig, check_train, to_dict
 from onpolicy_sft.data import (
     collate_rows,
     duplicate_rows,
@@ -234,8 +234,6 @@ def _load_frozen(spec: str | None, starting_model, role: str, device, dtype):
 def _mixed_precision(setting: str) -> str:
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
-    if setting not in ("no", "bf16", "fp16"):
-        raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16; got {setting!r}")
     return setting
 
 
@@ -476,14 +474,11 @@ def fingerprint(config: TrainConfig, objective: Objective, data: "TrainData", mo
 
 
 def check_config(config: TrainConfig) -> None:
-    """Settings that would train something other than what was asked, refused before any work."""
-    if not config.epochs > 0:
-        raise ValueError(f"train.epochs must be > 0 (got {config.epochs}); to skip training, leave the stage out")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"train.max_steps must be >= 1 or null (got {config.max_steps})")
-    if config.save_every < 0 or config.log_every < 1:
-        raise ValueError(f"train.save_every must be >= 0 and train.log_every >= 1 "
-                         f"(got {config.save_every} and {config.log_every})")
+    """The config's own checks again, for a caller that changed a field after building it."""
+    try:
+        check_train(config)
+    except ValueError as err:
+        raise ValueError(f"train.{err}") from None
 
 
 def setup_objective(config: TrainConfig, objective: Objective | None = None) -> Objective:
@@ -686,9 +681,10 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         )
         if accelerator.num_processes > 1:  # each process holds its share of the step's loss and metrics
             loss, tokens, metrics = _summed_over_processes(accelerator, loss, tokens, metrics)
-        grad_norm = None
-        if config.max_grad_norm:
-            grad_norm = grad_norm_value(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm))
+        # Without clipping, an infinite max norm measures the gradient and scales nothing.
+        grad_norm = grad_norm_value(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm or math.inf))
+        # fp16's grad scaler skips a step with infinite gradients itself, and lowers its scale.
+        check_finite(step + 1, loss, grad_norm if accelerator.scaler is None else None)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -699,7 +695,7 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
             values = {"train/loss": loss, "train/lr": lr, "train/units": units, "train/tokens": tokens,
                       "train/step_seconds": now - step_start, "train/tokens_per_s": speed}
-            if grad_norm is not None:
+            if config.max_grad_norm:
                 values["train/grad_norm"] = grad_norm
             values.update({f"train/{k}": v for k, v in metrics.items()})
             metrics_log.log(values, step + 1)
@@ -711,6 +707,20 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         if on_step is not None:
             on_step(step + 1)
     bar.close()
+
+
+class NonFiniteTraining(ValueError):
+    """The loss or the gradient of a step is NaN or infinite: the weights would be garbage."""
+
+
+def check_finite(step: int, loss: float, grad_norm: float | None) -> None:
+    """Stop before a non-finite step reaches the weights (every process sees the same summed loss
+    and global norm, so all stop together). The last saved state is the last good one."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    raise NonFiniteTraining(f"training step {step}: {what} is not finite; the weights were not updated with it. "
+                            "Lower train.lr or set train.max_grad_norm, or check the data of that step")
 
 
 def _summed_over_processes(accelerator: Accelerator, loss: float, tokens: int, metrics: dict):
