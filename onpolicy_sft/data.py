@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +90,13 @@ def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_
     the concatenation equals the template's rendering of the whole conversation up to the
     newline the template writes after it. (Only the token split can differ, and only when the
     response starts with a blank line: a byte-level BPE then merges newlines across the prompt
-    boundary; the text is the same.) ``max_length`` cuts the end (the response side).
+    boundary; the text is the same.) ``max_length`` cuts the end (the response side); the texts are
+    first cut to ``text_bound`` characters, so a huge row costs memory for its first
+    ``max_length`` tokens only, and those tokens are the same.
     """
+    if max_length is not None:
+        bound = text_bound(tokenizer, max_length)
+        prompt, response, system = prompt[:bound], response[:bound], system[:bound]
     prompt_ids = encode_prompt(tokenizer, prompt, system)
     response_ids = encode_text(tokenizer, response)
     if not truncated:
@@ -100,6 +106,33 @@ def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return {"input_ids": input_ids, "labels": labels}
+
+
+# Tokens past the cap that a cut text still yields: what a cut can change (the split of the last,
+# cut word) stays this far beyond the cap.
+BOUND_MARGIN_TOKENS = 64
+
+
+def text_bound(tokenizer, max_tokens: int) -> int:
+    """A number of characters whose text always yields more than ``max_tokens`` tokens: no token
+    spells more characters than the longest vocabulary entry (byte-level and SentencePiece entries
+    spell one character per byte or space, at least as many as they decode to), so the first
+    ``max_tokens`` ids of a text cut there are those of the whole text. This assumes the
+    tokenizer's normaliser does not fold several characters into one (NFKC composition can)."""
+    longest = _longest_token(tokenizer)
+    return (max_tokens + BOUND_MARGIN_TOKENS) * longest
+
+
+_LONGEST_TOKEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters in the longest vocabulary entry; kept per tokenizer and size (added tokens change it)."""
+    size, longest = _LONGEST_TOKEN.get(tokenizer, (None, 0))
+    if size != len(tokenizer):
+        size, longest = len(tokenizer), max(len(token) for token in tokenizer.get_vocab())
+        _LONGEST_TOKEN[tokenizer] = (size, longest)
+    return longest
 
 
 def encode_row(tokenizer, row: dict, column: str = "response", max_length: int | None = None) -> dict:
