@@ -313,19 +313,20 @@ def run_score(args) -> int:
 
 def _score(args, out: Path, columns: dict, on_error: str) -> int:
     state = process_state()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=state.device)
     sources = {f"{Path(args.data).name}/{args.split}": (args.data, "scored.parquet", "data")}
     if args.compare:
         name = f"{Path(args.compare).name}/{args.split}"
         sources[name if name not in sources else f"{name} (compare)"] = (args.compare, "scored_compare.parquet", "compare")
+    # The data first: a bad row or column mapping stops the command before the model loads.
+    rows = {name: _demonstrations(src, args.split, args.limit, columns, on_error, require_answer=False)
+            for name, (src, _, _) in sources.items()}
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=state.device)
     options = {"per_token": args.per_token, "max_length": args.max_length, "on_long": args.on_long}
     if args.batch_tokens:
         options["batch_tokens"] = args.batch_tokens
     # Each corpus keeps its finished batches under out/scoring/, so a killed run rescores only the rest.
-    corpora = {name: ddt.score(model, tokenizer,
-                               _demonstrations(src, args.split, args.limit, columns, on_error, require_answer=False),
-                               out_dir=out / "scoring" / part, **options)
-               for name, (src, _, part) in sources.items()}
+    corpora = {name: ddt.score(model, tokenizer, rows[name], out_dir=out / "scoring" / part, **options)
+               for name, (_, _, part) in sources.items()}
     if not state.is_main_process:
         return 0
     summary = {}

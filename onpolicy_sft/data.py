@@ -505,7 +505,7 @@ def _read(source, normalise, names, *, split, columns, on_error, limit):
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     try:
-        check_columns(columns or {})
+        check_columns(columns or {}, names)
     except ValueError as err:
         raise DataError(str(err), source="columns", kind="invalid") from None
     name, rows = _raw_rows(source, split)
@@ -610,17 +610,14 @@ def parse_columns(items: list[str]) -> dict[str, str]:
             raise DataError(f"unknown column {ours.strip()!r} in {item!r}; ours are "
                             f"{sorted(set(DEMONSTRATION_COLUMNS) | set(PREFERENCE_COLUMNS))}", source="--columns")
         columns[ours.strip()] = theirs.strip()
-    try:
-        return check_columns(columns)
-    except ValueError as err:
-        raise DataError(str(err), source="--columns", kind="invalid") from None
+    return columns
 
 
-def check_columns(columns: dict[str, str]) -> dict[str, str]:
-    """``columns`` if no column of the source feeds two of our fields. ``prompt=response`` would
-    read the reference solution as the prompt of every row while the same column stays the
-    response; the source's column must be renamed away from our name too (``response=...``)."""
-    ours = set(DEMONSTRATION_COLUMNS) | set(PREFERENCE_COLUMNS)
+def check_columns(columns: dict[str, str], ours=DEMONSTRATION_COLUMNS) -> dict[str, str]:
+    """``columns`` if no column of the source feeds two of ``ours`` (the fields of the rows read).
+    ``prompt=response`` would read the reference solution as the prompt of every row while the
+    same column stays the response; the source's column must be mapped away from our name too
+    (``response=...``)."""
     fed_by: dict[str, list[str]] = {}
     for field_name, theirs in columns.items():
         fed_by.setdefault(theirs, []).append(field_name)

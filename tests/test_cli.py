@@ -294,8 +294,13 @@ def test_a_cut_rewrite_shard_is_generated_again_with_the_same_rows(tmp_path, cap
 def test_a_mapping_that_feeds_one_column_to_two_fields_is_refused(tmp_path, capsys):
     data_file = _jsonl(tmp_path / "d.jsonl", _rows(3))
     assert main(["data", "show", str(data_file), "--columns", "prompt=response"]) == 1
-    assert _error_line(capsys) == ("error: --columns: the column 'response' would feed 'response' and 'prompt'; map "
+    assert _error_line(capsys) == ("error: columns: the column 'response' would feed 'response' and 'prompt'; map "
                                    "each of our fields from its own column (e.g. --columns prompt=OTHER)")
+    # In pairs, a source column named like one of our demonstration fields is free to feed one field.
+    pairs = _jsonl(tmp_path / "r.jsonl", [{"prompt": "Q?", "response": "good", "bad": "poor"}])
+    assert main(["data", "show", str(pairs), "--preferences", "--columns", "chosen=response",
+                 "--columns", "rejected=bad"]) == 0
+    capsys.readouterr()
     pairs = _jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "A 7", "rejected": "A 7 "},
                                           {"prompt": "Q2?", "chosen": "yes", "rejected": "no"}])
     assert main(["data", "show", str(pairs), "--preferences"]) == 1
