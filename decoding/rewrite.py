@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ from onpolicy_sft.rundir import RunLock, check_fingerprint, digest, write_json, 
 from .config import HintedDecodingConfig, SamplingConfig
 from .rules import eos_ids
 from .templates import HintTemplate, cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
+
+log = logging.getLogger(__name__)
 
 FALLBACKS = ("original", "drop")
 SOURCES = ("self", "hinted", "original")
@@ -283,8 +286,19 @@ class _Rewriter:
         return rows
 
 
-def _read_shard(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+def _read_shard(path: Path, rows: int) -> list[dict] | None:
+    """The ``rows`` rows of a finished shard, or None when it is cut short or corrupt. Shards are a
+    cache of seeded work (a row's sampling depends on its id and the seed alone), so a damaged one
+    is generated again, with the same result, rather than stopping the run."""
+    try:
+        shard = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        problem = None if len(shard) == rows else f"{len(shard)} rows instead of {rows}"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problem = str(err)
+    if problem is None:
+        return shard
+    log.warning("rewrite shard %s is damaged (%s); generating it again", path, problem)
+    return None
 
 
 def _counts(rows: list[dict]) -> dict[str, int]:
@@ -375,8 +389,9 @@ def _generate(worker: _Rewriter, rows: list[dict], shards_dir: Path | None, stat
                 index = mine[turn]
                 start, stop = bounds[index]
                 path = shards_dir / f"shard-{index:05d}.jsonl" if shards_dir else None
-                if path is not None and path.exists():
-                    shard = _read_shard(path)
+                saved = _read_shard(path, stop - start) if path is not None and path.exists() else None
+                if saved is not None:
+                    shard = saved
                 else:
                     shard = worker.shard(rows[start:stop])
                     if path is not None:

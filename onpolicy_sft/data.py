@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +107,14 @@ def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_
     the concatenation equals the template's rendering of the whole conversation up to the
     newline the template writes after it. (Only the token split can differ, and only when the
     response starts with a blank line: a byte-level BPE then merges newlines across the prompt
-    boundary; the text is the same.) ``max_length`` cuts the end (the response side). Exemplar
-    turns are part of the prompt, so they carry no labels: only the final response is learned.
+    boundary; the text is the same.) ``max_length`` cuts the end (the response side); the texts are
+    first cut to ``text_bound`` characters, so a huge row costs memory for its first
+    ``max_length`` tokens only, and those tokens are the same. Exemplar turns are part of the
+    prompt, so they carry no labels: only the final response is learned.
     """
+    if max_length is not None:
+        bound = text_bound(tokenizer, max_length)
+        prompt, response, system = prompt[:bound], response[:bound], system[:bound]
     prompt_ids = encode_prompt(tokenizer, prompt, system, exemplars)
     response_ids = encode_text(tokenizer, response)
     if not truncated:
@@ -118,6 +124,33 @@ def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return {"input_ids": input_ids, "labels": labels}
+
+
+# Tokens past the cap that a cut text still yields: what a cut can change (the split of the last,
+# cut word) stays this far beyond the cap.
+BOUND_MARGIN_TOKENS = 64
+
+
+def text_bound(tokenizer, max_tokens: int) -> int:
+    """A number of characters whose text always yields more than ``max_tokens`` tokens: no token
+    spells more characters than the longest vocabulary entry (byte-level and SentencePiece entries
+    spell one character per byte or space, at least as many as they decode to), so the first
+    ``max_tokens`` ids of a text cut there are those of the whole text. This assumes the
+    tokenizer's normaliser does not fold several characters into one (NFKC composition can)."""
+    longest = _longest_token(tokenizer)
+    return (max_tokens + BOUND_MARGIN_TOKENS) * longest
+
+
+_LONGEST_TOKEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters in the longest vocabulary entry; kept per tokenizer and size (added tokens change it)."""
+    size, longest = _LONGEST_TOKEN.get(tokenizer, (None, 0))
+    if size != len(tokenizer):
+        size, longest = len(tokenizer), max(len(token) for token in tokenizer.get_vocab())
+        _LONGEST_TOKEN[tokenizer] = (size, longest)
+    return longest
 
 
 def encode_row(tokenizer, row: dict, column: str = "response", max_length: int | None = None) -> dict:
@@ -517,6 +550,9 @@ def _preference(record: dict, ctx: dict) -> dict:
     chosen = _text(record, "chosen", ctx)
     rejected = _text(record, "rejected", ctx)
     exemplars = _exemplars(record, ctx)
+    if chosen.strip() == rejected.strip():
+        raise DataError("chosen and rejected are the same text, so the pair prefers nothing", field="rejected",
+                        kind="same_sides", **ctx)
     # Pairs train without grading, so a pair may have no answer; where it has one, it is read by the same rules.
     answer = _reference_answer(record, chosen, ctx, source_field="chosen", required=False)
     row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, chosen, rejected, *_flat(exemplars))
@@ -527,6 +563,10 @@ def _preference(record: dict, ctx: dict) -> dict:
 def _read(source, normalise, names, *, split, columns, on_error, limit):
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    try:
+        check_columns(columns or {}, names)
+    except ValueError as err:
+        raise DataError(str(err), source="columns", kind="invalid") from None
     name, rows = raw_records(source, split)
     report = LoadReport(source=name)
     out, seen = [], Counter()
@@ -628,6 +668,23 @@ def parse_columns(items: list[str]) -> dict[str, str]:
             raise DataError(f"unknown column {ours.strip()!r} in {item!r}; ours are "
                             f"{sorted(set(DEMONSTRATION_COLUMNS) | set(PREFERENCE_COLUMNS))}", source="--columns")
         columns[ours.strip()] = theirs.strip()
+    return columns
+
+
+def check_columns(columns: dict[str, str], ours=DEMONSTRATION_COLUMNS) -> dict[str, str]:
+    """``columns`` if no column of the source feeds two of ``ours`` (the fields of the rows read).
+    ``prompt=response`` would read the reference solution as the prompt of every row while the
+    same column stays the response; the source's column must be mapped away from our name too
+    (``response=...``)."""
+    fed_by: dict[str, list[str]] = {}
+    for field_name, theirs in columns.items():
+        fed_by.setdefault(theirs, []).append(field_name)
+    for theirs, fields in fed_by.items():
+        if theirs in ours and theirs not in columns:
+            fields = [theirs, *fields]  # unmapped, our same-named field still reads it
+        if len(set(fields)) > 1:
+            raise ValueError(f"the column {theirs!r} would feed {' and '.join(repr(f) for f in fields)}; map each of "
+                             f"our fields from its own column (e.g. --columns {fields[-1]}=OTHER)")
     return columns
 
 

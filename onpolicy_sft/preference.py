@@ -35,6 +35,7 @@ from onpolicy_sft.distributed import gather_in_order, my_share, process_state, s
 from onpolicy_sft.evaluate import row_seeds
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.objectives.adapters import sequence_logps
+from onpolicy_sft.rundir import save_into, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,6 @@ def cached_reference_logps(ref_model, tokenizer, pairs, cache_dir: str | Path, *
     logger.info("reference log-probs of %d pairs: computing once, cached in %s", len(pairs), cache_dir)
     pairs = add_reference_logps(ref_model, tokenizer, pairs, max_length=max_length)
     stamp.unlink(missing_ok=True)  # the stamp goes last, so a half-written cache is never read
-    pairs.save_to_disk(str(cache_dir / "pairs"))
-    stamp.write_text(json.dumps(key))
+    save_into(cache_dir, lambda d: pairs.save_to_disk(str(d / "pairs")))
+    write_text(stamp, json.dumps(key))
     return pairs

@@ -43,7 +43,7 @@ from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.exemplars import with_exemplars
-from onpolicy_sft.rundir import read_json, write_json
+from onpolicy_sft.rundir import read_json, replace_with, write_json
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, xlabe
         ax.set(title=title, xlabel=xlabel, ylabel="rows")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -443,7 +443,7 @@ def plot_lines(panels: list[tuple[str, dict[str, list[tuple[float, float, float]
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -513,6 +513,8 @@ def route_logs(log_file: str | Path | None, verbose: bool = False) -> None:
     handlers = [console]
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        if Path(log_file).is_symlink():  # the log is appended to: never through a link planted in its place
+            Path(log_file).unlink()
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
         handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for handler in handlers:
