@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 
+import numpy as np
+
 from onpolicy_sft.grading import ANSWER_MARKERS
 
 
@@ -76,6 +78,48 @@ class TailWatch:
         text = self.tokenizer.decode(list(self.tail), skip_special_tokens=False)
         self.found = any(s in text for s in self.strings)
         return self.found
+
+
+class MarkerTokens:
+    """The answer guard on token ids, for many streams at once: which tokens can complete one of
+    `strings`, so that a stream's text is decoded only at those tokens.
+
+    A string that first appears with the newest token ends inside that token's text, so the token's
+    text either contains the string or starts with one of its proper suffixes (the rest sits at the
+    end of the text before). Each token's text is read as it decodes after two different left
+    contexts; a token whose text depends on its neighbours (a piece of a split character, a leading
+    space a decoder strips) or that the two contexts read differently counts as completing, and so
+    does every id past the tokenizer's vocabulary. At such a token, `found_in` decodes the last `span`
+    tokens, as TailWatch does at every token.
+    """
+
+    def __init__(self, tokenizer, strings):
+        self.tokenizer = tokenizer
+        self.strings = tuple(s for s in strings if s)
+        self.span = max((len(s.encode()) for s in self.strings), default=0) + 1
+        suffixes = tuple({s[j:] for s in self.strings for j in range(1, len(s))})
+        ids = list(range(len(tokenizer)))
+        texts = []
+        for word in ("a", "\n"):
+            context = tokenizer.encode(word, add_special_tokens=False)[-1:]
+            head = tokenizer.decode(context, skip_special_tokens=False)
+            full = tokenizer.batch_decode([context + [t] for t in ids], skip_special_tokens=False)
+            texts.append([f[len(head):] if f.startswith(head) else None for f in full])
+        self.completes = np.array([
+            a is None or a != b or "\ufffd" in a or (bool(suffixes) and a.startswith(suffixes))
+            or any(s in a for s in self.strings)
+            for a, b in zip(*texts)
+        ], dtype=bool)
+
+    def can_complete(self, tokens: np.ndarray) -> np.ndarray:
+        """Per token id, whether it may complete a string (True for ids past the vocabulary)."""
+        inside = tokens < len(self.completes)
+        return ~inside | self.completes[np.where(inside, tokens, 0)]
+
+    def found_in(self, tail: list[int]) -> bool:
+        """Whether a string ends in the decoded text of `tail`, a stream's last `span` tokens."""
+        text = self.tokenizer.decode(tail, skip_special_tokens=False)
+        return any(s in text for s in self.strings)
 
 
 class RepetitionStop:
