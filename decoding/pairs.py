@@ -12,10 +12,11 @@ for their lengths alone.
 
 The book is sized for GPU batches of thousands of rows, where whatever it does on the host is added
 to every decode step: its state lives in arrays indexed by pair, every rule runs on all pairs at
-once, and per-pair Python runs only at batch changes and in rare events (a token that may complete
-an answer marker, a repeated window). The chosen tokens reach the host once per step, at the start
-of the next step (when the engine has long had them), in the step's one device-to-host copy; the
-step's indices, forced λs and uniforms go to the device in one host-to-device copy.
+once, and per-pair Python runs only at batch changes and in rare events (a token whose text depends
+on its neighbours, a window that may have repeated too often). The chosen tokens reach the host
+once per step, at the start of the next step (when the engine has long had them), in the step's one
+device-to-host copy; the step's indices, forced λs and uniforms go to the device in one
+host-to-device copy.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ _ROLE = {"hinted": 0, "student": 1}
 # Per pair slot: its rows' handles, its step count, its stream key, its rules and their state.
 _PAIR_FIELDS = {"hinted": (np.int64, -1), "student": (np.int64, -1), "count": (np.int64, 0),
                 "key": (np.uint64, 0), "first": (bool, False), "eos": (np.int64, 0), "knobs": (np.int64, 0),
-                "guard": (np.int64, -1), "found": (bool, False), "stopped": (bool, False),
+                "guard": (np.int64, -1), "marker": (np.int64, 0), "found": (bool, False), "stopped": (bool, False),
                 "window": (np.int64, 1), "repeat": (np.int64, 2), "salt": (np.uint64, 0)}
 _BASE = np.uint64(0x100000001B3)  # the window hash's polynomial base (odd, so no power of it is 0)
 
@@ -210,7 +211,7 @@ class PairBook:
         self._pairs_made += 1
         values = {"hinted": -1, "student": -1, "count": 0, "key": stream_keys([spec["seed"]])[0],
                   "first": spec["first"], "eos": spec["eos"], "knobs": self._knobs.setdefault(knobs, len(self._knobs)),
-                  "guard": guard, "found": False, "stopped": False, "window": spec["window"], "repeat": spec["count"],
+                  "guard": guard, "marker": 0, "found": False, "stopped": False, "window": spec["window"], "repeat": spec["count"],
                   "salt": mix64(np.array([self._pairs_made], np.uint64))[0]}
         for name, value in values.items():
             self._p[name][slot] = value
@@ -318,12 +319,13 @@ class PairBook:
         guard = p["guard"][slots]
         look = (guard >= 0) & ~p["found"][slots]
         for g in np.unique(guard[look]).tolist():
-            watch = self._guard_list[g]
-            # The first token always: the start of a text decodes differently (a stripped space).
-            hit = look & (guard == g) & (watch.can_complete(tokens) | (n == 1))
-            for slot, end in zip(slots[hit].tolist(), n[hit].tolist()):
-                if watch.found_in(self._history[slot, max(0, end - watch.span) : end].tolist()):
-                    p["found"][slot] = True
+            watch, mine = self._guard_list[g], np.flatnonzero(look & (guard == g))
+            state = watch.step(p["marker"][slots[mine]], tokens[mine])
+            for j in np.flatnonzero((state == watch.UNSURE) | (n[mine] == 1)).tolist():
+                slot, end = int(slots[mine[j]]), int(n[mine[j]])
+                state[j] = watch.read(self._history[slot, max(0, end - watch.span) : end].tolist())
+            p["found"][slots[mine]] = state == watch.FOUND
+            p["marker"][slots[mine]] = np.maximum(state, 0)
         width = p["window"][slots]
         full = n >= width
         if not full.any():
