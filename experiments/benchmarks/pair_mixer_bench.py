@@ -3,7 +3,9 @@
 `PairBook.apply` as an engine drives it: P pairs (2P rows of one batch, the two rows of a pair far
 apart), every row advancing one token per step, output lists holding placeholders (as asynchronous
 scheduling leaves them), the answer guard on ("auto" markers) and the default sampling knobs.
-Timed: `apply` alone, median over steps after warm-up, torch on one thread.
+Timed: `apply` alone, median over steps after warm-up, torch on one thread; and, apart, the time
+inside decoding.mixing.hinted_step (the mixing, top-p cut and draw), so that `apply` minus that is
+the book's own host cost.
 
 - `bookkeeping`: V = 64 logits decoded with the tiny character tokenizer, so the tensor math is
   negligible and what is left is the per-pair bookkeeping.
@@ -31,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
+import decoding.pairs  # noqa: E402
 from decoding import HintedDecodingConfig  # noqa: E402
 from decoding.pairs import PairBook, pair_spec  # noqa: E402
 from decoding.rules import answer_markers  # noqa: E402
@@ -39,8 +42,23 @@ from tiny import make_tiny_tokenizer  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def run(tok, pairs: int, vocab: int, warmup: int, steps: int, seed: int = 0) -> list[float]:
-    """Seconds of each timed `apply` call."""
+class MathClock:
+    """Seconds spent inside the book's calls of hinted_step."""
+
+    def __init__(self):
+        self.spent, inner = 0.0, decoding.pairs.hinted_step
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self.spent += time.perf_counter() - start
+            return out
+
+        decoding.pairs.hinted_step = timed
+
+
+def run(tok, pairs: int, vocab: int, warmup: int, steps: int, clock: MathClock, seed: int = 0) -> list[tuple]:
+    """(seconds of `apply`, seconds of it inside hinted_step) of each timed step."""
     cfg = HintedDecodingConfig()
     markers = answer_markers(cfg.answer_marker)
     book, outs = PairBook(lambda: tok), [[] for _ in range(2 * pairs)]
@@ -58,11 +76,12 @@ def run(tok, pairs: int, vocab: int, warmup: int, steps: int, seed: int = 0) -> 
     times = []
     for k in range(warmup + steps):
         logits = bank[k % len(bank)].clone()
+        clock.spent = 0.0
         start = time.perf_counter()
         book.apply(logits)
         spent = time.perf_counter() - start
         if k >= warmup:
-            times.append(spent)
+            times.append((spent, clock.spent))
         for out in outs:
             out.append(-1)
     return times
@@ -84,7 +103,8 @@ def write_md(folder: Path) -> None:
     for label in labels:
         r = results[label]
         lines.append(f"- **{label}** (commit {r['commit']}, {r['device']}, torch threads 1): `{r['command']}`")
-    lines += ["", "Median of the timed steps; µs per pair = median / pairs. The machine is shared: expect noise.", ""]
+    lines += ["", "Median of the timed steps; µs per pair = median / pairs; book = `apply` minus the time inside "
+              "hinted_step (the tensor math), step by step. The machine is shared (2 cores, other jobs): expect noise.", ""]
     for part in ("bookkeeping", "embedded"):
         rows = {label: {row["pairs"]: row for row in results[label].get(part, [])} for label in labels}
         sizes = sorted({p for per in rows.values() for p in per})
@@ -92,13 +112,15 @@ def write_md(folder: Path) -> None:
             continue
         vocab = next(row["vocab"] for per in rows.values() for row in per.values())
         lines += [f"## {part} (V = {vocab})", "",
-                  "| pairs | " + " | ".join(f"{label} ms/step | {label} µs/pair" for label in labels) + " |",
-                  "|---" * (1 + 2 * len(labels)) + "|"]
+                  "| pairs | " + " | ".join(f"{label} ms/step | {label} µs/pair | {label} book µs/pair"
+                                           for label in labels) + " |",
+                  "|---" * (1 + 3 * len(labels)) + "|"]
         for p in sizes:
             cells = []
             for label in labels:
                 row = rows[label].get(p)
-                cells += [f"{row['median_ms']:.2f}", f"{row['us_per_pair']:.1f}"] if row else ["-", "-"]
+                cells += ([f"{row['median_ms']:.2f}", f"{row['us_per_pair']:.1f}", f"{row['book_us_per_pair']:.1f}"]
+                          if row else ["-"] * 3)
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
         lines.append("")
     (folder / "pair_mixer_bench.md").write_text("\n".join(lines))
@@ -121,14 +143,18 @@ def main() -> None:
 
         parts.append(("embedded", lambda: load_tokenizer("smollm2-135m-instruct"), 49152,
                       args.embedded_pairs or args.pairs, 3, 9))
+    clock = MathClock()
     for part, load, vocab, sizes, warmup, steps in parts:
         tok = load()
         result[part] = []
         for pairs in sizes:
-            times = run(tok, pairs, vocab, warmup, steps)
-            median = statistics.median(times)
+            times = run(tok, pairs, vocab, warmup, steps, clock)
+            median = statistics.median(t for t, _ in times)
+            book = statistics.median(t - m for t, m in times)
             row = {"pairs": pairs, "vocab": vocab, "steps": steps, "warmup": warmup, "median_ms": 1e3 * median,
-                   "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times), "us_per_pair": 1e6 * median / pairs}
+                   "min_ms": 1e3 * min(t for t, _ in times), "max_ms": 1e3 * max(t for t, _ in times),
+                   "us_per_pair": 1e6 * median / pairs, "book_median_ms": 1e3 * book,
+                   "book_us_per_pair": 1e6 * book / pairs}
             result[part].append(row)
             print(json.dumps({"part": part, **row}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
