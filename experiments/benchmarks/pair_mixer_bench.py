@@ -13,6 +13,7 @@ the book's own host cost.
   like a language model's (a few likely tokens over a long tail): the tensor math included.
 
     PYTHONPATH=. .venv/bin/python experiments/benchmarks/pair_mixer_bench.py --label after [--pairs 8 64 256 1024]
+        [--skip-embedded | --skip-bookkeeping] [--commit SHA]
 
 Each run writes results/pair_mixer_bench_<label>.json; the table results/pair_mixer_bench.md
 shows every label found there, side by side.
@@ -102,7 +103,8 @@ def write_md(folder: Path) -> None:
     lines = ["# Pair mixer: host cost per decode step (`PairBook.apply`)", ""]
     for label in labels:
         r = results[label]
-        lines.append(f"- **{label}** (commit {r['commit']}, {r['device']}, torch threads 1): `{r['command']}`")
+        commands = "; ".join(f"{part}: `{cmd}`" for part, cmd in r["commands"].items())
+        lines.append(f"- **{label}** (commit {r['commit']}, {r['device']}, torch threads 1): {commands}")
     lines += ["", "Median of the timed steps; µs per pair = median / pairs; book = `apply` minus the time inside "
               "hinted_step (the tensor math), step by step. The machine is shared (2 cores, other jobs): expect noise.", ""]
     for part in ("bookkeeping", "embedded"):
@@ -132,12 +134,17 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="+", default=[8, 64, 256, 1024])
     parser.add_argument("--embedded-pairs", type=int, nargs="+", default=None, help="default: --pairs")
     parser.add_argument("--skip-embedded", action="store_true")
+    parser.add_argument("--skip-bookkeeping", action="store_true")
+    parser.add_argument("--commit", default=None, help="the commit measured, where the code is not a git checkout")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = {"label": args.label, "commit": commit(), "device": platform.processor() or "cpu",
-              "command": "python " + " ".join(sys.argv)}
-    parts = [("bookkeeping", make_tiny_tokenizer, 64, args.pairs, 5, 35)]
+    path = args.out / f"pair_mixer_bench_{args.label}.json"
+    # A part run alone (--skip-bookkeeping / --skip-embedded) keeps the other part of an earlier run.
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update(label=args.label, commit=args.commit or commit(), device=platform.processor() or "cpu")
+    result.setdefault("commands", {})
+    parts = [] if args.skip_bookkeeping else [("bookkeeping", make_tiny_tokenizer, 64, args.pairs, 5, 35)]
     if not args.skip_embedded:
         from onpolicy_sft.models import load_tokenizer
 
@@ -147,6 +154,7 @@ def main() -> None:
     for part, load, vocab, sizes, warmup, steps in parts:
         tok = load()
         result[part] = []
+        result["commands"][part] = "python " + " ".join(sys.argv)
         for pairs in sizes:
             times = run(tok, pairs, vocab, warmup, steps, clock)
             median = statistics.median(t for t, _ in times)
@@ -158,7 +166,7 @@ def main() -> None:
             result[part].append(row)
             print(json.dumps({"part": part, **row}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"pair_mixer_bench_{args.label}.json").write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     write_md(args.out)
     print((args.out / "pair_mixer_bench.md").read_text())
 
