@@ -12,7 +12,7 @@ from onpolicy_sft.models import load_model
 
 from .backend import Backend, check_prompts
 from .config import HintedDecodingConfig, SamplingConfig
-from .mixing import generators_for, hinted_step, plain_step, stream_seeds
+from .mixing import hinted_step, plain_step, stream_keys, stream_seeds, uniforms
 from .rules import RepetitionStop, TailWatch, answer_markers, eos_ids, forced_lambda
 
 
@@ -83,7 +83,7 @@ def hf_two_stream(
 
 def _two_stream_batch(model, hinted, student, config, tokenizer, eos, pad, seeds) -> list[list[int]]:
     n = len(hinted)
-    gens = generators_for(seeds)
+    keys = stream_keys(seeds)
     markers = answer_markers(config.answer_marker)
     guards = [TailWatch(tokenizer, markers) for _ in range(n)]
     repeats = [RepetitionStop(config.repeat_window, config.repeat_count) for _ in range(n)]
@@ -95,7 +95,7 @@ def _two_stream_batch(model, hinted, student, config, tokenizer, eos, pad, seeds
         force = torch.tensor([forced_lambda(step, g.found, config.first_from_hinted) for g in guards])
         tokens, _ = hinted_step(
             logits[:n], logits[n:], beta=config.beta, top_p=config.top_p, temperature=config.temperature,
-            generators=gens, force_lam=force,
+            u=torch.from_numpy(uniforms(keys, step)), force_lam=force,
         )
         for i, token in enumerate(tokens.tolist()):
             if not done[i]:
@@ -121,14 +121,15 @@ def hf_sample(model, prompt_ids: list[list[int]], config: SamplingConfig, tokeni
     flat: list[list[int]] = []
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start : start + batch_rows]
-        gens = generators_for(streams[start : start + batch_rows])
+        keys = stream_keys(streams[start : start + batch_rows])
         outs: list[list[int]] = [[] for _ in chunk]
         stops = [TailWatch(tokenizer, config.stop) for _ in chunk]
         done = [False] * len(chunk)
         batch = CachedBatch(model, [prompt_ids[i] for i, _ in chunk], pad, config.max_new_tokens)
         logits = batch.logits
         for step in range(config.max_new_tokens):
-            tokens = plain_step(logits, top_p=config.top_p, temperature=config.temperature, generators=gens)
+            tokens = plain_step(logits, top_p=config.top_p, temperature=config.temperature,
+                                u=torch.from_numpy(uniforms(keys, step)))
             for k, token in enumerate(tokens.tolist()):
                 if not done[k]:
                     outs[k].append(token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -74,20 +75,19 @@ def top_p_mask(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> to
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def draw(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
+def draw(logits: torch.Tensor, temperature: float, u: torch.Tensor | None) -> torch.Tensor:
     """One token per row from softmax(logits / temperature); argmax when temperature is 0.
 
-    Row i draws its uniform from generators[i] and inverts the CDF, so a row's token does not
-    depend on which other rows share its batch (batched decoding equals one-by-one decoding).
+    Row i inverts the CDF at u[i] (decoding.mixing.uniforms: a function of the row's stream and
+    step alone), so a row's token does not depend on which other rows share its batch.
     """
     if temperature == 0:
         return logits.argmax(-1)
-    if len(generators) != logits.shape[0]:
-        raise ValueError(f"draw needs one generator per row: {len(generators)} for {logits.shape[0]} rows")
+    if u is None or u.shape != logits.shape[:1]:
+        raise ValueError(f"draw needs one uniform per row: {None if u is None else tuple(u.shape)} for {logits.shape[0]} rows")
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     cdf = probs.cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(cdf.device)
-    u = u * cdf[:, -1]
+    u = u.to(cdf.device, torch.float64) * cdf[:, -1]
     tokens = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
     # Guard against landing on a zero-probability tail entry by rounding at the top end.
     return torch.minimum(tokens, (probs > 0).cumsum(-1).argmax(-1))
@@ -100,29 +100,30 @@ def hinted_step(
     beta: float,
     top_p: float,
     temperature: float,
-    generators: list[torch.Generator],
+    u: torch.Tensor | None,
     force_lam: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B], λ [B]) for one lock-step of the two streams.
 
-    force_lam holds, per row, 0 (hinted alone: the first token), 1 (student alone: after the
-    answer marker) or NaN (use the entropy rule).
+    u holds each row's uniform for the draw (unused at temperature 0); force_lam holds, per row,
+    0 (hinted alone: the first token), 1 (student alone: after the answer marker) or NaN (use the
+    entropy rule).
     """
     mixed, lam = mix_logprobs(hinted_logits, student_logits, beta, force_lam)
-    tokens = draw(top_p_mask(mixed, top_p), temperature, generators)
+    tokens = draw(top_p_mask(mixed, top_p), temperature, u)
     return tokens, lam
 
 
-def plain_step(logits: torch.Tensor, *, top_p: float, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
+def plain_step(logits: torch.Tensor, *, top_p: float, temperature: float, u: torch.Tensor | None) -> torch.Tensor:
     """Plain sampling: temperature first, then the top-p cut (transformers' and vLLM's order)."""
     if temperature == 0:
         return logits.argmax(-1)
     scaled = logits.float() / temperature
-    return draw(top_p_mask(scaled, top_p), 1.0, generators)
+    return draw(top_p_mask(scaled, top_p), 1.0, u)
 
 
 def stream_seeds(seed: int, count: int, seeds: list[int] | None = None, per_row: int = 1) -> list[int]:
-    """The generator seed of every stream: `per_row` consecutive streams per prompt.
+    """The seed of every stream: `per_row` consecutive streams per prompt.
 
     With explicit `seeds` (one per prompt), prompt i's streams are seeds[i], seeds[i] + 1, …, so
     a caller that derives seeds from row ids gets results independent of batching and order.
@@ -135,12 +136,32 @@ def stream_seeds(seed: int, count: int, seeds: list[int] | None = None, per_row:
     return [int(s) + j for s in seeds for j in range(per_row)]
 
 
-def generators_for(seeds: list[int]) -> list[torch.Generator]:
-    """One CPU generator per stream seed."""
-    gens = []
-    for s in seeds:
-        g = torch.Generator()
-        g.manual_seed(s % (1 << 63))
-        gens.append(g)
-    return gens
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser over uint64 arrays: every input bit reaches every output bit."""
+    # numpy's uint64 arrays wrap on overflow: the result is exact and the same on every machine.
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def stream_keys(seeds) -> np.ndarray:
+    """The key of every stream seed (any Python ints), the one input of its draws besides the step."""
+    return mix64(np.array([int(s) % (1 << 64) for s in seeds], dtype=np.uint64))
+
+
+def uniforms(keys: np.ndarray, steps) -> np.ndarray:
+    """One float64 uniform in [0, 1) per stream: output number `step` of a SplitMix64 sequence that
+    starts at the stream's key (a counter-based generator, no state to carry).
+
+    A draw depends on its stream and step alone, never on the batch, the device, the backend or
+    the number of processes, and all rows are drawn at once.
+    """
+    keys = np.asarray(keys, dtype=np.uint64)
+    steps = np.broadcast_to(np.asarray(steps, dtype=np.int64), keys.shape).astype(np.uint64)
+    bits = mix64(keys + (steps + np.uint64(1)) * _GOLDEN)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import HintedDecodingConfig, SamplingConfig
-from .mixing import generators_for, hinted_step, plain_step, stream_seeds
+from .mixing import hinted_step, plain_step, stream_keys, stream_seeds, uniforms
 from .rules import RepetitionStop, answer_markers, eos_ids, forced_lambda, text_contains
 
 
@@ -36,7 +36,7 @@ def reference_two_stream(
     markers = answer_markers(config.answer_marker)
     results = []
     for i, (hinted, student) in enumerate(zip(hinted_ids, student_ids)):
-        gen = generators_for([streams[i]])
+        key = stream_keys([streams[i]])
         repeat = RepetitionStop(config.repeat_window, config.repeat_count)
         out: list[int] = []
         lams: list[float] = []
@@ -48,7 +48,7 @@ def reference_two_stream(
                 beta=config.beta,
                 top_p=config.top_p,
                 temperature=config.temperature,
-                generators=gen,
+                u=torch.from_numpy(uniforms(key, len(out))),
                 force_lam=torch.tensor([force]),
             )
             out.append(int(token))
@@ -71,11 +71,11 @@ def reference_sample(model, prompt_ids: list[list[int]], config: SamplingConfig,
     for i, prompt in enumerate(prompt_ids):
         completions = []
         for j in range(config.n):
-            gen = generators_for([streams[i * config.n + j]])
+            key = stream_keys([streams[i * config.n + j]])
             out: list[int] = []
             for _ in range(config.max_new_tokens):
                 token = plain_step(_last_logits(model, prompt + out), top_p=config.top_p,
-                                   temperature=config.temperature, generators=gen)
+                                   temperature=config.temperature, u=torch.from_numpy(uniforms(key, len(out))))
                 out.append(int(token))
                 if out[-1] in eos or text_contains(tokenizer, out, config.stop):
                     break

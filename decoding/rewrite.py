@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import re
 from contextlib import ExitStack
@@ -65,6 +66,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from onpolicy_sft import ddt
+from onpolicy_sft.data import EXEMPLARS
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state
 from onpolicy_sft.grading import extract_answer, is_correct
 from onpolicy_sft.models import weights_digest
@@ -73,6 +75,8 @@ from onpolicy_sft.rundir import RunLock, check_fingerprint, digest, write_json, 
 from .config import HintedDecodingConfig, SamplingConfig
 from .rules import eos_ids
 from .templates import HintTemplate, cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
+
+log = logging.getLogger(__name__)
 
 FALLBACKS = ("original", "drop")
 SOURCES = ("self", "hinted", "original", "in_distribution")
@@ -238,7 +242,8 @@ def _decode(tokenizer, ids: list[int]) -> str:
 def _dataset_fingerprint(rows: list[dict]) -> str:
     hashed = hashlib.sha256()
     for r in rows:
-        hashed.update(json.dumps([r["id"], r["prompt"], r["response"], r["answer"], r["system"]]).encode())
+        fields = [r["id"], r["prompt"], r["response"], r["answer"], r["system"]]
+        hashed.update(json.dumps(fields + ([r["exemplars"]] if r["exemplars"] else [])).encode())
     return hashed.hexdigest()[:16]
 
 
@@ -251,7 +256,7 @@ def _normalise_rows(dataset) -> list[dict]:
         rows.append({
             "id": str(r["id"]) if r.get("id") is not None else str(i),
             "prompt": r["prompt"], "response": r["response"], "answer": str(r["answer"]),
-            "system": r.get("system") or "",
+            "system": r.get("system") or "", "exemplars": r.get("exemplars") or [],
         })
     if len({r["id"] for r in rows}) != len(rows):
         raise ValueError("rewrite_corpus needs unique row ids (column 'id'): they seed each row's sampling")
@@ -300,10 +305,12 @@ class _Rewriter:
 
     def _hinted_prompts(self, rows) -> list[list[int]]:
         template = self.cfg.template
-        plain = [hinted_prompt_ids(self.tok, template, r["prompt"], r["response"]) for r in rows]
+        plain = [hinted_prompt_ids(self.tok, template, r["prompt"], r["response"], exemplars=r["exemplars"])
+                 for r in rows]
         if not self.cfg.analysis:
             return plain
-        asked = [hinted_prompt_ids(self.tok, template, r["prompt"], r["response"], analysis=True) for r in rows]
+        asked = [hinted_prompt_ids(self.tok, template, r["prompt"], r["response"], analysis=True,
+                                   exemplars=r["exemplars"]) for r in rows]
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.cfg.analysis_max_new_tokens, stop=[template.analysis_marker])
         prompts = []
         for ask, fallback, out in zip(asked, plain, self.backend.sample(asked, greedy)):
@@ -337,7 +344,7 @@ class _Rewriter:
     def _rewrite(self, rows: list[dict]) -> list[list[dict]]:
         if not rows:
             return []
-        student = [student_prompt_ids(self.tok, r["prompt"], r["system"]) for r in rows]
+        student = [student_prompt_ids(self.tok, r["prompt"], r["system"], r["exemplars"]) for r in rows]
         self_answers, self_outcomes = self._self_answers(rows, student)
         need = [i for i, o in enumerate(self_outcomes) if "right" not in o]
         hinted_answers = dict(zip(need, self._hinted_answers([rows[i] for i in need], [student[i] for i in need])))
@@ -377,7 +384,8 @@ class _Rewriter:
     def triage(self, rows: list[dict]) -> None:
         """DDT-score the originals once and keep the ids the test does not flag (collective: ddt.score
         deals its batches out under several processes and gathers them back)."""
-        ds = Dataset.from_list([{k: r[k] for k in ("prompt", "system", "response")} for r in rows])
+        ds = Dataset.from_list([{k: r[k] for k in ("prompt", "system", "exemplars", "response")}
+                                for r in rows]).cast_column("exemplars", EXEMPLARS)
         scored = ddt.score(self.model, self.tok, ds, batch_tokens=self.cfg.score_batch_tokens, progress=False)
         flagged = ddt.off_distribution(scored, self.cfg.triage.by, self.cfg.triage.threshold)
         self.in_distribution = {r["id"] for r, off in zip(rows, flagged) if not off}
@@ -388,8 +396,8 @@ class _Rewriter:
 
     def _score_column(self, rows: list[dict], column: str, prefix: str) -> None:
         # Score a bare copy: score() replaces every existing ddt_ column, ddt_original_ included.
-        columns = ("prompt", "system", "response", "response_truncated", "original_response")
-        ds = Dataset.from_list([{k: r[k] for k in columns} for r in rows])
+        columns = ("prompt", "system", "exemplars", "response", "response_truncated", "original_response")
+        ds = Dataset.from_list([{k: r[k] for k in columns} for r in rows]).cast_column("exemplars", EXEMPLARS)
         scored = ddt.score(self.model, self.tok, ds, response_column=column, batch_tokens=self.cfg.score_batch_tokens,
                            progress=False)
         for name in scored.column_names:
@@ -416,8 +424,19 @@ class _Rewriter:
         return rows
 
 
-def _read_shard(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+def _read_shard(path: Path, rows: int) -> list[dict] | None:
+    """The ``rows`` rows of a finished shard, or None when it is cut short or corrupt. Shards are a
+    cache of seeded work (a row's sampling depends on its id and the seed alone), so a damaged one
+    is generated again, with the same result, rather than stopping the run."""
+    try:
+        shard = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        problem = None if len(shard) == rows else f"{len(shard)} rows instead of {rows}"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problem = str(err)
+    if problem is None:
+        return shard
+    log.warning("rewrite shard %s is damaged (%s); generating it again", path, problem)
+    return None
 
 
 def _counts(rows: list[dict]) -> dict[str, int]:
@@ -483,7 +502,7 @@ def rewrite_with_stats(model, tokenizer, dataset, config: RewriteConfig | None =
         if out_dir is not None and state.is_main_process:
             write_json(out_dir / "stats.json", stats)
             write_text(out_dir / "rewritten.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    return (Dataset.from_list(kept) if kept else Dataset.from_dict({})), stats
+    return (Dataset.from_list(kept).cast_column("exemplars", EXEMPLARS) if kept else Dataset.from_dict({})), stats
 
 
 def _bounds(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -516,8 +535,9 @@ def _generate(worker: _Rewriter, rows: list[dict], shards_dir: Path | None, stat
                 index = mine[turn]
                 start, stop = bounds[index]
                 path = shards_dir / f"shard-{index:05d}.jsonl" if shards_dir else None
-                if path is not None and path.exists():
-                    shard = _read_shard(path)
+                saved = _read_shard(path, stop - start) if path is not None and path.exists() else None
+                if saved is not None:
+                    shard = saved
                 else:
                     shard = worker.shard(rows[start:stop])
                     if path is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 
+import numpy as np
+
 from onpolicy_sft.grading import ANSWER_MARKERS
 
 
@@ -76,6 +78,75 @@ class TailWatch:
         text = self.tokenizer.decode(list(self.tail), skip_special_tokens=False)
         self.found = any(s in text for s in self.strings)
         return self.found
+
+
+class MarkerTokens:
+    """The answer guard on token ids, for many streams at once: an automaton over the markers'
+    characters whose every token step is looked up in a table, so that a stream's text is decoded
+    only where a token's text depends on its neighbours.
+
+    A stream's state is the longest end of its text that begins one of `strings`; FOUND once a
+    string has appeared. `table[state, token]` is the state after the token's text, each token's
+    text read as it decodes after a left context. A token whose text differs after two different
+    contexts, or holds a piece of a split character (U+FFFD), is UNSURE: then `read` decodes the
+    stream's last `span` tokens (as TailWatch does at every token) and restarts the automaton on that
+    text. The first token of a text is always read so (a decoder may strip a leading space there).
+    """
+
+    FOUND, UNSURE = -1, -2
+
+    def __init__(self, tokenizer, strings):
+        self.tokenizer = tokenizer
+        self.strings = tuple(s for s in strings if s)
+        self.span = max((len(s.encode()) for s in self.strings), default=0) + 1
+        self.states = sorted({s[:k] for s in self.strings for k in range(len(s))}, key=len)
+        self._index = {text: i for i, text in enumerate(self.states)}
+        self._moves: dict[tuple[int, str], int] = {}
+        ids = list(range(len(tokenizer)))
+        texts = []
+        for word in ("a", "\n"):
+            context = tokenizer.encode(word, add_special_tokens=False)[-1:]
+            head = tokenizer.decode(context, skip_special_tokens=False)
+            full = tokenizer.batch_decode([context + [t] for t in ids], skip_special_tokens=False)
+            texts.append([f[len(head):] if f.startswith(head) else None for f in full])
+        sure = [a if a is not None and a == b and "\ufffd" not in a else None for a, b in zip(*texts)]
+        root = np.array([self.UNSURE if a is None else self.run(0, a) for a in sure], np.int64)
+        self.table = np.tile(root, (len(self.states), 1))
+        for t, a in enumerate(sure):
+            if a == "":  # a token with no text leaves every state as it is
+                self.table[:, t] = np.arange(len(self.states))
+        # From another state a token's run differs from the root's only if its first character moves
+        # the two apart; after that character both runs are in the same state.
+        for state in range(1, len(self.states)):
+            apart = {a[0] for a in sure if a and self.run(state, a[0]) != self.run(0, a[0])}
+            for t, a in enumerate(sure):
+                if a and a[0] in apart:
+                    self.table[state, t] = self.run(state, a)
+
+    def run(self, state: int, text: str) -> int:
+        """The state after `text` from `state`."""
+        for ch in text:
+            move = self._moves.get((state, ch))
+            if move is None:
+                grown = self.states[state] + ch
+                if any(grown.endswith(s) for s in self.strings):
+                    move = self.FOUND
+                else:  # the longest end of the grown text that still begins a string
+                    move = next(self._index[grown[k:]] for k in range(len(grown) + 1) if grown[k:] in self._index)
+                self._moves[(state, ch)] = move
+            if move == self.FOUND:
+                return move
+            state = move
+        return state
+
+    def step(self, states: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """The next state of each stream (FOUND, UNSURE, or a state), for all streams at once."""
+        inside = tokens < self.table.shape[1]
+        return np.where(inside, self.table[states, np.where(inside, tokens, 0)], self.UNSURE)
+
+    def read(self, tail: list[int]) -> int:
+        """The state after decoding `tail`, a stream's last `span` tokens."""
+        return self.run(0, self.tokenizer.decode(tail, skip_special_tokens=False))
 
 
 class RepetitionStop:

@@ -35,6 +35,10 @@ class HintTemplate:
     )
     analysis_marker: str = "My solution:"
     system: str = ""
+    # Whether the hinted stream also sees the row's exemplar turns before its instruction. The
+    # student stream always does: its prompt is the one the rewrite is trained and scored under;
+    # the hinted prompt only steers.
+    exemplars: bool = True
 
     def hinted_text(self, question: str, solution: str, analysis: bool = False) -> str:
         text = self.instruction.format(question=question, solution=solution, marker=self.analysis_marker)
@@ -43,14 +47,18 @@ class HintTemplate:
         return text
 
 
-def student_prompt_ids(tokenizer, question: str, system: str = "") -> list[int]:
-    """The question alone in the plain chat template (the context DDT scores responses under)."""
-    return encode_prompt(tokenizer, question, system)
+def student_prompt_ids(tokenizer, question: str, system: str = "", exemplars=()) -> list[int]:
+    """The question in the plain chat template after its exemplar turns (the context DDT scores
+    responses under)."""
+    return encode_prompt(tokenizer, question, system, exemplars)
 
 
-def hinted_prompt_ids(tokenizer, template: HintTemplate, question: str, solution: str, analysis: bool = False) -> list[int]:
-    """The hinted stream's prompt, ending with the assistant turn's opening."""
-    return encode_prompt(tokenizer, template.hinted_text(question, solution, analysis), template.system)
+def hinted_prompt_ids(tokenizer, template: HintTemplate, question: str, solution: str, analysis: bool = False,
+                      exemplars=()) -> list[int]:
+    """The hinted stream's prompt, ending with the assistant turn's opening: the hint in the last
+    user turn, after the exemplar turns where ``template.exemplars`` says so."""
+    return encode_prompt(tokenizer, template.hinted_text(question, solution, analysis), template.system,
+                         exemplars if template.exemplars else ())
 
 
 def cut_analysis(text: str, marker: str) -> str | None:

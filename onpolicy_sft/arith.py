@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import datasets
 
+from onpolicy_sft.data import DEMONSTRATION_COLUMNS, columns_features
+
 BOXED_INSTRUCTION = "Answer with the number only, in \\boxed{}."
 
 
@@ -262,7 +264,38 @@ def problem_id(problem: Problem) -> str:
 
 def to_row(problem: Problem) -> dict:
     return {"id": problem_id(problem), "prompt": problem.prompt, "response": problem.response,
-            "answer": str(problem.answer), "system": ""}
+            "answer": str(problem.answer), "system": "", "exemplars": []}
+
+
+def _worked(question: str, *lines: str) -> dict:
+    answer = lines[-1].split("= ")[-1]
+    return {"prompt": f"{question} {BOXED_INSTRUCTION}", "response": "\n".join(lines) + f"\nThe answer is \\boxed{{{answer}}}."}
+
+
+# Worked examples shown to the model as earlier chat turns (``data.exemplars``), written the way
+# an instruct model answers when it follows an example (each step as "a op b = c", then the boxed
+# answer), not in the demonstrations' terse "6*4=24 / #### 24", which must stay someone else's
+# writing. Boys' names and items that no story uses, so no example can be any split's question.
+EXEMPLAR_POOL: tuple[dict, ...] = (
+    _worked("Tom has 7 toy cars. He gets 5 more toy cars for his birthday. How many toy cars are there now?",
+            "7 + 5 = 12"),
+    _worked("Ben has 3 boxes with 4 kites in each. He sells each kite for 2 dollars. How many dollars does Ben get?",
+            "3 × 4 = 12", "12 × 2 = 24"),
+    _worked("A bakery has 4 trays with 6 muffins on each tray. How many muffins are there in total?", "4 × 6 = 24"),
+    _worked("Max has 9 buttons. He finds 7 more buttons. He gives 4 buttons to a friend. How many buttons are "
+            "there now?", "9 + 7 = 16", "16 - 4 = 12"),
+    _worked("Sam has 15 ribbons. He gives 6 ribbons to his sister. How many ribbons are there now?", "15 - 6 = 9"),
+    _worked("Leo bakes 10 pies. He bakes 6 more pies. He packs the pies equally into 4 boxes. How many pies are in "
+            "each box?", "10 + 6 = 16", "16 ÷ 4 = 4"),
+    _worked("Jack has 18 socks. He puts the socks equally into 3 drawers. How many socks are in each drawer?",
+            "18 ÷ 3 = 6"),
+    _worked("Omar has 14 bottles. He drops 5 bottles. He sells each bottle for 3 cents. How many cents does Omar "
+            "get?", "14 - 5 = 9", "9 × 3 = 27"),
+)
+# The main job's examples: one one-step and one two-step question, so that the model sees an
+# answer with as many steps as the questions it meets (after one-step examples alone it boxes
+# the first step of a two-step question).
+DEFAULT_EXEMPLARS: tuple[dict, ...] = EXEMPLAR_POOL[:2]
 
 
 def arithmetic_splits(seed: int = 0, n_train: int = 1000, n_test: int = 200, n_test_hard: int = 200):
@@ -274,7 +307,7 @@ def arithmetic_splits(seed: int = 0, n_train: int = 1000, n_test: int = 200, n_t
     test = generate(seed, n_test, "easy", stream="test")
     hard = generate(seed, n_test_hard, "hard", stream="test_hard", exclude={p.question for p in test})
     train = generate(seed, n_train, "train", stream="train", exclude={p.question for p in test + hard})
-    features = datasets.Features({k: datasets.Value("string") for k in ("id", "prompt", "response", "answer", "system")})
+    features = columns_features(DEMONSTRATION_COLUMNS)
     return datasets.DatasetDict({
         split: datasets.Dataset.from_list([to_row(p) for p in problems], features=features)
         for split, problems in (("train", train), ("test", test), ("test_hard", hard))

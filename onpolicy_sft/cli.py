@@ -9,6 +9,7 @@ libraries' log output, which otherwise goes to the run's log file (loop, compare
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -19,14 +20,16 @@ from decoding.rewrite import rewrite_with_stats
 from onpolicy_sft import compare, data, ddt, ddt_report, models
 from onpolicy_sft import loop as loop_recipe
 from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.exemplars import resolve as resolve_exemplars
+from onpolicy_sft.exemplars import with_exemplars
 from onpolicy_sft.config import ConfigError, ObjectiveConfig, load_config
 from onpolicy_sft.evaluate import evaluate, forgetting
 from onpolicy_sft.models import EMBEDDED_MODEL, ModelUnavailableError, load_model, load_tokenizer, resolve_model_path
 from onpolicy_sft.objectives import build
 from onpolicy_sft.preference import cached_reference_logps
 from onpolicy_sft.distributed import process_state
-from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, check_writable, write_json
-from onpolicy_sft.stages import load_data, open_backend, route_logs, say
+from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, RunLock, check_writable, replace_with, write_json
+from onpolicy_sft.stages import load_data, on_main, open_backend, route_logs, say
 from onpolicy_sft.train import train
 
 # What a user can cause; anything else is a bug and keeps its traceback.
@@ -60,6 +63,16 @@ def _load_config(args, cls=None):
     if getattr(args, "on_error", None):
         config.data.on_error = args.on_error
     return config
+
+
+@contextlib.contextmanager
+def _holding(directory, stage: str):
+    """The output directory's one lock (rundir.RunLock), named after this stage, taken before the
+    command reads, loads or writes anything: a refused command leaves the directory as it was. The
+    library function's own lock on the same directory is then shared with this one."""
+    with contextlib.ExitStack() as held:
+        on_main(lambda: held.enter_context(RunLock(directory, stage)))
+        yield
 
 
 def _read_data(source: str, *, split: str, columns: dict, on_error: str, preferences: bool = False,
@@ -142,6 +155,7 @@ def run_data(args) -> int:
         raise ConfigError("data convert needs --out FILE.jsonl|FILE.parquet")
     if args.source == "arithmetic":
         dataset = arithmetic_splits(seed=args.seed, n_train=args.n, n_test=args.n, n_test_hard=args.n)[args.split or "test"]
+        dataset = with_exemplars(dataset, resolve_exemplars(None, source="arithmetic"))
     else:
         dataset = _read_data(args.source, split=args.split or "train", columns=data.parse_columns(args.columns),
                              on_error=args.on_error or "raise", preferences=args.preferences)
@@ -177,6 +191,11 @@ def add_train(sub) -> None:
 
 def run_train(args) -> int:
     config = _load_config(args)
+    with _holding(args.out, "train"):
+        return _train(args, config)
+
+
+def _train(args, config) -> int:
     if args.objective and args.objective != config.train.objective.name:
         config.train.objective = ObjectiveConfig(name=args.objective)
     objective = build(config.train.objective.name, **config.train.objective.hparams)
@@ -215,6 +234,11 @@ def add_eval(sub) -> None:
 
 def run_eval(args) -> int:
     config = _load_config(args)
+    with _holding(args.out, "eval") if args.out else contextlib.nullcontext():
+        return _eval(args, config)
+
+
+def _eval(args, config) -> int:
     load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
     inputs = load_data(config.data)
     model, tokenizer = load_model(args.model or config.model.name, **load)
@@ -247,8 +271,9 @@ def add_loop(sub) -> None:
 
 def run_loop(args) -> int:
     config = _load_config(args)
-    route_logs(Path(config.out_dir) / "run.log", args.verbose)
-    loop_recipe.print_summary(loop_recipe.run_loop(config))
+    with _holding(config.out_dir, "loop"):
+        route_logs(Path(config.out_dir) / "run.log", args.verbose)
+        loop_recipe.print_summary(loop_recipe.run_loop(config))
     return 0
 
 
@@ -274,36 +299,43 @@ def add_score(sub) -> None:
 
 def _demonstrations(source: str, split: str, limit: int | None, columns: dict, on_error: str,
                     require_answer: bool = True):
-    """The built-in arithmetic split, or demonstrations read from a file or hub name; the first `limit` rows."""
+    """The built-in arithmetic split (with its default exemplar turns, as in the loop), or
+    demonstrations read from a file or hub name; the first `limit` rows."""
     if source == "arithmetic":
-        dataset = arithmetic_splits()[split]
+        dataset = with_exemplars(arithmetic_splits()[split], resolve_exemplars(None, source="arithmetic"))
     else:
         dataset = _read_data(source, split=split, columns=columns, on_error=on_error, require_answer=require_answer)
     return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
 
 def run_score(args) -> int:
-    columns, on_error = data.parse_columns(args.columns), args.on_error or "raise"
+    columns = data.parse_columns(args.columns)
     out = check_writable(args.out)  # before any work: a scoring run that cannot write its result is lost
+    with _holding(out, "score"):
+        return _score(args, out, columns, args.on_error or "raise")
+
+
+def _score(args, out: Path, columns: dict, on_error: str) -> int:
     state = process_state()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=state.device)
     sources = {f"{Path(args.data).name}/{args.split}": (args.data, "scored.parquet", "data")}
     if args.compare:
         name = f"{Path(args.compare).name}/{args.split}"
         sources[name if name not in sources else f"{name} (compare)"] = (args.compare, "scored_compare.parquet", "compare")
+    # The data first: a bad row or column mapping stops the command before the model loads.
+    rows = {name: _demonstrations(src, args.split, args.limit, columns, on_error, require_answer=False)
+            for name, (src, _, _) in sources.items()}
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=state.device)
     options = {"per_token": args.per_token, "max_length": args.max_length, "on_long": args.on_long}
     if args.batch_tokens:
         options["batch_tokens"] = args.batch_tokens
     # Each corpus keeps its finished batches under out/scoring/, so a killed run rescores only the rest.
-    corpora = {name: ddt.score(model, tokenizer,
-                               _demonstrations(src, args.split, args.limit, columns, on_error, require_answer=False),
-                               out_dir=out / "scoring" / part, **options)
-               for name, (src, _, part) in sources.items()}
+    corpora = {name: ddt.score(model, tokenizer, rows[name], out_dir=out / "scoring" / part, **options)
+               for name, (_, _, part) in sources.items()}
     if not state.is_main_process:
         return 0
     summary = {}
     for name, scored in corpora.items():
-        scored.to_parquet(str(out / sources[name][1]))
+        replace_with(out / sources[name][1], lambda tmp: scored.to_parquet(str(tmp)))
         summary[name] = ddt.summarize(scored)
     write_json(out / "summary.json", summary)
     report = ddt_report.write_report(out, corpora)
@@ -323,8 +355,9 @@ def add_compare(sub) -> None:
 
 def run_compare(args) -> int:
     config = _load_config(args, cls=compare.CompareConfig)
-    route_logs(Path(config.out_dir) / "run.log", args.verbose)
-    summary = compare.run_comparison(config)
+    with _holding(config.out_dir, "compare"):
+        route_logs(Path(config.out_dir) / "run.log", args.verbose)
+        summary = compare.run_comparison(config)
     if not process_state().is_main_process:  # every process returns the summary; one prints it
         return 0
     if summary.get("backend_note"):
@@ -386,6 +419,11 @@ def run_rewrite(args) -> int:
     switches = [f"rewrite.{name}=true" for name in ("analysis", "adaptive") if getattr(args, name)]
     args.overrides = args.overrides + flags + switches
     config = _load_config(args)
+    with _holding(args.out, "rewrite"):
+        return _rewrite(args, config)
+
+
+def _rewrite(args, config) -> int:
     config.rewrite.model_name = config.model.name
     split = args.split or config.data.train_split
     dataset = _demonstrations(args.data or config.data.source, split, args.limit, config.data.columns,
@@ -419,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         route_logs(None, args.verbose)
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        # Every stage saves its work atomically as it goes, and a resume replays from there exactly.
+        print(f"error: interrupted; rerun the same command to resume {args.command} from its last saved work, "
+              "with the same result as an uninterrupted run", file=sys.stderr)
+        return 130
     except USER_ERRORS as err:
         if args.verbose:
             traceback.print_exc()

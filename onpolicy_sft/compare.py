@@ -39,7 +39,7 @@ import datasets
 from decoding.config import SamplingConfig
 from decoding.rewrite import RewriteConfig, rewrite_with_stats
 from onpolicy_sft import ddt
-from onpolicy_sft.config import (DataConfig, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run_backend,
+from onpolicy_sft.config import (DataConfig, check_seed, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run_backend,
                                  from_dict, load_config, objective_hparams, save_config, to_dict)
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import mean_and_se
@@ -47,7 +47,7 @@ from onpolicy_sft.grading import extract_answer
 from onpolicy_sft.models import load_model, resolve_model_path
 from onpolicy_sft.objectives import build
 from onpolicy_sft.preference import add_reference_logps, build_pairs
-from onpolicy_sft.rundir import RunLock, check_writable, read_json, write_json, write_text
+from onpolicy_sft.rundir import RunLock, check_writable, read_json, replace_with, save_into, write_json, write_text
 from onpolicy_sft.stages import (Manifest, evaluate_model, general_responses, in_step, load_data, main_decides,
                                  markdown_table, num, on_main, open_backend, pm, pyplot, source_counts, training_rows)
 from onpolicy_sft.train import DONE_FILE, train
@@ -107,6 +107,8 @@ class CompareConfig:
             raise ValueError(f"methods: unknown method(s) {unknown}; valid methods: {list(METHODS)}")
         if not self.seeds:
             raise ValueError("seeds: list at least one seed")
+        for seed in self.seeds:
+            check_seed(seed, "seeds")  # each becomes train.seed of its cells, checked only then otherwise
         for where, table in (("hparams", self.hparams), ("train_overrides", self.train_overrides)):
             bad = sorted(set(table) - {m for m, spec in METHODS.items() if spec})
             if bad:
@@ -171,7 +173,7 @@ def run_comparison(config: CompareConfig) -> dict:
         def original_corpus():
             scored = ddt.score(base, tokenizer, data.train, progress=False)
             if state.is_main_process:
-                scored.save_to_disk(str(corpora / "original"))
+                save_into(corpora, lambda d: scored.save_to_disk(str(d / "original")))
             return {"rows": len(scored), "phi_mean": _mean_phi(scored)}
 
         def hinted_corpus():
@@ -180,7 +182,7 @@ def run_comparison(config: CompareConfig) -> dict:
             if "ddt_phi_mean" not in corpus.column_names:
                 corpus = ddt.score(base, tokenizer, corpus, progress=False)
             if state.is_main_process:
-                corpus.save_to_disk(str(corpora / "hinted"))
+                save_into(corpora, lambda d: corpus.save_to_disk(str(d / "hinted")))
             return {"rows": len(corpus), "phi_mean": _mean_phi(corpus), "sources": source_counts(corpus), "stats": stats}
 
         def pair_corpus():
@@ -201,7 +203,7 @@ def run_comparison(config: CompareConfig) -> dict:
                                    progress=False, response_column=side)
                 phi[side] = _mean_phi(scored)
             if state.is_main_process:
-                pairs.save_to_disk(str(corpora / "pairs"))
+                save_into(corpora, lambda d: pairs.save_to_disk(str(d / "pairs")))
             return {"rows": len(pairs), "counts": counts, "phi_mean": phi["chosen"], "phi_rejected": phi["rejected"],
                     "sample_seconds": round(sample_seconds, 2), "ref_logps_seconds": round(ref_seconds, 2)}
 
@@ -423,6 +425,6 @@ def plot(rows: list[dict], columns: list[tuple[str, str, str, str]], path: Path)
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path

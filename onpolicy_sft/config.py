@@ -13,7 +13,9 @@ published settings (docs/methods.md).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,10 +28,18 @@ from decoding.hf import HFBackend
 from decoding.rewrite import RewriteConfig
 from decoding.vllm_backend import VLLMBackend
 from onpolicy_sft import objectives
+from onpolicy_sft.data import check_columns
+from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.models import EMBEDDED_MODEL
 from onpolicy_sft.rundir import write_text
 
 BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit, and accelerate's set_seed seeds numpy too
+# accelerate's trackers by name, and a module that each needs: without it accelerate drops the
+# tracker without a word, so a run would log nothing where it was asked to.
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
+                   "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                   "trackio": "trackio"}
 
 
 class ConfigError(ValueError):
@@ -39,6 +49,22 @@ class ConfigError(ValueError):
     def __init__(self, message: str, path: str = ""):
         super().__init__(message)
         self.path = path
+
+
+def _require(ok: bool, field_name: str, need: str, value) -> None:
+    """A section's own check; the message starts with the field so that ``from_dict`` reports it
+    at its dotted path (``train.lr: ...``)."""
+    if not ok:
+        raise ValueError(f"{field_name}: {need}, got {value!r}")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_seed(value, field_name: str = "seed") -> None:
+    _require(isinstance(value, int) and 0 <= value <= MAX_SEED, field_name, f"must be an integer in [0, {MAX_SEED}]",
+             value)
 
 
 @dataclass
@@ -58,7 +84,8 @@ class DataConfig:
     the log and the run's record). A hub dataset with splits uses ``eval_splits``. Rows that are in
     both the training data and an evaluation set are refused. Every set is cut to the n_* sizes
     (``n_test`` for evaluation sets other than test_hard). ``columns`` and ``on_error`` are as in
-    ``data.load_demonstrations``.
+    ``data.load_demonstrations``. ``exemplars`` are the worked examples every prompt of the training
+    and evaluation sets is shown first, as earlier chat turns (``onpolicy_sft.exemplars``).
     """
 
     source: str = "arithmetic"
@@ -73,14 +100,28 @@ class DataConfig:
     n_test_hard: int = 64
     n_general: int = 20  # general prompts for forgetting
     seed: int = 0
+    # Worked examples rendered as earlier chat turns before every question (onpolicy_sft.exemplars):
+    # unset = the source's default, 0 = none, n = drawn from exemplar_pool, or a list / file of them.
+    exemplars: int | str | list[dict[str, str]] | None = None
+    exemplar_pool: str = ""
 
     def __post_init__(self):
+        if self.exemplar_pool and not Path(self.exemplar_pool).is_file():
+            raise ValueError(f"exemplar_pool: no file {self.exemplar_pool}")
+        resolve_exemplars(self.exemplars, source=self.source, pool=self.exemplar_pool, seed=self.seed)
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {self.holdout}")
         if self.holdout and self.eval_sources:
             raise ValueError("set eval_sources or holdout, not both")
+        for name in ("n_train", "n_test", "n_test_hard", "n_general"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        check_seed(self.seed)
+        try:
+            check_columns(self.columns)
+        except ValueError as err:
+            raise ValueError(f"columns: {err}") from None
 
     @property
     def eval_names(self) -> list[str]:
@@ -180,6 +221,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_train(self)
         if self.rows is not None and self.rows < 1:
             raise ValueError(f"rows: must be >= 1 or null (then epochs decides), got {self.rows}")
         if self.packing and not self.fused:
@@ -190,6 +232,39 @@ class TrainConfig:
         if self.peft.rank and self.fused and "lm_head" in self.peft.target_modules and self.peft.dropout:
             raise ValueError("train.peft: LoRA dropout on lm_head is not applied by the fused path (it works from the "
                              "merged head weight); set train.peft.dropout: 0 or leave lm_head out of target_modules")
+
+
+def check_train(config: TrainConfig) -> None:
+    """Every optimisation value in range, so that a bad one stops the config load with its field
+    instead of failing (or, worse, training on NaN) once the models are loaded."""
+    ints = {"batch_size": 1, "micro_batch_size": 1, "max_length": 2, "save_every": 0, "log_every": 1}
+    for name, low in ints.items():
+        _require(getattr(config, name) >= low, name, f"must be >= {low}", getattr(config, name))
+    _require(config.max_steps is None or config.max_steps >= 1, "max_steps", "must be >= 1 or null", config.max_steps)
+    _require(_finite(config.lr) and config.lr > 0, "lr", "must be a finite number > 0", config.lr)
+    _require(_finite(config.epochs) and config.epochs > 0, "epochs",
+             "must be a finite number > 0 (to skip training, leave the stage out)", config.epochs)
+    _require(_finite(config.warmup_ratio) and 0 <= config.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]",
+             config.warmup_ratio)
+    _require(_finite(config.min_lr_ratio) and 0 <= config.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]",
+             config.min_lr_ratio)
+    _require(_finite(config.weight_decay) and config.weight_decay >= 0, "weight_decay", "must be a finite number >= 0",
+             config.weight_decay)
+    _require(len(config.adam_betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in config.adam_betas),
+             "adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.95]", config.adam_betas)
+    _require(_finite(config.adam_eps) and config.adam_eps > 0, "adam_eps", "must be a finite number > 0",
+             config.adam_eps)
+    _require(config.max_grad_norm is None or (_finite(config.max_grad_norm) and config.max_grad_norm > 0),
+             "max_grad_norm", "must be a finite number > 0 or null", config.max_grad_norm)
+    _require(config.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision",
+             "must be auto, no, bf16 or fp16", config.mixed_precision)
+    check_seed(config.seed)
+    for name in config.trackers:
+        _require(name == "jsonl" or name in TRACKER_MODULES, "trackers",
+                 f"{name!r} is not a tracker; choose from {sorted(['jsonl', *TRACKER_MODULES])}", config.trackers)
+        if name in TRACKER_MODULES and importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            raise ValueError(f"trackers: {name!r} is not installed here (pip install {TRACKER_MODULES[name]}), "
+                             f"so it would log nothing; install it or remove it from train.trackers")
 
 
 @dataclass
@@ -212,6 +287,19 @@ class EvalConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
+        for name in ("max_new_tokens", "forgetting_max_new_tokens"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _require(self.n_samples >= 0, "n_samples", "must be >= 0", self.n_samples)
+        _require(_finite(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0",
+                 self.temperature)
+        _require(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        _require(bool(self.pass_k) and all(k >= 1 for k in self.pass_k), "pass_k", "must be a list of k >= 1",
+                 self.pass_k)
+        # pass@k needs k samples per problem: a larger k would drop out of the table without a word.
+        for k in self.pass_k:
+            if self.n_samples and k > self.n_samples:
+                raise ValueError(f"pass_k: pass@{k} needs eval.n_samples >= {k}, but n_samples is {self.n_samples}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -242,6 +330,7 @@ class LoopConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        _require(self.rounds >= 0, "rounds", "must be >= 0", self.rounds)
         check_run_backend(self)
 
 
@@ -421,6 +510,42 @@ def apply_overrides(config, overrides: list[str]):
         raise ConfigError(str(err).replace("--set", where, 1), err.path) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key written twice in one mapping: a plain load keeps the last value,
+    so a forgotten earlier line would silently decide the run."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+def read_yaml(path: Path):
+    """The YAML file ``path`` as plain data; invalid YAML or a duplicate key is a ``ConfigError``
+    naming the file and line."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{path}: line {dup.again}: key {dup.key!r} written twice in one mapping (first on line "
+                          f"{dup.first}); keep one") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=LoopConfig):
     """``cls`` from a YAML file (missing keys keep their defaults), then the overrides."""
     values = {}
@@ -428,10 +553,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        values = read_yaml(path) or {}
     config = from_dict(cls, values, where=str(path or "config"))
     return apply_overrides(config, overrides) if overrides else config
 

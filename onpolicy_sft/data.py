@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +46,25 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
-def encode_prompt(tokenizer, prompt: str, system: str = "") -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the assistant header (generation prompt).
+def chat_messages(prompt: str, system: str = "", exemplars=()) -> list[dict]:
+    """The chat a prompt is rendered as: the system turn, each worked example as an earlier user
+    turn and the assistant's answer to it, then the question as the last user turn."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for example in exemplars:
+        messages += [{"role": "user", "content": example["prompt"]},
+                     {"role": "assistant", "content": example["response"]}]
+    return messages + [{"role": "user", "content": prompt}]
 
-    The template's own markup keeps its control tokens; the user's text (prompt and system) is
-    tokenised as plain text (``encode_text``), so that writing ``<|im_end|>`` in a question
-    cannot end the turn.
+
+def encode_prompt(tokenizer, prompt: str, system: str = "", exemplars=()) -> list[int]:
+    """Token ids of the chat-formatted prompt (``chat_messages``), ending with the assistant header
+    (generation prompt).
+
+    The template's own markup keeps its control tokens; the user's text (prompt, system and the
+    exemplars) is tokenised as plain text (``encode_text``), so that writing ``<|im_end|>`` in a
+    question cannot end the turn.
     """
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    messages = chat_messages(prompt, system, exemplars)
     specials = _special_texts(tokenizer)
     if not any(sp in m["content"] for m in messages for sp in specials):
         return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
@@ -78,8 +90,14 @@ def encode_prompt(tokenizer, prompt: str, system: str = "") -> list[int]:
     return ids
 
 
+def encode_row_prompt(tokenizer, row: dict) -> list[int]:
+    """``encode_prompt`` of a row: its prompt under its own system text and exemplar turns. Every
+    stage renders a row's prompt through here, so all of them see the same tokens."""
+    return encode_prompt(tokenizer, row["prompt"], row.get("system") or "", row.get("exemplars") or ())
+
+
 def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_length: int | None = None,
-                   truncated: bool = False) -> dict:
+                   truncated: bool = False, exemplars=()) -> dict:
     """``input_ids`` = prompt + response + eos; UNSHIFTED ``labels`` with IGNORE_INDEX over the prompt.
 
     ``truncated`` marks a response cut off at a generation limit: it gets no eos, which the model
@@ -89,9 +107,15 @@ def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_
     the concatenation equals the template's rendering of the whole conversation up to the
     newline the template writes after it. (Only the token split can differ, and only when the
     response starts with a blank line: a byte-level BPE then merges newlines across the prompt
-    boundary; the text is the same.) ``max_length`` cuts the end (the response side).
+    boundary; the text is the same.) ``max_length`` cuts the end (the response side); the texts are
+    first cut to ``text_bound`` characters, so a huge row costs memory for its first
+    ``max_length`` tokens only, and those tokens are the same. Exemplar turns are part of the
+    prompt, so they carry no labels: only the final response is learned.
     """
-    prompt_ids = encode_prompt(tokenizer, prompt, system)
+    if max_length is not None:
+        bound = text_bound(tokenizer, max_length)
+        prompt, response, system = prompt[:bound], response[:bound], system[:bound]
+    prompt_ids = encode_prompt(tokenizer, prompt, system, exemplars)
     response_ids = encode_text(tokenizer, response)
     if not truncated:
         response_ids.append(tokenizer.eos_token_id)
@@ -102,11 +126,38 @@ def encode_example(tokenizer, prompt: str, response: str, system: str = "", max_
     return {"input_ids": input_ids, "labels": labels}
 
 
+# Tokens past the cap that a cut text still yields: what a cut can change (the split of the last,
+# cut word) stays this far beyond the cap.
+BOUND_MARGIN_TOKENS = 64
+
+
+def text_bound(tokenizer, max_tokens: int) -> int:
+    """A number of characters whose text always yields more than ``max_tokens`` tokens: no token
+    spells more characters than the longest vocabulary entry (byte-level and SentencePiece entries
+    spell one character per byte or space, at least as many as they decode to), so the first
+    ``max_tokens`` ids of a text cut there are those of the whole text. This assumes the
+    tokenizer's normaliser does not fold several characters into one (NFKC composition can)."""
+    longest = _longest_token(tokenizer)
+    return (max_tokens + BOUND_MARGIN_TOKENS) * longest
+
+
+_LONGEST_TOKEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters in the longest vocabulary entry; kept per tokenizer and size (added tokens change it)."""
+    size, longest = _LONGEST_TOKEN.get(tokenizer, (None, 0))
+    if size != len(tokenizer):
+        size, longest = len(tokenizer), max(len(token) for token in tokenizer.get_vocab())
+        _LONGEST_TOKEN[tokenizer] = (size, longest)
+    return longest
+
+
 def encode_row(tokenizer, row: dict, column: str = "response", max_length: int | None = None) -> dict:
-    """``encode_example`` of a row's prompt, system and ``column``; a true ``<column>_truncated``
-    marks that response as cut off at a generation limit."""
+    """``encode_example`` of a row's prompt, system, exemplars and ``column``; a true
+    ``<column>_truncated`` marks that response as cut off at a generation limit."""
     return encode_example(tokenizer, row["prompt"], row[column], row.get("system") or "", max_length=max_length,
-                          truncated=bool(row.get(f"{column}_truncated")))
+                          truncated=bool(row.get(f"{column}_truncated")), exemplars=row.get("exemplars") or ())
 
 
 def collate(rows: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -219,8 +270,15 @@ class LoadReport:
             self.messages.append(str(error))
 
 
-DEMONSTRATION_COLUMNS = ("id", "prompt", "response", "answer", "system")
-PREFERENCE_COLUMNS = ("id", "prompt", "chosen", "rejected", "answer", "system")
+DEMONSTRATION_COLUMNS = ("id", "prompt", "response", "answer", "system", "exemplars")
+PREFERENCE_COLUMNS = ("id", "prompt", "chosen", "rejected", "answer", "system", "exemplars")
+# Worked examples rendered as earlier chat turns before the row's prompt (``chat_messages``).
+EXEMPLARS = datasets.List({"prompt": datasets.Value("string"), "response": datasets.Value("string")})
+
+
+def columns_features(names) -> datasets.Features:
+    """The schema of normalised rows: every column a string but ``exemplars``."""
+    return datasets.Features({k: EXEMPLARS if k == "exemplars" else datasets.Value("string") for k in names})
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -229,7 +287,7 @@ def stable_id(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def _raw_rows(source, split: str):
+def raw_records(source, split: str):
     """(where, record) pairs from any supported source, plus the source's display name.
 
     Text is decoded with ``surrogateescape`` so that an undecodable byte becomes a marker that the
@@ -246,7 +304,7 @@ def _raw_rows(source, split: str):
     path = Path(source)
     name = str(source)
     if path.is_dir():
-        return name, _raw_rows(datasets.load_from_disk(str(path)), split)[1]
+        return name, raw_records(datasets.load_from_disk(str(path)), split)[1]
     if path.is_file():
         fmt = FILE_FORMATS.get(path.suffix.lower())
         if fmt is None:
@@ -354,8 +412,10 @@ def _rename(record: dict, columns: dict | None, ctx: dict) -> dict:
     return out
 
 
-def _chat(messages, ctx: dict, key: str = "messages") -> tuple[str, str, str]:
-    """(system, prompt, response) of a single-turn chat; the last assistant message is the response."""
+def _chat(messages, ctx: dict, key: str = "messages") -> tuple[str, list[dict], str, str]:
+    """(system, exemplars, prompt, response) of a chat: the last assistant message is the response,
+    the user message before it the prompt, and every earlier user/assistant exchange an exemplar
+    turn, rendered again before the prompt wherever the row is used."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise DataError("expected a list of {role, content} messages", field=key, kind="wrong_type", **ctx)
     roles = {"human": "user", "gpt": "assistant"}  # ShareGPT spelling
@@ -369,12 +429,11 @@ def _chat(messages, ctx: dict, key: str = "messages") -> tuple[str, str, str]:
     dialog = [(r, c) for r, c in turns if r != "system"]
     if not dialog or dialog[-1][0] != "assistant":
         raise DataError("the last message is not an assistant message", field=key, kind="missing_field", **ctx)
-    *before, (_, response) = dialog
-    users = [c for r, c in before if r == "user"]
-    if len(before) != 1 or len(users) != 1:
-        raise DataError(f"expected one user message then one assistant message, got {[r for r, _ in dialog]} "
-                        "(multi-turn chats are not supported)", field=key, kind="malformed", **ctx)
-    return system, users[0], response
+    if len(dialog) % 2 or any(r != ("user", "assistant")[i % 2] for i, (r, _) in enumerate(dialog)):
+        raise DataError(f"expected user and assistant messages taking turns, got {[r for r, _ in dialog]}",
+                        field=key, kind="malformed", **ctx)
+    exemplars = [{"prompt": dialog[i][1], "response": dialog[i + 1][1]} for i in range(0, len(dialog) - 2, 2)]
+    return system, exemplars, dialog[-2][1], dialog[-1][1]
 
 
 def _messages(value, key: str, ctx: dict) -> list[dict]:
@@ -401,21 +460,50 @@ def _reference_answer(record: dict, text: str, ctx: dict, *, source_field: str, 
     return answer
 
 
+def _exemplars(record: dict, ctx: dict) -> list[dict]:
+    """A row's exemplar turns: a list of ``{prompt, response}`` (none when the field is absent)."""
+    value = record.get("exemplars")
+    if value is None:
+        return []
+    try:
+        return exemplar_list(value)
+    except ValueError as err:
+        raise DataError(str(err), field="exemplars", kind="malformed", **ctx) from None
+
+
+def exemplar_list(value) -> list[dict]:
+    """``value`` as a list of ``{"prompt": str, "response": str}``; ValueError saying what is wrong."""
+    if not isinstance(value, list):
+        raise ValueError(f"exemplars must be a list of {{prompt, response}} objects, got {type(value).__name__}")
+    for i, example in enumerate(value):
+        if not isinstance(example, dict) or set(example) != {"prompt", "response"} or \
+                not all(isinstance(example[k], str) and example[k].strip() for k in ("prompt", "response")):
+            raise ValueError(f"exemplar {i} must be an object with exactly a non-empty string prompt and response, "
+                             f"got {str(example)[:120]!r}")
+    return [{"prompt": e["prompt"], "response": e["response"]} for e in value]
+
+
+def _flat(exemplars: list[dict]) -> list[str]:
+    return [text for e in exemplars for text in (e["prompt"], e["response"])]
+
+
 def _demonstration(record: dict, ctx: dict, require_answer: bool = True) -> dict:
     """One raw record in any supported shape -> the normalised demonstration row."""
     answer = None
     response_field = "response"
     if "messages" in record or "conversations" in record:
         response_field = "messages" if "messages" in record else "conversations"
-        system, prompt, response = _chat(record[response_field], ctx, response_field)
-        record = {**record, "prompt": prompt, "response": response, "system": system or record.get("system")}
+        system, exemplars, prompt, response = _chat(record[response_field], ctx, response_field)
+        record = {**record, "prompt": prompt, "response": response, "system": system or record.get("system"),
+                  "exemplars": exemplars}
     elif isinstance(record.get("prompt"), list) or isinstance(record.get("completion"), list):
         # TRL's conversational prompt-completion: {prompt: [messages], completion: [messages]}
         response_field = "completion"
         messages = [*_messages(record.get("prompt"), "prompt", ctx),
                     *_messages(record.get("completion"), "completion", ctx)]
-        system, prompt, response = _chat(messages, ctx, "completion")
-        record = {**record, "prompt": prompt, "response": response, "system": system or record.get("system")}
+        system, exemplars, prompt, response = _chat(messages, ctx, "completion")
+        record = {**record, "prompt": prompt, "response": response, "system": system or record.get("system"),
+                  "exemplars": exemplars}
     elif "problem" in record and "solution" in record and "prompt" not in record:  # MATH / NuminaMath
         response_field = "solution"
         record = {**record, "prompt": record["problem"], "response": record["solution"]}
@@ -432,10 +520,12 @@ def _demonstration(record: dict, ctx: dict, require_answer: bool = True) -> dict
     prompt = _text(record, "prompt", ctx)
     response = _text(record, "response", ctx)
     system = _text(record, "system", ctx, required=False)
+    exemplars = _exemplars(record, ctx)
     if answer is None:
         answer = _reference_answer(record, response, ctx, source_field=response_field, required=require_answer)
-    row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, response)
-    return {"id": row_id, "prompt": prompt, "response": response, "answer": answer, "system": system}
+    row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, response, *_flat(exemplars))
+    return {"id": row_id, "prompt": prompt, "response": response, "answer": answer, "system": system,
+            "exemplars": exemplars}
 
 
 def _preference(record: dict, ctx: dict) -> dict:
@@ -450,25 +540,34 @@ def _preference(record: dict, ctx: dict) -> dict:
                 raise DataError("missing", field=key, kind="missing_field", **ctx)
             messages = _messages(prompt, "prompt", ctx) + _messages(record[key], key, ctx)
             sides[key] = _chat(messages, ctx, key)
-        (system_c, prompt, chosen), (system_r, prompt_r, rejected) = sides["chosen"], sides["rejected"]
-        if (system_c, prompt) != (system_r, prompt_r):
+        (system_c, turns, prompt, chosen), (system_r, turns_r, prompt_r, rejected) = sides["chosen"], sides["rejected"]
+        if (system_c, turns, prompt) != (system_r, turns_r, prompt_r):
             raise DataError("chosen and rejected answer different prompts (their messages before the last "
                             "assistant message differ)", field="rejected", kind="malformed", **ctx)
         system = system_c or system
-        record = {**record, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+        record = {**record, "prompt": prompt, "chosen": chosen, "rejected": rejected, "exemplars": turns}
     prompt = _text(record, "prompt", ctx)
     chosen = _text(record, "chosen", ctx)
     rejected = _text(record, "rejected", ctx)
+    exemplars = _exemplars(record, ctx)
+    if chosen.strip() == rejected.strip():
+        raise DataError("chosen and rejected are the same text, so the pair prefers nothing", field="rejected",
+                        kind="same_sides", **ctx)
     # Pairs train without grading, so a pair may have no answer; where it has one, it is read by the same rules.
     answer = _reference_answer(record, chosen, ctx, source_field="chosen", required=False)
-    row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, chosen, rejected)
-    return {"id": row_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "answer": answer, "system": system}
+    row_id = _text(record, "id", ctx, required=False) or stable_id(system, prompt, chosen, rejected, *_flat(exemplars))
+    return {"id": row_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "answer": answer, "system": system,
+            "exemplars": exemplars}
 
 
 def _read(source, normalise, names, *, split, columns, on_error, limit):
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    name, rows = _raw_rows(source, split)
+    try:
+        check_columns(columns or {}, names)
+    except ValueError as err:
+        raise DataError(str(err), source="columns", kind="invalid") from None
+    name, rows = raw_records(source, split)
     report = LoadReport(source=name)
     out, seen = [], Counter()
     for where, record in rows:
@@ -500,8 +599,7 @@ def _read(source, normalise, names, *, split, columns, on_error, limit):
                     ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())), report.messages[0])
     else:
         log.info("%s: loaded %d rows", name, report.kept)
-    features = datasets.Features({k: datasets.Value("string") for k in names})
-    return datasets.Dataset.from_list(out, features=features), report
+    return datasets.Dataset.from_list(out, features=columns_features(names)), report
 
 
 def read_demonstrations(source, *, split: str = "train", columns: dict | None = None, on_error: str = "raise",
@@ -570,6 +668,23 @@ def parse_columns(items: list[str]) -> dict[str, str]:
             raise DataError(f"unknown column {ours.strip()!r} in {item!r}; ours are "
                             f"{sorted(set(DEMONSTRATION_COLUMNS) | set(PREFERENCE_COLUMNS))}", source="--columns")
         columns[ours.strip()] = theirs.strip()
+    return columns
+
+
+def check_columns(columns: dict[str, str], ours=DEMONSTRATION_COLUMNS) -> dict[str, str]:
+    """``columns`` if no column of the source feeds two of ``ours`` (the fields of the rows read).
+    ``prompt=response`` would read the reference solution as the prompt of every row while the
+    same column stays the response; the source's column must be mapped away from our name too
+    (``response=...``)."""
+    fed_by: dict[str, list[str]] = {}
+    for field_name, theirs in columns.items():
+        fed_by.setdefault(theirs, []).append(field_name)
+    for theirs, fields in fed_by.items():
+        if theirs in ours and theirs not in columns:
+            fields = [theirs, *fields]  # unmapped, our same-named field still reads it
+        if len(set(fields)) > 1:
+            raise ValueError(f"the column {theirs!r} would feed {' and '.join(repr(f) for f in fields)}; map each of "
+                             f"our fields from its own column (e.g. --columns {fields[-1]}=OTHER)")
     return columns
 
 

@@ -133,7 +133,10 @@ def _cut_to_length(encoded: dict, max_length: int | None, on_long: str) -> tuple
 
 
 def _encode(tokenizer, dataset, response_column: str, max_length: int | None, on_long: str):
-    rows = [_cut_to_length(encode_row(tokenizer, row, response_column), max_length, on_long) for row in dataset]
+    # One token past the cap is enough to tell a long row from one that fits.
+    limit = max_length + 1 if max_length is not None else None
+    rows = [_cut_to_length(encode_row(tokenizer, row, response_column, max_length=limit), max_length, on_long)
+            for row in dataset]
     return [r for r, _ in rows], [cut for _, cut in rows]
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from scipy.stats import norm
 
 from onpolicy_sft.ddt import PREFIX, REJECT_LEVEL, summarize
+from onpolicy_sft.rundir import replace_with, write_text
 
 PHI_HIST = "phi_mean_hist.png"
 Z_PLOT = "z_vs_normal.png"
@@ -74,7 +75,7 @@ def _plot_phi_hist(path: Path, corpora: dict) -> None:
     ax.set_ylabel("rows")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -100,7 +101,7 @@ def _plot_z(path: Path, corpora: dict) -> None:
     qq.set_ylabel("observed Z quantile")
     qq.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -138,6 +139,4 @@ def write_report(out_dir, corpora: dict) -> Path:
         f"![Z against N(0, 1)]({Z_PLOT})",
         "",
     ])
-    path = out / "report.md"
-    path.write_text(text)
-    return path
+    return write_text(out / "report.md", text)

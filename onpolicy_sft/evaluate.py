@@ -25,7 +25,7 @@ from decoding.config import SamplingConfig
 from decoding.mixing import stream_seeds
 from onpolicy_sft import rundir
 from onpolicy_sft.config import EvalConfig
-from onpolicy_sft.data import collate, encode_prompt
+from onpolicy_sft.data import collate, encode_prompt, encode_row_prompt
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight
@@ -69,8 +69,7 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 
 
 def _prompt_ids(tokenizer, dataset) -> list[list[int]]:
-    systems = dataset["system"] if "system" in dataset.column_names else [""] * len(dataset)
-    return [encode_prompt(tokenizer, p, s or "") for p, s in zip(dataset["prompt"], systems)]
+    return [encode_row_prompt(tokenizer, row) for row in dataset]
 
 
 def _decode(tokenizer, ids: list[int]) -> str:

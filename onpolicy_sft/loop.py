@@ -39,7 +39,7 @@ from onpolicy_sft import ddt, ddt_report
 from onpolicy_sft.config import LoopConfig, save_config, to_dict
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.models import load_model, resolve_model_path
-from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, read_json, write_json, write_text
+from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, read_json, save_into, write_json, write_text
 from onpolicy_sft.stages import (Manifest, Served, config_fingerprint, evaluate_model, general_responses,
                                  load_data, main_decides, markdown_table, model_identity, num, on_main, open_backend,
                                  SOURCES, phi_by_source, plot_histograms, plot_lines, pm, say, source_counts,
@@ -123,7 +123,7 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
                     if len(corpus) == 0:
                         raise RuntimeError(f"round {r}: the rewrite kept no rows (fallback 'drop' and nothing verified)")
                     if state.is_main_process:
-                        corpus.save_to_disk(str(corpus_dir / "dataset"))
+                        save_into(corpus_dir, lambda d: corpus.save_to_disk(str(d / "dataset")))
                     return {"rows": len(corpus), "sources": source_counts(corpus), "stats": stats}
 
                 def score():
@@ -138,7 +138,7 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
                         corpora = {"original": scored}
                     summary = {label: ddt.summarize(ds) for label, ds in corpora.items()}
                     if state.is_main_process:
-                        scored.save_to_disk(str(ddt_dir / "dataset"))
+                        save_into(ddt_dir, lambda d: scored.save_to_disk(str(d / "dataset")))
                         ddt_report.write_report(ddt_dir, corpora)
                         write_json(ddt_dir / "summary.json", summary)
                     return {"training_corpus": phi_by_source(scored),

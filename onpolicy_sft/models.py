@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import safetensors
 import torch
 from filelock import FileLock
 
@@ -216,8 +217,23 @@ def load_model(
         )
     except OSError as err:
         raise ModelUnavailableError(_unavailable_message(name_or_path, err)) from err
+    except safetensors.SafetensorError as err:
+        damaged = [str(f) for f in sorted(Path(path).glob("*.safetensors")) if not _readable_safetensors(f)]
+        raise ModelUnavailableError(
+            f"model {name_or_path!r}: {', '.join(damaged) or 'a weights file'} is damaged or cut short ({err}); copy "
+            "or convert the checkpoint again (a `train --out` directory: delete its *.safetensors and rerun to train "
+            "it again)") from None
     model.to(device).eval()
     return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _readable_safetensors(path: Path) -> bool:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            f.keys()
+        return True
+    except (safetensors.SafetensorError, OSError):
+        return False
 
 
 def _unavailable_message(name: str, err: Exception) -> str:

@@ -30,16 +30,17 @@ import torch
 from decoding import make_backend
 from decoding.config import SamplingConfig
 from decoding.rules import eos_ids
-from onpolicy_sft.data import collate, encode_prompt, tokenize_for_objective
+from onpolicy_sft.data import EXEMPLARS, collate, encode_row_prompt, tokenize_for_objective
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.evaluate import row_seeds
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.objectives.adapters import sequence_logps
+from onpolicy_sft.rundir import save_into, write_text
 
 logger = logging.getLogger(__name__)
 
 NO_PAIR_CHOICES = ("demonstration", "drop")
-COLUMNS = ["id", "prompt", "system", "chosen", "rejected", "chosen_truncated", "rejected_truncated", "answer",
+COLUMNS = ["id", "prompt", "system", "exemplars", "chosen", "rejected", "chosen_truncated", "rejected_truncated", "answer",
            "pair_source", "n_correct"]
 
 
@@ -60,7 +61,8 @@ def _pair(row: dict, samples: list[list[int]], tokenizer, stops: set[int], max_n
     counted = (len(samples), len(correct))
     if chosen is None:
         return None, case, counted
-    return {"id": row["id"], "prompt": row["prompt"], "system": row["system"], "chosen": chosen[0],
+    return {"id": row["id"], "prompt": row["prompt"], "system": row["system"], "exemplars": row["exemplars"],
+            "chosen": chosen[0],
             "rejected": wrong[0][0], "chosen_truncated": chosen[1], "rejected_truncated": wrong[0][1],
             "answer": str(row["answer"]), "pair_source": source, "n_correct": len(correct)}, case, counted
 
@@ -105,9 +107,8 @@ def build_pairs(
     n = len(dataset)
     state = process_state()
     rows = my_share(range(n), state)
-    systems = dataset["system"] if "system" in dataset.column_names else [""] * n
     ids = dataset["id"] if "id" in dataset.column_names else [str(i) for i in range(n)]
-    prompts = [encode_prompt(tokenizer, dataset[i]["prompt"], systems[i] or "") for i in rows]
+    prompts = [encode_row_prompt(tokenizer, dataset[i]) for i in rows]
     own_backend = backend is None and bool(rows)
     if own_backend:
         backend = make_backend("hf", model, tokenizer)
@@ -119,7 +120,8 @@ def build_pairs(
             backend.close()
     mine = []
     for i, completions in zip(rows, samples):
-        row = {**dataset[i], "id": ids[i], "system": systems[i] or ""}
+        row = dataset[i]
+        row = {**row, "id": ids[i], "system": row.get("system") or "", "exemplars": row.get("exemplars") or []}
         mine.append((i, _pair(row, completions, tokenizer, stops, sampling.max_new_tokens, no_pair)))
     results = gather_in_order(mine, n, "preference pairs", state)
 
@@ -132,8 +134,8 @@ def build_pairs(
                   rows_per_process=shares_per_process(n, state))
     logger.info("preference pairs: %s", counts)
     if not pairs:
-        return datasets.Dataset.from_dict({c: [] for c in COLUMNS}), counts
-    return datasets.Dataset.from_list(pairs), counts
+        return datasets.Dataset.from_dict({c: [] for c in COLUMNS}).cast_column("exemplars", EXEMPLARS), counts
+    return datasets.Dataset.from_list(pairs).cast_column("exemplars", EXEMPLARS), counts
 
 
 @torch.no_grad()
@@ -180,6 +182,6 @@ def cached_reference_logps(ref_model, tokenizer, pairs, cache_dir: str | Path, *
     logger.info("reference log-probs of %d pairs: computing once, cached in %s", len(pairs), cache_dir)
     pairs = add_reference_logps(ref_model, tokenizer, pairs, max_length=max_length)
     stamp.unlink(missing_ok=True)  # the stamp goes last, so a half-written cache is never read
-    pairs.save_to_disk(str(cache_dir / "pairs"))
-    stamp.write_text(json.dumps(key))
+    save_into(cache_dir, lambda d: pairs.save_to_disk(str(d / "pairs")))
+    write_text(stamp, json.dumps(key))
     return pairs

@@ -12,22 +12,69 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically: a kill leaves the old file or the new one, never half
     of one that a resumed run would trust."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return replace_with(path, write)
+
+
+def replace_with(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` a file beside ``path``, then rename it onto ``path``. The rename replaces
+    whatever ``path`` was, a symlink included, so a link planted in an output directory is never
+    followed out of it; the temporary name is new and created exclusively (mkstemp), so it cannot
+    be a planted link either. Any writer that takes a file name (savefig, to_parquet, safetensors)
+    goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # The suffix stays, since writers such as savefig choose the format from it.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; the result gets the usual permissions
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def save_into(directory: str | Path, save: Callable[[Path], None]) -> Path:
+    """``save(folder)`` into a new folder inside ``directory``, then move each entry it wrote onto
+    its name in ``directory`` (replacing a link or an older entry there), for writers that fill a
+    directory (``save_pretrained``): what they write never goes through a planted link."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".saving.", dir=directory))
+    try:
+        save(staging)
+        for entry in staging.iterdir():
+            target = directory / entry.name
+            if target.is_symlink():
+                target.unlink()
+            elif target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
 
 
 def write_json(path: str | Path, value: Any) -> Path:
@@ -44,9 +91,9 @@ def check_writable(directory: str | Path) -> Path:
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise OSError(err.errno, f"output directory {directory} is not writable: {err.strerror}") from err
     return directory
@@ -56,43 +103,73 @@ class DirectoryLocked(RuntimeError):
     """Another process is already running a stage in this output directory."""
 
 
+# Directories this process holds, so that a stage inside another on the same directory (the CLI's
+# lock around the library's) shares the one lock instead of being refused by its own process.
+_HELD: dict[Path, list] = {}
+
+
 class RunLock:
-    """An exclusive lock on an output directory for the life of a run (``with RunLock(out): ...``).
+    """The one exclusive lock on an output directory for the life of a run (``with RunLock(out,
+    "train"): ...``), whichever stage takes it: a second stage of any kind on the same directory is
+    refused at once, naming the stage and pid that hold it.
 
     The lock is an ``fcntl`` lock on ``out/.lock``: the kernel drops it when the holder exits, even
-    after ``kill -9``, so a stale lock file never blocks a resume. A second run on the same
-    directory is refused at once with the holder's pid.
+    after ``kill -9``, so a stale lock file never blocks a resume. The file is opened without
+    following a link (a planted ``.lock`` symlink is replaced, never written through). Taken again
+    by the process that holds it, it is shared, not refused.
     """
 
     def __init__(self, directory: str | Path, what: str = "run"):
         self.directory, self.what = Path(directory), what
-        self._fd: int | None = None
+        self._key: Path | None = None
 
     def __enter__(self) -> "RunLock":
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        key = self.directory.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self._key = key
+            return self
+        fd = _open_lock_file(self.directory / ".lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             os.close(fd)
             if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                pid, _, stage = holder.partition(" ")
                 raise DirectoryLocked(
-                    f"{self.directory} is in use by another {self.what} (pid {holder}); wait for it to finish "
-                    "or choose another output directory"
+                    f"{self.directory} is in use by another stage ({stage or 'unknown'}, pid {pid or 'unknown'}); "
+                    f"wait for it to finish or give this {self.what} another output directory"
                 ) from None
             raise
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
+        os.pwrite(fd, f"{os.getpid()} {self.what}".encode(), 0)
+        _HELD[key] = [fd, 1]
+        self._key = key
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._key is None:
+            return
+        held = _HELD[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self._key]
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            os.close(held[0])
+        self._key = None
+
+
+def _open_lock_file(path: Path) -> int:
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+    path.unlink()  # a symlink where the lock file belongs: remove the link, never its target
+    return os.open(path, flags | os.O_EXCL, 0o644)
 
 
 def digest(value: Any) -> str:

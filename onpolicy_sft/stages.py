@@ -41,12 +41,14 @@ from onpolicy_sft.config import DataConfig, EvalConfig, to_dict
 from onpolicy_sft.data import read_demonstrations
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
-from onpolicy_sft.rundir import read_json, write_json
+from onpolicy_sft.exemplars import resolve as resolve_exemplars
+from onpolicy_sft.exemplars import with_exemplars
+from onpolicy_sft.rundir import read_json, replace_with, write_json
 
 log = logging.getLogger(__name__)
 
 # response_truncated keeps a cut-off response from being trained with an end-of-turn token the model never wrote.
-TRAINING_COLUMNS = ("id", "prompt", "response", "answer", "system", "response_truncated")
+TRAINING_COLUMNS = ("id", "prompt", "response", "answer", "system", "exemplars", "response_truncated")
 SOURCES = ("self", "hinted", "original", "in_distribution")
 
 
@@ -262,6 +264,9 @@ def load_data(config: DataConfig) -> RunData:
     train_set = train_set.select(range(min(config.n_train, len(train_set))))
     evals = {s: d.select(range(min(sizes.get(s, config.n_test), len(d)))) for s, d in evals.items()}
     _refuse_overlap(train_set, evals, config)
+    turns = resolve_exemplars(config.exemplars, source=config.source, pool=config.exemplar_pool, seed=config.seed)
+    train_set = with_exemplars(train_set, turns)
+    evals = {s: with_exemplars(d, turns) for s, d in evals.items()}
     general = arith.general_prompts()[: config.n_general]
     return RunData(train_set, evals, general, notes)
 
@@ -418,7 +423,7 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, xlabe
         ax.set(title=title, xlabel=xlabel, ylabel="rows")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -438,7 +443,7 @@ def plot_lines(panels: list[tuple[str, dict[str, list[tuple[float, float, float]
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -508,6 +513,8 @@ def route_logs(log_file: str | Path | None, verbose: bool = False) -> None:
     handlers = [console]
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        if Path(log_file).is_symlink():  # the log is appended to: never through a link planted in its place
+            Path(log_file).unlink()
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
         handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for handler in handlers:

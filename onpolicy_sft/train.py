@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -41,7 +42,7 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from onpolicy_sft.config import TrainConfig, to_dict
+from onpolicy_sft.config import TrainConfig, check_train, to_dict
 from onpolicy_sft.data import (
     collate_rows,
     duplicate_rows,
@@ -56,7 +57,8 @@ from onpolicy_sft.models import load_model, weights_digest
 from onpolicy_sft.objectives import Objective, build
 from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps
 from onpolicy_sft.ops import IGNORE_INDEX
-from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, digest, read_json, write_json, write_text
+from onpolicy_sft.rundir import (RunLock, check_fingerprint, check_writable, digest, read_json, replace_with, save_into,
+                                 write_json, write_text)
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +238,6 @@ def _load_frozen(spec: str | None, starting_model, role: str, device, dtype):
 def _mixed_precision(setting: str) -> str:
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
-    if setting not in ("no", "bf16", "fp16"):
-        raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16; got {setting!r}")
     return setting
 
 
@@ -291,7 +291,9 @@ class MetricsLog:
 
     def log(self, values: dict, step: int) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
+            # Appended, so opened without following a link that might have been put in its place.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
 
@@ -362,11 +364,12 @@ def save_state(accelerator: Accelerator, model, optimizer, scheduler, out_dir: P
         shutil.rmtree(target, ignore_errors=True)  # a half-written one from a killed attempt
         target.mkdir(parents=True)
         if sharded:
-            safetensors.torch.save_file(_unshared(weights), str(target / "model.safetensors"))
+            replace_with(target / "model.safetensors",
+                         lambda tmp: safetensors.torch.save_file(_unshared(weights), str(tmp)))
         else:
-            safetensors.torch.save_model(model, str(target / "model.safetensors"))
+            replace_with(target / "model.safetensors", lambda tmp: safetensors.torch.save_model(model, str(tmp)))
         tensors, meta = _optimizer_files(optimizer_state if sharded else optimizer.state_dict())
-        safetensors.torch.save_file(tensors, str(target / "optimizer.safetensors"))
+        replace_with(target / "optimizer.safetensors", lambda tmp: safetensors.torch.save_file(tensors, str(tmp)))
         write_json(target / "optimizer.json", meta)
         write_json(target / "scheduler.json", scheduler.state_dict())
         if accelerator.scaler is not None:
@@ -400,27 +403,46 @@ def latest_state(out_dir: Path) -> tuple[int, Path] | None:
     return info["step"], out_dir / STATE_DIR / info["dir"]
 
 
+class DamagedFile(ValueError):
+    """A file a run saved is cut short or corrupt (a kill during a copy, a full disk)."""
+
+
+def read_saved(path: Path, read: Callable, fix: str):
+    """``read(path)``, where a damaged file is one line naming it and ``fix`` instead of a
+    deserializer's traceback."""
+    try:
+        return read(path)
+    except (safetensors.SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedFile(f"{path} is damaged or cut short ({err}); {fix}") from None
+
+
 def load_state(accelerator: Accelerator, model, optimizer, scheduler, state_dir: Path) -> None:
     """Restore what ``save_state`` wrote. Only the files it names are read, all safetensors or JSON."""
     missing_files = [name for name in STATE_FILES if not (state_dir / name).exists()]
     if missing_files:
         raise FileNotFoundError(f"{state_dir} lacks {', '.join(missing_files)}: it is not resume state this version "
                                 f"wrote (or not all of it); delete {state_dir.parent} to train from the start")
-    optimizer_state = _optimizer_state(safetensors.torch.load_file(str(state_dir / "optimizer.safetensors")),
-                                       read_json(state_dir / "optimizer.json"))
+    fix = f"delete {state_dir.parent} to train from the start (no earlier state is kept)"
+
+    def saved(name: str, read: Callable):
+        return read_saved(state_dir / name, read, fix)
+
+    optimizer_state = _optimizer_state(saved("optimizer.safetensors", safetensors.torch.load_file),
+                                       saved("optimizer.json", read_json))
     if is_sharded(model):
-        weights = safetensors.torch.load_file(str(state_dir / "model.safetensors"))
+        weights = saved("model.safetensors", safetensors.torch.load_file)
         load_full_state(model, weights, _unwrapped(optimizer), optimizer_state)
     else:
-        missing, unexpected = safetensors.torch.load_model(model, str(state_dir / "model.safetensors"), strict=False)
+        missing, unexpected = saved("model.safetensors",
+                                    lambda path: safetensors.torch.load_model(model, path, strict=False))
         if missing or unexpected:
             raise RuntimeError(f"{state_dir}: the saved weights do not fit this model (missing {sorted(missing)[:5]}, "
                                f"unexpected {sorted(unexpected)[:5]}); was the run started from another model?")
         optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(read_json(state_dir / "scheduler.json"))
+    scheduler.load_state_dict(saved("scheduler.json", read_json))
     if accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(read_json(state_dir / "scaler.json"))
-    rng = read_json(state_dir / "rng.json")
+        accelerator.scaler.load_state_dict(saved("scaler.json", read_json))
+    rng = saved("rng.json", read_json)
     if len(rng) != accelerator.num_processes:
         logger.warning("the state in %s was saved by %d processes, resumed by %d: random streams are not "
                        "replayed exactly", state_dir, len(rng), accelerator.num_processes)
@@ -478,14 +500,11 @@ def fingerprint(config: TrainConfig, objective: Objective, data: "TrainData", mo
 
 
 def check_config(config: TrainConfig) -> None:
-    """Settings that would train something other than what was asked, refused before any work."""
-    if not config.epochs > 0:
-        raise ValueError(f"train.epochs must be > 0 (got {config.epochs}); to skip training, leave the stage out")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"train.max_steps must be >= 1 or null (got {config.max_steps})")
-    if config.save_every < 0 or config.log_every < 1:
-        raise ValueError(f"train.save_every must be >= 0 and train.log_every >= 1 "
-                         f"(got {config.save_every} and {config.log_every})")
+    """The config's own checks again, for a caller that changed a field after building it."""
+    try:
+        check_train(config)
+    except ValueError as err:
+        raise ValueError(f"train.{err}") from None
 
 
 def setup_objective(config: TrainConfig, objective: Objective | None = None) -> Objective:
@@ -616,7 +635,8 @@ def load_finished(model, out_dir: Path) -> None:
     """Load the weights of a finished run in ``out_dir`` into ``model`` (tied weights are saved once)."""
     weights = {}
     for path in sorted(out_dir.glob("*.safetensors")):
-        weights.update(safetensors.torch.load_file(str(path)))
+        weights.update(read_saved(path, safetensors.torch.load_file,
+                                  f"delete the *.safetensors files in {out_dir} and rerun to train it again"))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     state = model.state_dict()
     loaded = {state[k].data_ptr() for k in weights if k in state}
@@ -689,9 +709,10 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         )
         if accelerator.num_processes > 1:  # each process holds its share of the step's loss and metrics
             loss, tokens, metrics = _summed_over_processes(accelerator, loss, tokens, metrics)
-        grad_norm = None
-        if config.max_grad_norm:
-            grad_norm = grad_norm_value(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm))
+        # Without clipping, an infinite max norm measures the gradient and scales nothing.
+        grad_norm = grad_norm_value(accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm or math.inf))
+        # fp16's grad scaler skips a step with infinite gradients itself, and lowers its scale.
+        check_finite(step + 1, loss, grad_norm if accelerator.scaler is None else None)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -702,7 +723,7 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
             values = {"train/loss": loss, "train/lr": lr, "train/units": units, "train/tokens": tokens,
                       "train/step_seconds": now - step_start, "train/tokens_per_s": speed}
-            if grad_norm is not None:
+            if config.max_grad_norm:
                 values["train/grad_norm"] = grad_norm
             values.update({f"train/{k}": v for k, v in metrics.items()})
             metrics_log.log(values, step + 1)
@@ -714,6 +735,20 @@ def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, d
         if on_step is not None:
             on_step(step + 1)
     bar.close()
+
+
+class NonFiniteTraining(ValueError):
+    """The loss or the gradient of a step is NaN or infinite: the weights would be garbage."""
+
+
+def check_finite(step: int, loss: float, grad_norm: float | None) -> None:
+    """Stop before a non-finite step reaches the weights (every process sees the same summed loss
+    and global norm, so all stop together). The last saved state is the last good one."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    raise NonFiniteTraining(f"training step {step}: {what} is not finite; the weights were not updated with it. "
+                            "Lower train.lr or set train.max_grad_norm, or check the data of that step")
 
 
 def _summed_over_processes(accelerator: Accelerator, loss: float, tokens: int, metrics: dict):
@@ -736,10 +771,10 @@ def save_final(accelerator: Accelerator, wrapped, tokenizer, out_dir: Path, *, d
             weights = {k: v for k, v in weights.items() if k in named or not k.endswith(("weight", "bias"))}
         trained = accelerator.unwrap_model(wrapped).model
         if is_lora(trained):
-            save_lora(trained, out_dir)  # the adapter, and the merged model that later stages load
+            save_into(out_dir, lambda d: save_lora(trained, d))  # the adapter, and the merged model later stages load
         else:
-            trained.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+            save_into(out_dir, lambda d: trained.save_pretrained(d, state_dict=weights, safe_serialization=True))
+        save_into(out_dir, tokenizer.save_pretrained)
         write_json(out_dir / DONE_FILE, {"steps": data.total_steps, "objective": objective.name,
                                          "processes": accelerator.num_processes, "rows": data.record})
         shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)

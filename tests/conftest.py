@@ -47,3 +47,25 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer):
     make_tiny_model(tiny_tokenizer, seed=0).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def lock_holder():
+    """``hold(directory, stage)``: another process holding the directory's run lock (a process
+    shares a lock it holds itself, so a refusal needs another one); it is killed at the end."""
+    import subprocess
+
+    code = ("import sys, time; from onpolicy_sft.rundir import RunLock\nwith RunLock(sys.argv[1], sys.argv[2]):\n"
+            "    print('held', flush=True); time.sleep(120)")
+    procs = []
+
+    def hold(directory, stage="run"):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(directory), stage], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()

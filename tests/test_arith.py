@@ -48,7 +48,7 @@ def splits():
 
 def test_schema_and_answers_recomputed_from_solution_lines(splits):
     for name, ds in splits.items():
-        assert ds.column_names == ["id", "prompt", "response", "answer", "system"]
+        assert ds.column_names == ["id", "prompt", "response", "answer", "system", "exemplars"]
         for row in ds:
             value, given = evaluate_solution(row["response"])
             assert row["answer"] == str(value)

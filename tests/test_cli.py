@@ -231,3 +231,108 @@ def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capfd, rest
     console = capfd.readouterr().err
     assert all(text in console for _, text in chatter)
     assert all(text in (tmp_path / "verbose.log").read_text() for _, text in chatter)
+
+
+def _holder(directory: Path, stage: str):
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from onpolicy_sft.rundir import RunLock\nwith RunLock(sys.argv[1], sys.argv[2]):\n"
+            "    print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(directory), stage], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_refused_loop_or_rewrite_names_the_holding_stage_and_writes_nothing(tmp_path, capsys, tiny_dir):
+    config_file = _config_file(tmp_path, tiny_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = _holder(run, "train")
+    try:
+        before = sorted(p.name for p in run.iterdir())
+        assert main(["loop", "--config", str(config_file)]) == 1
+        assert _error_line(capsys).startswith(f"error: {run} is in use by another stage (train, pid {holder.pid})")
+        assert main(["rewrite", "--config", str(config_file), "--out", str(run)]) == 1
+        assert f"(train, pid {holder.pid})" in _error_line(capsys)
+        assert main(["eval", "--config", str(config_file), "--out", str(run)]) == 1
+        assert f"(train, pid {holder.pid})" in _error_line(capsys)
+        assert sorted(p.name for p in run.iterdir()) == before  # no run.log, nothing at all
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.batch_size=0", "train.batch_size"), ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("train.max_length=0", "train.max_length"), ("train.epochs=0", "train.epochs"), ("train.lr=-1", "train.lr"),
+    ("train.lr=.nan", "train.lr"), ("train.lr=.inf", "train.lr"), ("train.adam_betas=[0.9]", "train.adam_betas"),
+    ("train.seed=-1", "train.seed"),
+])
+def test_a_bad_loop_value_stops_before_any_model_loads_naming_its_path(override, field, tmp_path, capsys, tiny_dir,
+                                                                        monkeypatch):
+    from onpolicy_sft import loop
+
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("a model loaded before the config was checked"))
+    config_file = _config_file(tmp_path, tiny_dir)
+    assert main(["loop", "--config", str(config_file), "--set", override]) == 2
+    assert _error_line(capsys).startswith(f"error: --set {override}: {field}: must be")
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_is_one_line_that_says_the_resume_is_exact(tmp_path, capsys, tiny_dir, monkeypatch):
+    from onpolicy_sft import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    config_file = _config_file(tmp_path, tiny_dir)
+    assert main(["train", "--config", str(config_file), "--out", str(tmp_path / "ckpt")]) == 130
+    assert _error_line(capsys) == ("error: interrupted; rerun the same command to resume train from its last saved "
+                                   "work, with the same result as an uninterrupted run")
+
+
+def test_a_cut_weights_file_is_one_line_naming_it(tmp_path, capsys, tiny_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    assert main(["eval", "--config", str(_config_file(tmp_path, tiny_dir)), "--model", str(model)]) == 1
+    line = _error_line(capsys)
+    assert f"{weights} is damaged or cut short" in line and "copy or convert the checkpoint again" in line
+
+
+def test_a_cut_rewrite_shard_is_generated_again_with_the_same_rows(tmp_path, capsys, tiny_dir):
+    config_file = _config_file(tmp_path, tiny_dir)
+    out = tmp_path / "rewrite"
+    command = ["rewrite", "--config", str(config_file), "--data", "arithmetic", "--limit", "4", "--out", str(out)]
+    assert main(command) == 0
+    first = (out / "rewritten.jsonl").read_text()
+    shard = out / "shards" / "shard-00001.jsonl"
+    shard.write_text(shard.read_text()[:-40])  # cut inside its last row
+    capsys.readouterr()
+    assert main(command) == 0
+    assert f"rewrite shard {shard} is damaged" in capsys.readouterr().err
+    assert (out / "rewritten.jsonl").read_text() == first
+
+
+def test_a_mapping_that_feeds_one_column_to_two_fields_is_refused(tmp_path, capsys):
+    data_file = _jsonl(tmp_path / "d.jsonl", _rows(3))
+    assert main(["data", "show", str(data_file), "--columns", "prompt=response"]) == 1
+    assert _error_line(capsys) == ("error: columns: the column 'response' would feed 'response' and 'prompt'; map "
+                                   "each of our fields from its own column (e.g. --columns prompt=OTHER)")
+    # In pairs, a source column named like one of our demonstration fields is free to feed one field.
+    pairs = _jsonl(tmp_path / "r.jsonl", [{"prompt": "Q?", "response": "good", "bad": "poor"}])
+    assert main(["data", "show", str(pairs), "--preferences", "--columns", "chosen=response",
+                 "--columns", "rejected=bad"]) == 0
+    capsys.readouterr()
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "A 7", "rejected": "A 7 "},
+                                          {"prompt": "Q2?", "chosen": "yes", "rejected": "no"}])
+    assert main(["data", "show", str(pairs), "--preferences"]) == 1
+    assert _error_line(capsys) == (f"error: {pairs}: line 1: field 'rejected': chosen and rejected are the same "
+                                   "text, so the pair prefers nothing")
+    assert main(["data", "show", str(pairs), "--preferences", "--on-error", "skip"]) == 0
+    assert "skipped 1 rows ({'same_sides': 1})" in capsys.readouterr().err

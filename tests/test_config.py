@@ -48,11 +48,37 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("rewrite:\n  triage: {by: p_value, level: 2}\n", "config.yaml: rewrite.triage.level: must be in (0, 1), got 2.0"),
     ("rewrite:\n  triage: {level: 0.05}\n", "config.yaml: rewrite.triage.level: a level needs a test"),
     ("train:\n  rows: 0\n", "config.yaml: train.rows: must be >= 1 or null"),
+    # Values that used to pass the load and fail (or train on NaN) once the models were loaded.
+    ("train:\n  lr: .inf\n", "config.yaml: train.lr: must be a finite number > 0, got inf"),
+    ("train:\n  lr: .nan\n", "config.yaml: train.lr: must be a finite number > 0, got nan"),
+    ("train:\n  lr: -1.0e-5\n", "config.yaml: train.lr: must be a finite number > 0"),
+    ("train:\n  batch_size: 0\n", "config.yaml: train.batch_size: must be >= 1, got 0"),
+    ("train:\n  micro_batch_size: 0\n", "config.yaml: train.micro_batch_size: must be >= 1, got 0"),
+    ("train:\n  max_length: 0\n", "config.yaml: train.max_length: must be >= 2, got 0"),
+    ("train:\n  epochs: 0\n", "config.yaml: train.epochs: must be a finite number > 0"),
+    ("train:\n  adam_betas: [0.9]\n", "config.yaml: train.adam_betas: must be two numbers in [0, 1)"),
+    ("train:\n  seed: -1\n", "config.yaml: train.seed: must be an integer in [0, 4294967295], got -1"),
+    ("train:\n  warmup_ratio: 2\n", "config.yaml: train.warmup_ratio: must be in [0, 1], got 2.0"),
+    ("train:\n  trackers: [wandb]\n", "config.yaml: train.trackers: 'wandb' is not installed here"),
+    ("train:\n  trackers: [tensorbored]\n", "config.yaml: train.trackers: 'tensorbored' is not a tracker"),
+    ("eval:\n  n_samples: 2\n  pass_k: [1, 5]\n",
+     "config.yaml: eval.pass_k: pass@5 needs eval.n_samples >= 5, but n_samples is 2"),
+    ("data:\n  columns: {prompt: response}\n", "config.yaml: data.columns: the column 'response' would feed"),
+    ("data:\n  seed: 4294967296\n", "config.yaml: data.seed: must be an integer in [0, 4294967295]"),
 ])
 def test_each_kind_of_bad_value_fails_at_load_with_its_path(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, text))
     assert str(err.value).startswith(f"{tmp_path}/{message}"), str(err.value)
+
+
+def test_a_key_written_twice_is_refused_with_its_file_and_line(tmp_path):
+    path = _write(tmp_path, "train:\n  lr: 1.0e-3\n  batch_size: 4\n  lr: 5.0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: line 4: key 'lr' written twice in one mapping (first on line 2)")
+    # The same key in two different mappings is no repeat.
+    assert load_config(_write(tmp_path, "train:\n  seed: 1\ndata:\n  seed: 2\n")).train.seed == 1
 
 
 def test_typed_sections_arrive_typed(tmp_path):

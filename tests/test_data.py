@@ -152,10 +152,10 @@ def test_truncated_responses_get_no_end_of_turn(tiny_tokenizer):
 
 def test_prompt_response_jsonl_normalised_with_stable_and_given_ids():
     ds = load_demonstrations(FIX / "prompt_response.jsonl", require_answer=False)
-    assert ds.column_names == ["id", "prompt", "response", "answer", "system"]
+    assert ds.column_names == ["id", "prompt", "response", "answer", "system", "exemplars"]
     rows = ds.to_list()
     assert rows[0] == {"id": stable_id("", "What is 2+3?", "2+3=5\n#### 5"), "prompt": "What is 2+3?",
-                       "response": "2+3=5\n#### 5", "answer": "5", "system": ""}
+                       "response": "2+3=5\n#### 5", "answer": "5", "system": "", "exemplars": []}
     assert rows[1]["id"] == "given-7" and rows[1]["answer"] == ""
     assert rows[2]["answer"] == "42" and rows[2]["system"] == "Be terse."  # an int answer becomes a string
     assert load_demonstrations(FIX / "prompt_response.jsonl", require_answer=False)["id"] == ds["id"]
@@ -176,14 +176,33 @@ def test_chat_messages_system_and_last_assistant():
     assert rows[1]["answer"] == "2" and rows[1]["system"] == ""
 
 
-def test_chat_multi_turn_is_reported_not_flattened():
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+def test_earlier_chat_turns_become_the_rows_exemplar_turns():
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    with pytest.raises(DataError, match="multi-turn") as e:
-        load_demonstrations([{"messages": msgs}])
+    row = load_demonstrations([{"messages": msgs}], require_answer=False).to_list()[0]
+    assert (row["system"], row["prompt"], row["response"]) == ("s", "c", "d")
+    assert row["exemplars"] == [{"prompt": "a", "response": "b"}]
+    # TRL's conversational prompt holding the earlier turns gives the same row
+    trl = load_demonstrations([{"prompt": msgs[:4], "completion": msgs[4:]}], require_answer=False).to_list()[0]
+    assert {k: trl[k] for k in ("system", "prompt", "response", "exemplars")} == \
+        {k: row[k] for k in ("system", "prompt", "response", "exemplars")}
+    assert trl["id"] == row["id"] != load_demonstrations([{"messages": msgs[:1] + msgs[3:]}],
+                                                         require_answer=False)["id"][0]
+
+
+def test_chat_turns_out_of_order_are_refused_naming_the_row():
+    msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "d"}]
+    with pytest.raises(DataError, match="taking turns") as e:
+        load_demonstrations([{"messages": msgs}], require_answer=False)
     assert e.value.field == "messages" and e.value.where == "row 0"
     with pytest.raises(DataError, match="not an assistant message"):
         load_demonstrations([{"messages": msgs[:1]}])
+
+
+def test_bad_exemplars_field_names_row_and_field():
+    with pytest.raises(DataError, match="exemplar 0") as e:
+        load_demonstrations([{"prompt": "p", "response": "r", "answer": "1", "exemplars": [{"prompt": "q"}]}])
+    assert e.value.field == "exemplars" and e.value.where == "row 0"
 
 
 def test_gsm8k_answer_is_the_number_after_hashes():

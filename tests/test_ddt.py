@@ -443,3 +443,68 @@ def test_off_distribution_flags_rows_below_the_level_and_unscored_rows():
                                 "ddt_phi_mean": [0.0, -0.3, float("nan"), -0.1]})
     assert ddt.off_distribution(scored, "p_value", 0.01) == [False, True, True, False]
     assert ddt.off_distribution(scored, "phi", -0.1) == [False, True, True, False]
+
+
+def _huge_text(chars: int, seed: int = 0) -> str:
+    """Words, numbers, punctuation, non-ASCII and long runs without a space, as real text has."""
+    rng = np.random.default_rng(seed)
+    pieces = ["the", "answer", "is", "12345", "Zahl", "été", "数学", "—", "x" * 300, "\n\n", "#### 7", "  ", "é" * 50]
+    out, n = [], 0
+    while n < chars:
+        piece = pieces[rng.integers(len(pieces))] + (" " if rng.random() < 0.7 else "")
+        out.append(piece)
+        n += len(piece)
+    return "".join(out)
+
+
+@pytest.mark.parametrize("which", ["tiny", "embedded"])
+def test_a_huge_row_is_tokenised_only_up_to_a_bound_with_the_same_first_ids(tiny_tokenizer, which, monkeypatch):
+    """The score's cap bounds what is tokenised (hence memory), not the raw row, and cutting the text
+    first changes none of the ids kept."""
+    from onpolicy_sft import data
+    from onpolicy_sft.models import load_tokenizer
+
+    tokenizer = tiny_tokenizer if which == "tiny" else load_tokenizer("smollm2-135m-instruct")
+    cap = 512
+    bound = data.text_bound(tokenizer, cap + 1)  # score reads one token past the cap to tell a long row
+    rows = [("Sum these: " + _huge_text(3 * bound, seed=1), "short answer"),  # the prompt alone is over the cap
+            ("What is 3 + 4?", _huge_text(3 * bound, seed=2))]
+    whole = [encode_example(tokenizer, p, r) for p, r in rows]
+    assert all(len(w["input_ids"]) > 3 * cap for w in whole)
+
+    tokenised = []
+    real_encode_text = data.encode_text
+    monkeypatch.setattr(data, "encode_text", lambda tok, text: tokenised.append(len(text)) or real_encode_text(tok, text))
+    encoded, cuts = ddt._encode(tokenizer, _dataset(rows), "response", cap, "truncate")
+    assert max(tokenised) <= bound < len(rows[1][1]) / 2
+    assert cuts == ["skipped_prompt_too_long", "truncated"] and encoded[0] is None
+    assert encoded[1]["input_ids"] == whole[1]["input_ids"][:cap]
+    assert encoded[1]["labels"] == whole[1]["labels"][:cap]
+    # A row the cap does not reach is encoded whole, end-of-turn included.
+    short = ddt._encode(tokenizer, _dataset([("What is 3 + 4?", "7")]), "response", cap, "truncate")[0][0]
+    assert short == encode_example(tokenizer, "What is 3 + 4?", "7")
+
+
+def test_score_refuses_a_directory_another_stage_holds_and_never_writes_through_a_link(tmp_path, tiny_tokenizer,
+                                                                                       capsys):
+    from onpolicy_sft.rundir import RunLock
+
+    model_dir = tmp_path / "tiny"
+    peaked_model(tiny_tokenizer).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "scored"
+    args = ["score", "--model", str(model_dir), "--data", "arithmetic", "--split", "test", "--limit", "2",
+            "--out", str(out)]
+    with RunLock(out, "train"):
+        before = sorted(p.name for p in out.iterdir())
+        code = subprocess.run([sys.executable, "-m", "onpolicy_sft", *args], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert code.returncode == 1 and f"in use by another stage (train, pid {os.getpid()})" in code.stderr
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing scored, nothing written
+    outside = tmp_path / "outside.md"
+    outside.write_text("precious")
+    (out / "report.md").symlink_to(outside)
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert outside.read_text() == "precious" and not (out / "report.md").is_symlink()
+    assert "mean φ" in (out / "report.md").read_text()

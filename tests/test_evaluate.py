@@ -69,14 +69,15 @@ def test_evaluate_accuracy_avg_pass_and_per_example_file(tiny_tokenizer, tmp_pat
     greedy = ["so \\boxed{1}", "\\boxed{7}", "no idea"]  # correct, wrong, wrong
     samples = [["\\boxed{1}"] * 4, ["\\boxed{2}", "\\boxed{0}", "x", "\\boxed{2}"], ["\\boxed{9}"] * 4]
     backend = ScriptedBackend(tiny_tokenizer, greedy, samples)
-    config = EvalConfig(n_samples=4, temperature=1.0, pass_k=[1, 2, 8], max_new_tokens=16)
+    with pytest.raises(ValueError, match=r"pass_k: pass@8 needs eval.n_samples >= 8, but n_samples is 4"):
+        EvalConfig(n_samples=4, pass_k=[1, 2, 8])  # k > n is not estimable: refused, not left out of the table
+    config = EvalConfig(n_samples=4, temperature=1.0, pass_k=[1, 2], max_new_tokens=16)
     metrics = evaluate_with(ds, backend, config, tmp_path)
     assert metrics["accuracy"] == pytest.approx(1 / 3)
     assert metrics["accuracy_se"] == pytest.approx(mean_and_se([1.0, 0.0, 0.0])[1])
     assert metrics["avg@4"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert metrics["pass@1"] == pytest.approx(metrics["avg@4"])  # pass@1 is the mean accuracy
     assert metrics["pass@2"] == pytest.approx((1 + (1 - 1 / 6) + 0) / 3)  # C(2,2)/C(4,2) = 1/6
-    assert "pass@8" not in metrics  # k > n is not estimable
     assert [c.temperature for c in backend.calls] == [0.0, 1.0] and backend.calls[1].n == 4
     lines = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["correct"] for r in lines] == [True, False, False]

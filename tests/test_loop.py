@@ -19,7 +19,7 @@ from onpolicy_sft.cli import main
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig,
                                  apply_overrides, load_config, save_config)
 from onpolicy_sft.loop import run_loop
-from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, RunLock
+from onpolicy_sft.rundir import DirectoryLocked, InputsChanged
 
 REPO = Path(__file__).parent.parent
 
@@ -195,10 +195,10 @@ def test_resume_with_another_config_is_refused_and_keeps_the_record(finished, ti
     assert (out / "manifest.json").read_text() == manifest_before
 
 
-def test_a_second_loop_on_the_same_directory_is_refused(tiny_dir, tmp_path):
-    with RunLock(tmp_path, "loop"):
-        with pytest.raises(DirectoryLocked, match="in use"):
-            run_loop(_loop_config(tiny_dir, tmp_path))
+def test_a_second_loop_on_the_same_directory_is_refused(tiny_dir, tmp_path, lock_holder):
+    holder = lock_holder(tmp_path, "loop")
+    with pytest.raises(DirectoryLocked, match=rf"in use by another stage \(loop, pid {holder.pid}\)"):
+        run_loop(_loop_config(tiny_dir, tmp_path))
     assert not (tmp_path / "manifest.json").exists()
 
 

@@ -3,11 +3,12 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from decoding import mix_logprobs
-from decoding.mixing import draw, generators_for, hinted_step, plain_step, stream_seeds, top_p_mask
+from decoding.mixing import draw, hinted_step, plain_step, stream_keys, stream_seeds, top_p_mask, uniforms
 from decoding.rules import RepetitionStop, repetition_length
 
 
@@ -78,31 +79,51 @@ def test_top_p_mask_is_smallest_nucleus(candidates):
     assert top_p_mask(logits, 1.0) is logits
 
 
+def _u(seeds, step):
+    return torch.from_numpy(uniforms(stream_keys(seeds), step))
+
+
 def test_draw_distribution_and_greedy():
-    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0.0]], dtype=torch.float64))
-    gens = generators_for(stream_seeds(0, 1))
-    counts = torch.zeros(4)
-    for _ in range(4000):
-        counts[draw(logits, 1.0, gens)] += 1
+    # One stream's successive steps, all drawn at once.
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0.0]], dtype=torch.float64)).expand(4000, -1)
+    u = torch.from_numpy(uniforms(stream_keys([0] * 4000), np.arange(4000)))
+    counts = torch.bincount(draw(logits, 1.0, u), minlength=4).double()
     assert counts[3] == 0
-    torch.testing.assert_close(counts / 4000, torch.tensor([0.1, 0.6, 0.3, 0.0]), atol=0.03, rtol=0)
-    assert draw(torch.tensor([[0.0, 2.0, 1.0]]), 0.0, []).item() == 1
+    torch.testing.assert_close(counts / 4000, torch.tensor([0.1, 0.6, 0.3, 0.0], dtype=torch.float64), atol=0.03, rtol=0)
+    assert draw(torch.tensor([[0.0, 2.0, 1.0]]), 0.0, None).item() == 1
+    with pytest.raises(ValueError, match="one uniform per row"):
+        draw(logits[:2], 1.0, u[:3])
 
 
 def test_draw_rows_do_not_depend_on_batch():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 50, generator=g)
-    together = draw(logits, 0.8, generators_for(stream_seeds(7, 6)))
-    gens = generators_for(stream_seeds(7, 6))
-    alone = torch.cat([draw(logits[i : i + 1], 0.8, [gens[i]]) for i in range(6)])
+    seeds = stream_seeds(7, 6)
+    together = draw(logits, 0.8, _u(seeds, 5))
+    alone = torch.cat([draw(logits[i : i + 1], 0.8, _u(seeds[i : i + 1], 5)) for i in range(6)])
     assert torch.equal(together, alone)
+
+
+def test_uniforms_are_uniform_and_a_function_of_stream_and_step():
+    seeds = [0, 1, 2, 10**18, -5, 2**63 + 7]
+    keys = stream_keys(seeds)
+    steps = np.arange(20000)
+    u = uniforms(np.repeat(keys, len(steps)), np.tile(steps, len(keys))).reshape(len(keys), -1)
+    assert u.dtype == np.float64 and (u >= 0).all() and (u < 1).all()
+    for row in u:  # each stream on its own: flat histogram, no correlation between successive steps
+        assert np.abs(np.histogram(row, bins=10, range=(0, 1))[0] / len(row) - 0.1).max() < 0.01
+        assert abs(np.corrcoef(row[:-1], row[1:])[0, 1]) < 0.03
+    assert abs(np.corrcoef(u[0], u[1])[0, 1]) < 0.03  # neighbouring seeds are unrelated streams
+    # Row by row, in any order or batch, gives the same numbers: nothing is carried between calls.
+    assert uniforms(keys[3:4], 17)[0] == u[3, 17] == uniforms(keys[::-1], 17)[2]
+    assert len(set(u[:, 0].tolist())) == len(seeds)
 
 
 def test_hinted_step_forced_lambda_picks_one_stream():
     h = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.1]])
     s = torch.tensor([[0.0, 5.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
     tokens, lam = hinted_step(
-        h, s, beta=1000.0, top_p=1.0, temperature=0.0, generators=[],
+        h, s, beta=1000.0, top_p=1.0, temperature=0.0, u=None,
         force_lam=torch.tensor([0.0, 1.0, math.nan]),
     )
     assert tokens.tolist() == [0, 1, 2] and lam.tolist() == [0.0, 1.0, 1.0]
@@ -111,8 +132,7 @@ def test_hinted_step_forced_lambda_picks_one_stream():
 def test_plain_step_applies_temperature_before_top_p():
     # At temperature 1 the nucleus at 0.5 holds tokens 0 and 1; at temperature 0.1 only token 0.
     logits = torch.log(torch.tensor([[0.4, 0.35, 0.25]]))
-    gens = generators_for(stream_seeds(0, 1))
-    assert {plain_step(logits, top_p=0.5, temperature=0.1, generators=gens).item() for _ in range(50)} == {0}
+    assert {plain_step(logits, top_p=0.5, temperature=0.1, u=_u([0], k)).item() for k in range(50)} == {0}
 
 
 def _brute_repetition_length(ids, window, count):

@@ -133,3 +133,49 @@ def test_check_spec_names_the_bad_field():
         check_spec({**good, "window": True})
     with pytest.raises(ValueError, match=KEY):
         check_spec([1, 2])
+
+
+def test_repetition_stop_with_colliding_counts_and_recycled_slots(tiny_tokenizer):
+    """Pairs decoding scripted tokens, six at a time, each finished pair replaced by a new one in its
+    rows; the window counts shared by all pairs have 8 entries, so windows of different pairs (and of
+    pairs gone) collide at every step. Every pair must still stop exactly where RepetitionStop does."""
+
+    class SmallTable(PairBook):
+        TABLE_BITS = 3
+
+    book, eos = SmallTable(lambda: tiny_tokenizer), tiny_tokenizer.eos_token_id
+    cfg = HintedDecodingConfig(temperature=0.0, repeat_window=2, repeat_count=3, answer_marker="")
+    rng = random.Random(0)
+    scripts = [[rng.choice([10, 11, 12]) for _ in range(rng.randrange(4, 24))] for _ in range(30)]
+    waiting, live, done = list(range(len(scripts))), {}, {}
+
+    def admit(rows):
+        i = waiting.pop(0)
+        added = []
+        for role, row in zip(("hinted", "student"), rows):
+            live[row] = (i, [])
+            added.append((row, pair_spec(f"p{i}", role, seed=i, config=cfg, markers=(), eos=eos), live[row][1]))
+        return added
+
+    book.update([], [a for k in range(6) for a in admit((k, k + 6))], [])
+    while live:
+        logits = torch.zeros(12, len(tiny_tokenizer))
+        for row, (i, out) in live.items():
+            logits[row, scripts[i][len(out)] if len(out) < len(scripts[i]) else eos] = 10.0
+        tokens = book.apply(logits).argmax(-1).tolist()
+        for row, (_, out) in live.items():
+            out.append(tokens[row])
+        removed, added = [], []
+        for k in range(6):
+            if k in live and live[k][1][-1] == eos:
+                (i, out), _ = live.pop(k), live.pop(k + 6)
+                done[i] = out
+                removed += [k, k + 6]
+                if waiting:
+                    added += admit((k, k + 6))
+        book.update(removed, added, [])
+    for i, script in enumerate(scripts):
+        cut = repetition_length(script, 2, 3)
+        assert done[i] == (script[:cut] if cut is not None else script) + [eos], i
+    assert any(repetition_length(s, 2, 3) for s in scripts) and not all(repetition_length(s, 2, 3) for s in scripts)
+    assert book.pairs == {} and not book._table.any()  # every pair's windows were taken back out

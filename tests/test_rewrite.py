@@ -277,10 +277,10 @@ def test_answer_end_keeps_the_answer_the_checker_reads(text):
         assert extract_answer(text[: end - 1]) != extract_answer(text)  # nothing of the answer is cut off
 
 
-def test_resume_with_another_model_or_while_running_is_refused(tiny_tokenizer, tmp_path, monkeypatch):
+def test_resume_with_another_model_or_while_running_is_refused(tiny_tokenizer, tmp_path, monkeypatch, lock_holder):
     from tiny import make_tiny_model
 
-    from onpolicy_sft.rundir import DirectoryLocked, RunLock
+    from onpolicy_sft.rundir import DirectoryLocked
 
     monkeypatch.setattr(rw, "is_correct", _accept_some)
     data, cfg = _corpus(3), _config(score=False)
@@ -292,9 +292,11 @@ def test_resume_with_another_model_or_while_running_is_refused(tiny_tokenizer, t
         rewrite_corpus(other, tiny_tokenizer, data, cfg, out_dir=tmp_path)
     with pytest.raises(InputsChanged, match="data: was"):
         rewrite_corpus(first, tiny_tokenizer, _corpus(4).select([0, 1, 3]), cfg, out_dir=tmp_path)
-    with RunLock(tmp_path, "loop"):
-        with pytest.raises(DirectoryLocked):
-            rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)
+    holder = lock_holder(tmp_path, "loop")
+    with pytest.raises(DirectoryLocked, match=rf"\(loop, pid {holder.pid}\)"):
+        rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)
+    holder.kill()
+    holder.wait()
     assert rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)["id"] == data["id"]
 
 

@@ -3,10 +3,11 @@ tokenizer and on a byte-level BPE tokenizer whose tokens split characters; the a
 
 import random
 
+import numpy as np
 import pytest
 
 from decoding import HintedDecodingConfig
-from decoding.rules import TailWatch, answer_markers, text_contains
+from decoding.rules import MarkerTokens, TailWatch, answer_markers, text_contains
 from onpolicy_sft.grading import ANSWER_MARKERS, extract_answer
 from onpolicy_sft.models import load_tokenizer
 
@@ -33,8 +34,34 @@ def _agree(tok, seed, steps=400):
             assert watch.push(ids[-1]) == text_contains(tok, ids, STRINGS), (trial, ids)
 
 
+def _agree_tokens(tok, seed, streams=40, steps=400):
+    """MarkerTokens as the pair mixer runs it, all streams stepped at once, reading the tail only
+    where the table is unsure: it must tell what a whole-text decode tells at every token."""
+    rng = random.Random(seed)
+    pool = _pool(tok)
+    watch = MarkerTokens(tok, STRINGS)
+    ids = [[] for _ in range(streams)]
+    state, found = np.zeros(streams, np.int64), np.zeros(streams, bool)
+    reads = 0
+    for _ in range(steps // 20):
+        tokens = np.array([rng.choice(pool) for _ in range(streams)])
+        for out, t in zip(ids, tokens.tolist()):
+            out.append(t)
+        new = watch.step(state, tokens)
+        for i in np.flatnonzero((new == watch.UNSURE) | (len(ids[0]) == 1)).tolist():
+            new[i] = watch.read(ids[i][-watch.span :])
+            reads += 1
+        found |= new == watch.FOUND
+        state = np.where(found, 0, np.maximum(new, 0))
+        assert found.tolist() == [text_contains(tok, out, STRINGS) for out in ids]
+    assert found.any() and not found.all()
+    return reads / (streams * (steps // 20))
+
+
 def test_tail_watch_equals_whole_text_char_tokenizer(tiny_tokenizer):
     _agree(tiny_tokenizer, 0)
+    # Every character decodes alike in any context: only the first token of a text is read.
+    assert _agree_tokens(tiny_tokenizer, 0) == 1 / 20
 
 
 @pytest.mark.embedded
@@ -47,6 +74,7 @@ def test_tail_watch_equals_whole_text_byte_level_bpe():
     split = [t for t in _pool(tok) if "\ufffd" in tok.decode([t])]
     assert split, "no byte-fallback tokens in the pool: the test would not cover split characters"
     _agree(tok, 1)
+    _agree_tokens(tok, 1)
     # A marker written one character per token, right after an emoji split into byte tokens, is
     # seen at the token that completes it.
     ids = [t for ch in "ok 🙂####🙂 4" for t in tok(ch, add_special_tokens=False)["input_ids"]]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend  # noqa: E402
 from decoding import hf  # noqa: E402
 from decoding.hf import hf_two_stream  # noqa: E402
-from decoding.mixing import draw, generators_for, hinted_step, mix_logprobs, top_p_mask  # noqa: E402
+from decoding.mixing import draw, hinted_step, mix_logprobs, stream_keys, top_p_mask, uniforms  # noqa: E402
 from decoding.pairs import PairBook, pair_spec  # noqa: E402
 from decoding.rules import RepetitionStop, TailWatch, text_contains  # noqa: E402
 from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids  # noqa: E402
@@ -125,7 +125,7 @@ def _with_control(owner, name: str, spent: dict) -> None:
             g = torch.Generator().manual_seed(len(fixed))
             fixed[shape] = (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
         start = time.perf_counter()
-        inner(*fixed[shape], **kwargs)  # greedy in this bench: the generators are not advanced
+        inner(*fixed[shape], **kwargs)  # a draw carries no state: the extra call changes nothing
         spent["s"] += time.perf_counter() - start
         return inner(hinted_logits, student_logits, **kwargs)
 
@@ -270,14 +270,13 @@ def profile_step(sizes: list[int], vocab: int = 49152) -> list[dict]:
         student = torch.randn(b, vocab, generator=g) * 2
         hinted[:, :20] += 12
         student[:, 10:30] += 12
-        gens = generators_for(list(range(b)))
+        u = torch.from_numpy(uniforms(stream_keys(range(b)), 0))
         mixed, _ = mix_logprobs(hinted, student, 3.0)
         nucleus = top_p_mask(mixed, 0.95)
         parts = {"mix_logprobs": lambda: mix_logprobs(hinted, student, 3.0),
                  "top_p_mask": lambda: top_p_mask(mixed, 0.95),
-                 "draw": lambda: draw(nucleus, 0.3, gens),
-                 "hinted_step": lambda: hinted_step(hinted, student, beta=3.0, top_p=0.95, temperature=0.3,
-                                                    generators=gens)}
+                 "draw": lambda: draw(nucleus, 0.3, u),
+                 "hinted_step": lambda: hinted_step(hinted, student, beta=3.0, top_p=0.95, temperature=0.3, u=u)}
         row = {"pairs": b, "vocab": vocab}
         for name, fn in parts.items():
             fn()
