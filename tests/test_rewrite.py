@@ -459,7 +459,8 @@ def _chatty(tok, eos_boost=4.0):
 @pytest.mark.parametrize("keep", [1, 2])
 def test_adaptive_sampling_keeps_the_answers_of_the_full_draw_with_fewer_samples(tiny_tokenizer, monkeypatch, keep):
     monkeypatch.setattr(rw, "is_correct", _accept_some)
-    model, data = _chatty(tiny_tokenizer), _corpus(8)
+    # enough rows, with answers varied enough, that some questions stop after keep draws
+    model, data = _chatty(tiny_tokenizer, eos_boost=2.0), _corpus(24)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
     full = rewrite_corpus(model, tiny_tokenizer, data, _config(k_self=4, keep_verified=keep, score=False,
                                                                 sampling=sampling))
@@ -472,7 +473,7 @@ def test_adaptive_sampling_keeps_the_answers_of_the_full_draw_with_fewer_samples
     assert min(adaptive["attempts"]) == keep and sum(adaptive["attempts"]) < sum(full["attempts"])
     assert max(len(o) for o in adaptive["self_outcomes"]) == 4  # and a hard question got the whole budget
     # the same corpus in other shards, another order, and one row per forward
-    other = rewrite_corpus(model, tiny_tokenizer, data.select(list(range(8))[::-1]),
+    other = rewrite_corpus(model, tiny_tokenizer, data.select(list(range(len(data)))[::-1]),
                            dataclasses.replace(cfg, shard_size=1),
                            backend=make_backend("hf", model, tiny_tokenizer, batch_rows=1))
     rows = {r["id"]: r for r in other}
