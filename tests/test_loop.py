@@ -31,7 +31,8 @@ def _loop_config(tiny_dir, out_dir) -> LoopConfig:
     return LoopConfig(
         out_dir=str(out_dir), rounds=2, backend="hf",
         model=ModelConfig(name=str(tiny_dir)),
-        data=DataConfig(n_train=8, n_test=4, n_test_hard=4, n_general=3),
+        # No worked examples: with the arithmetic default pair a prompt alone fills the tiny max_length.
+        data=DataConfig(n_train=8, n_test=4, n_test_hard=4, n_general=3, exemplars=0),
         rewrite=RewriteConfig(k_self=1, m_hinted=1, sampling=SamplingConfig(max_new_tokens=8),
                               hinted=HintedDecodingConfig(max_new_tokens=8), shard_size=4, progress=False),
         train=TrainConfig(objective=ObjectiveConfig(name="sft"), lr=5e-3, batch_size=4, micro_batch_size=2,
