@@ -312,6 +312,28 @@ class BaselineConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Online mode of the loop's on-policy arm (docs/methods.md §6): before every
+    ``steps_per_rewrite`` optimizer steps the next ``rows_per_rewrite`` rows of the corpus (in its
+    order, wrapping round) are rewritten by the weights about to train on them. Both 0: off, the
+    corpus is rewritten once per round."""
+
+    steps_per_rewrite: int = 0
+    rows_per_rewrite: int = 0
+
+    def __post_init__(self):
+        for name in ("steps_per_rewrite", "rows_per_rewrite"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0 (0 and 0: online mode off)", getattr(self, name))
+        if (self.steps_per_rewrite == 0) != (self.rows_per_rewrite == 0):
+            raise ValueError(f"steps_per_rewrite: set both steps_per_rewrite and rows_per_rewrite (online mode) or "
+                             f"neither, got {self.steps_per_rewrite} and {self.rows_per_rewrite}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps_per_rewrite > 0
+
+
+@dataclass
 class LoopConfig:
     """The loop. ``backend`` is the one generation backend of every stage (rewrite, evaluation,
     forgetting); ``backend_options`` are keyword options of that backend's class (decoding.hf.HFBackend,
@@ -328,10 +350,17 @@ class LoopConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def __post_init__(self):
         _require(self.rounds >= 0, "rounds", "must be >= 0", self.rounds)
         check_run_backend(self)
+        if isinstance(self.online, dict):  # a plain mapping from Python code: type it as a file would be
+            self.online = from_dict(OnlineConfig, self.online, where="online")
+        # Online, the rewrite generates with the model in training, which must be whole and plain.
+        if self.online.enabled and (self.train.fsdp or self.train.peft.rank):
+            raise ValueError("online: online mode rewrites with the model in training, which needs "
+                             "train.fsdp false and train.peft.rank 0")
 
 
 # Settings that the run's `backend` decides; a config may not set them on their own.

@@ -11,7 +11,15 @@ way. Evaluation is accuracy on every evaluation set and forgetting against M_0. 
     out_dir/round_0/eval/                   M_0 evaluated (when eval_base)
     out_dir/round_r/onpolicy/{corpus,ddt,checkpoint,eval}/
     out_dir/round_r/baseline/{ddt,checkpoint,eval}/
+    out_dir/round_r/onpolicy/corpus/blocks/block_<b>/{dataset,stats.json}   (online mode)
     out_dir/summary.md, summary.json, summary.png (accuracy, forgetting), phi_hist.png
+
+Online mode (``config.online``, docs/methods.md §6): the on-policy arm's rewrite happens inside its
+training, one block of rows before every steps_per_rewrite steps, with the weights of that step
+(``train_online``, ``BlockRewriter``); the blocks then make the round's corpus (``collect_blocks``),
+scored and reported as an offline round's. The training run resumes at its saved state as any run.
+Its train time includes the rewrites; the mean seconds per block of the weight sync and of the
+rewrite are in the summary row's ``online``.
 
 A killed loop resumes when run again: finished stages are skipped, their artefacts read back. A
 rerun whose inputs (config without display fields, data, model) differ from the first run's is
@@ -30,9 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from pathlib import Path
 
 import datasets
+import torch
 
 from decoding.rewrite import rewrite_with_stats, without_added_defaults
 from onpolicy_sft import ddt, ddt_report
@@ -44,7 +54,7 @@ from onpolicy_sft.stages import (Manifest, Served, config_fingerprint, evaluate_
                                  load_data, main_decides, markdown_table, model_identity, num, on_main, open_backend,
                                  SOURCES, phi_by_source, plot_histograms, plot_lines, pm, say, source_counts,
                                  training_rows)
-from onpolicy_sft.train import train
+from onpolicy_sft.train import Blocks, train
 
 ARMS = ("onpolicy", "baseline")
 STAGES = ("rewrite", "ddt", "train", "eval")
@@ -67,6 +77,8 @@ def run_loop(config: LoopConfig) -> dict:
                                      trust_remote_code=config.model.trust_remote_code)
         # Rewrite settings added later count only when set, so runs recorded before them still resume.
         settings = without_added_defaults(config_fingerprint(config, DISPLAY), prefix="rewrite.")
+        if not config.online.enabled:  # off, it is no input: runs recorded before online mode still resume
+            settings = {k: v for k, v in settings.items() if not k.startswith("online.")}
         inputs = {**settings, "data": data.digest(), **model_identity(base_path)}
 
         def record_inputs():
@@ -152,15 +164,99 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
                     train(trainee, tokenizer, corpus, train_config, out_dir=ckpt_dir)
                     return {"from": str(path), "objective": objectives[arm].name, "rows": len(corpus)}
 
-                if arm == "onpolicy":
-                    manifest.run(f"{name}/rewrite", rewrite)
-                manifest.run(f"{name}/ddt", score)
-                manifest.run(f"{name}/train", fit)
+                if arm == "onpolicy" and config.online.enabled:
+                    # Online: the rewrite happens inside training, block by block; the blocks then make
+                    # the round's corpus, scored and reported as an offline round's.
+                    manifest.run(f"{name}/train", lambda: train_online(
+                        config, path, load, tokenizer, data.train, served, backend, folder))
+                    manifest.run(f"{name}/rewrite", lambda: collect_blocks(folder / "corpus"))
+                    manifest.run(f"{name}/ddt", score)
+                else:
+                    if arm == "onpolicy":
+                        manifest.run(f"{name}/rewrite", rewrite)
+                    manifest.run(f"{name}/ddt", score)
+                    manifest.run(f"{name}/train", fit)
                 tuned, _ = load_model(str(ckpt_dir), **load)
                 manifest.run(f"{name}/eval", evaluation(f"{arm}/{r}", tuned, folder / "eval"))
                 current[arm] = (tuned, str(ckpt_dir))
     finally:
         backend.close()
+
+
+def train_online(config: LoopConfig, path: str, load: dict, tokenizer, corpus, served: Served, backend,
+                 folder: Path) -> dict:
+    """The on-policy arm's training in online mode (``OnlineConfig``): from the checkpoint at
+    ``path``, one run over the round's steps and schedule whose every block of steps_per_rewrite
+    steps trains on rows that the weights of the block's first step rewrote (``BlockRewriter``)."""
+    served.sleep()
+    trainee, _ = load_model(path, **load)
+    rewriter = BlockRewriter(corpus, config, tokenizer, served, backend, folder / "corpus" / "blocks")
+    blocks = Blocks(steps=config.online.steps_per_rewrite, rows=rewriter,
+                    settings={"online.rows_per_rewrite": config.online.rows_per_rewrite,
+                              "rewrite": config.rewrite.fingerprint()})
+    # ``corpus`` sizes the run as an offline round on it would be: the same steps and schedule.
+    train(trainee, tokenizer, training_rows(corpus), config.train, out_dir=folder / "checkpoint", blocks=blocks)
+    return {"from": str(path), "objective": config.train.objective.name, "rows": len(corpus),
+            "online": dataclasses.asdict(config.online)}
+
+
+class BlockRewriter:
+    """Block b's training rows: corpus rows [b·R, (b+1)·R) (R = rows_per_rewrite, at most the corpus;
+    wrapping round) rewritten by the model in training, served by the backend with its current
+    weights. Each block is saved once it is whole (``block_<b>/dataset`` and ``stats.json``, with the
+    seconds of the weight sync and of the rewrite) and read back on a resume, since the weights of a
+    resumed run may be past the block's first step. Nothing else is written while training runs."""
+
+    def __init__(self, corpus, config: LoopConfig, tokenizer, served: Served, backend, folder: Path):
+        self.corpus, self.config, self.tokenizer = corpus, config, tokenizer
+        self.served, self.backend, self.folder = served, backend, folder
+
+    def rows_of(self, index: int) -> list[int]:
+        n = len(self.corpus)
+        size = min(self.config.online.rows_per_rewrite, n)
+        return [(index * size + i) % n for i in range(size)]
+
+    def __call__(self, index: int, model):
+        block_dir = self.folder / f"block_{index:04d}"
+        if main_decides((block_dir / "dataset").exists()):
+            return training_rows(datasets.load_from_disk(str(block_dir / "dataset")))
+        model.eval()  # no dropout in the rewrite; training goes on in training mode
+        try:
+            # Its own RNG streams: training draws the same whether a block is rewritten or read back.
+            with torch.random.fork_rng():
+                corpus, stats = self._rewrite(index, model)
+        finally:
+            model.train()
+        if len(corpus) == 0:
+            raise RuntimeError(f"online block {index}: the rewrite kept no rows (fallback 'drop' and nothing verified)")
+        if process_state().is_main_process:
+            write_json(block_dir / "stats.json", stats)
+            save_into(block_dir, lambda d: corpus.save_to_disk(str(d / "dataset")))
+        return training_rows(corpus)
+
+    def _rewrite(self, index: int, model):
+        start = time.perf_counter()
+        self.served.ensure(f"online/{self.folder}/{index}", model, f"{self.folder}/block_{index}")
+        synced = time.perf_counter()
+        corpus, stats = rewrite_with_stats(model, self.tokenizer, self.corpus.select(self.rows_of(index)),
+                                           self.config.rewrite, backend=self.backend)
+        self.served.sleep()  # the accelerator goes back to the trainer
+        stats["seconds_sync"], stats["seconds_rewrite"] = synced - start, time.perf_counter() - synced
+        return corpus, stats
+
+
+def collect_blocks(corpus_dir: Path) -> dict:
+    """The round's corpus in online mode: every block's rows in order, saved as an offline round's
+    corpus; with the sources and the mean seconds per block of the weight sync and of the rewrite."""
+    folders = sorted((corpus_dir / "blocks").glob("block_*"))
+    corpus = datasets.concatenate_datasets([datasets.load_from_disk(str(f / "dataset")) for f in folders])
+    stats = [read_json(f / "stats.json") for f in folders]
+    if process_state().is_main_process:
+        save_into(corpus_dir, lambda d: corpus.save_to_disk(str(d / "dataset")))
+    online = {"blocks": len(folders), "rows_per_block": [s["rows"] for s in stats]}
+    for key in ("seconds_sync", "seconds_rewrite"):
+        online[f"mean_{key}"] = sum(s[key] for s in stats) / len(stats)
+    return {"rows": len(corpus), "sources": source_counts(corpus), "stats": {"online": online}}
 
 
 def _original_scores(model, tokenizer, original, corpus):
@@ -200,6 +296,8 @@ def summarize_loop(out: Path, config: LoopConfig, manifest: Manifest | None = No
                 row.update({k: corpus.get(k) for k in ("phi_mean", "abs_phi_self", "abs_phi_hinted", "abs_phi_original")})
                 row["phi_original"] = manifest.get(f"{stage}/ddt").get("phi_original")
                 row["train_from"] = manifest.get(f"{stage}/train").get("from")
+                if "online" in rewrite.get("stats", {}):
+                    row["online"] = rewrite["stats"]["online"]
             for name in evals:
                 row[f"acc_{name}"], row[f"acc_{name}_se"] = metrics[name]["accuracy"], metrics[name]["accuracy_se"]
             row["forgetting_kl"], row["forgetting_kl_se"] = metrics["forgetting"]["kl"], metrics["forgetting"]["kl_se"]

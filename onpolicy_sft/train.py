@@ -30,7 +30,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -606,6 +606,57 @@ def setup_data(dataset, tokenizer, objective: Objective, config: TrainConfig, nu
     return TrainData(dataset=dataset, plan=plan, pairwise=pairwise, pad_token_id=pad_id, record=record)
 
 
+@dataclass
+class Blocks:
+    """Online training: the rows of steps [b·steps, (b+1)·steps) are ``rows(b, model)``, asked for
+    when step b·steps is reached, with the model as trained so far. ``settings`` (what decides those
+    rows besides the weights) join the run's fingerprint."""
+
+    steps: int
+    rows: Callable[[int, nn.Module], object]
+    settings: dict = field(default_factory=dict)
+
+
+class BlockData:
+    """TrainData's interface over blocks of rows that only exist once training reaches them.
+
+    The whole run (its steps, hence the schedule, and its rows in all) is planned on ``whole``, the
+    dataset the blocks stand in for; block b trains its share of those rows on its own rows, planned
+    as a run of its own with seed + b. With one block covering every step this is ``whole``'s plan
+    on the block's rows: online training with one block is offline training."""
+
+    def __init__(self, whole: TrainData, blocks: Blocks, model, tokenizer, objective: Objective,
+                 config: TrainConfig, num_processes: int):
+        self.dataset, self.pairwise, self.record = whole.dataset, whole.pairwise, whole.record
+        self.total_steps = whole.total_steps
+        self.total_rows = sum(len(rows) for step in whole.plan for process in step for rows in process)
+        self.blocks, self.model, self.tokenizer, self.objective = blocks, model, tokenizer, objective
+        self.config, self.num_processes = config, num_processes
+        self.index, self.block = None, None
+
+    def _at(self, step: int) -> tuple[TrainData, int]:
+        index, offset = divmod(step, self.blocks.steps)
+        if index != self.index:
+            self.block, self.index = self._plan_block(index), index
+        return self.block, offset
+
+    def _plan_block(self, index: int) -> TrainData:
+        first = index * self.blocks.steps
+        steps = min(self.blocks.steps, self.total_steps - first)
+        rows = min(steps * self.config.batch_size, self.total_rows - first * self.config.batch_size)
+        block_config = replace(self.config, rows=rows, max_steps=steps, seed=self.config.seed + index)
+        dataset = self.blocks.rows(index, self.model)
+        return setup_data(dataset, self.tokenizer, self.objective, block_config, self.num_processes)
+
+    def micro_batches(self, step: int, process_index: int, device) -> list[dict[str, torch.Tensor] | None]:
+        block, offset = self._at(step)
+        return block.micro_batches(offset, process_index, device)
+
+    def filler(self, step: int, device) -> dict[str, torch.Tensor]:
+        block, offset = self._at(step)
+        return block.filler(offset, device)
+
+
 def setup_run_dir(out_dir: Path, inputs: dict, is_main: bool) -> str:
     """What ``out_dir`` holds for this run: "new", "resume" (saved state of a run with the same
     ``inputs``) or "finished" (a completed run with the same inputs and its weights). A directory
@@ -792,6 +843,7 @@ def train(
     ref=None,
     objective: Objective | None = None,
     on_step: Callable[[int], None] | None = None,
+    blocks: Blocks | None = None,
 ) -> Path:
     """Fine-tune ``model`` in place on ``dataset`` and save it to ``out_dir`` (save_pretrained format).
 
@@ -808,6 +860,9 @@ def train(
     ``model`` instead of training again. One run at a time per out_dir (``rundir.RunLock``).
     What tokenizing did to the rows is in ``train_data.json`` and on the console.
     ``on_step(steps_done)`` is called after every optimizer step.
+
+    With ``blocks`` the run trains online (``Blocks``, ``BlockData``): ``dataset`` only sizes the
+    run (its steps and rows, as offline training on it would have), and the rows come block by block.
     """
     check_config(config)
     out_dir = check_writable(out_dir)
@@ -817,6 +872,9 @@ def train(
         accelerator = setup_accelerator(config, out_dir)
         data = setup_data(dataset, tokenizer, objective, config, accelerator.num_processes)
         inputs = fingerprint(config, objective, data, model, teacher=teacher, ref=ref)
+        if blocks is not None:
+            inputs.update({"online.steps": blocks.steps, **blocks.settings})
+            data = BlockData(data, blocks, model, tokenizer, objective, config, accelerator.num_processes)
         status = setup_run_dir(out_dir, inputs, accelerator.is_main_process)
         if status == "finished":
             load_finished(model, out_dir)

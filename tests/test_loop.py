@@ -16,8 +16,8 @@ from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.rewrite import RewriteConfig
 from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.cli import main
-from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig,
-                                 apply_overrides, load_config, save_config)
+from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
+                                 TrainConfig, apply_overrides, load_config, save_config)
 from onpolicy_sft.loop import run_loop
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged
 
@@ -247,3 +247,112 @@ def test_cli_train_then_eval(tiny_dir, tmp_path, capsys):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["test"]["n_examples"] == 2 and metrics["forgetting"]["kl"] > 0
     assert len((tmp_path / "eval" / "test_hard" / "results.jsonl").read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Online mode: the rewrite inside training, block by block
+
+
+def _online_config(tiny_dir, out_dir, steps: int, rows: int) -> LoopConfig:
+    config = _loop_config(tiny_dir, out_dir)
+    config.rounds, config.eval_base, config.baseline.enabled = 1, False, False
+    config.online = OnlineConfig(steps_per_rewrite=steps, rows_per_rewrite=rows)
+    return config
+
+
+def test_online_options_are_checked_before_any_model_loads():
+    with pytest.raises(ValueError, match="online.steps_per_rewrite: set both steps_per_rewrite and rows_per_rewrite"):
+        apply_overrides(LoopConfig(), ["online.steps_per_rewrite=2"])
+    with pytest.raises(ValueError, match=r"online.steps_per_rewrite: must be >= 0"):
+        apply_overrides(LoopConfig(), ["online.steps_per_rewrite=-1", "online.rows_per_rewrite=4"])
+    with pytest.raises(ValueError, match="online: online mode rewrites with the model in training"):
+        apply_overrides(LoopConfig(), ["online.steps_per_rewrite=1", "online.rows_per_rewrite=4", "train.fsdp=true"])
+    assert not LoopConfig().online.enabled
+
+
+def test_online_with_one_block_per_round_from_the_cli_is_the_offline_loop(finished, tiny_dir, tmp_path):
+    """rows_per_rewrite the whole corpus and steps_per_rewrite a whole round (8 rows in steps of 4: 2
+    steps): the round's one block is the offline round, so the weights equal the offline loop's."""
+    config_file = save_config(_loop_config(tiny_dir, tmp_path / "run"), tmp_path / "loop.yaml")
+    assert main(["loop", "--config", str(config_file), "--set", "rounds=1", "--set", "eval_base=false",
+                 "--set", "baseline.enabled=false", "--set", "online.steps_per_rewrite=2",
+                 "--set", "online.rows_per_rewrite=100"]) == 0
+    reference_out, reference = finished
+    mine = load_file(tmp_path / "run" / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors")
+    for key, value in load_file(reference_out / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors").items():
+        torch.testing.assert_close(mine[key], value, rtol=1e-5, atol=1e-6)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    theirs = next(row for row in reference["rounds"] if (row["round"], row["arm"]) == (1, "onpolicy"))
+    row = summary["rounds"][0]
+    assert row["sources"] == theirs["sources"]
+    for key in ("phi_mean", "phi_original", "acc_test", "forgetting_kl"):
+        assert row[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["round_1/onpolicy/rewrite"]["stats"]["online"]["blocks"] == 1
+
+
+def _online_resumable(tiny_dir, out_dir) -> LoopConfig:
+    # 16 rows in steps of 4: 4 steps, one block of 4 rows each; the blocks wrap round the 8 rows.
+    config = _online_config(tiny_dir, out_dir, steps=1, rows=4)
+    config.train.rows, config.train.save_every = 16, 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def online_unbroken(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("online")
+    return out, run_loop(_online_resumable(tiny_dir, out))
+
+
+def test_online_rewrites_every_block_with_the_weights_about_to_train_on_it(online_unbroken):
+    out, summary = online_unbroken
+    blocks = out / "round_1" / "onpolicy" / "corpus" / "blocks"
+    rows = [datasets.load_from_disk(str(blocks / f"block_{b:04d}" / "dataset")) for b in range(4)]
+    assert [r["id"] for r in rows[:2]] == [r["id"] for r in rows[2:]] and rows[0]["id"] != rows[1]["id"]
+    # blocks 0 and 2 hold the same originals, scored by the weights of step 0 and of step 2
+    for first, again in zip(rows[0]["ddt_original_phi_mean"], rows[2]["ddt_original_phi_mean"]):
+        assert first != pytest.approx(again, rel=1e-6, abs=0)
+    corpus = datasets.load_from_disk(str(out / "round_1" / "onpolicy" / "corpus" / "dataset"))
+    assert len(corpus) == 16 and sum(summary["rounds"][0]["sources"].values()) == 16
+    record = json.loads((out / "round_1" / "onpolicy" / "checkpoint" / "training_complete.json").read_text())
+    assert record["steps"] == 4
+    online = summary["rounds"][0]["online"]  # the overhead per block: the weight sync and the rewrite
+    assert online["blocks"] == 4 and online["rows_per_block"] == [4] * 4
+    assert online["mean_seconds_rewrite"] > 0 and online["mean_seconds_sync"] >= 0
+
+
+@pytest.mark.parametrize("kill", ["rewrite", "save_state"])
+def test_online_resumes_after_a_kill_to_the_same_weights(kill, online_unbroken, tiny_dir, tmp_path, monkeypatch):
+    """Killed in block 2's rewrite, or at step 3 (block 2 rewritten and saved, the resume state at
+    step 2): the rerun resumes at step 2 and ends with the unbroken run's weights."""
+    import onpolicy_sft.loop as loop
+    import onpolicy_sft.train as training
+
+    module = loop if kill == "rewrite" else training
+    name = "rewrite_with_stats" if kill == "rewrite" else "save_state"
+    real, rewrites, calls = getattr(module, name), loop.rewrite_with_stats, {"n": 0, "rewrites": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Killed(kill)
+        return real(*args, **kwargs)
+
+    def counted(*args, **kwargs):
+        calls["rewrites"] += 1
+        return (flaky if kill == "rewrite" else rewrites)(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, flaky)
+    monkeypatch.setattr(loop, "rewrite_with_stats", counted)
+    with pytest.raises(_Killed):
+        run_loop(_online_resumable(tiny_dir, tmp_path))
+    before = calls["rewrites"]
+    summary = run_loop(_online_resumable(tiny_dir, tmp_path))
+    # resumed at step 2: block 2 rewritten again only when the kill came before it was saved
+    assert calls["rewrites"] - before == (2 if kill == "rewrite" else 1)
+    reference_out, reference = online_unbroken
+    mine = load_file(tmp_path / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors")
+    for key, value in load_file(reference_out / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors").items():
+        torch.testing.assert_close(mine[key], value, rtol=1e-5, atol=1e-6)
+    for key in ("phi_mean", "acc_test", "forgetting_kl"):
+        assert summary["rounds"][0][key] == pytest.approx(reference["rounds"][0][key], rel=1e-4, abs=1e-6), key
