@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.rewrite import RewriteConfig
 from onpolicy_sft.compare import CompareConfig, PairsConfig
-from onpolicy_sft.config import DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
+from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
+                                 TrainConfig, save_config)
 
 # Every number the summary reports per round and arm, besides times.
 NUMBERS = ("acc_test", "acc_test_se", "acc_test_hard", "acc_test_hard_se", "forgetting_kl", "forgetting_kl_se",
@@ -133,6 +134,34 @@ def test_two_process_loop_equals_one(tiny_dir, tmp_path):
     again = json.loads((tmp_path / "resumed" / "summary.json").read_text())["rounds"]
     for row, theirs in zip(summaries[0]["rounds"], again):
         _same_numbers(theirs, row, NUMBERS, (row["round"], row["arm"]))
+
+
+@pytest.mark.slow
+def test_two_process_online_loop_equals_one(tiny_dir, tmp_path):
+    """Online mode, blocks of 1 step and 3 rows: 5 rows in steps of 4 make 2 steps, the second with one
+    row for two processes; block 1 (rows 3, 4, 0) is rewritten by the weights after step 1."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    config = _config(tiny_dir, tmp_path / "unused")
+    config.eval_base, config.baseline.enabled = False, False
+    config.data.exemplars = 0  # without worked examples a prompt fits the tiny max_length
+    config.online = OnlineConfig(steps_per_rewrite=1, rows_per_rewrite=3)
+    for name, launcher in (("one", [sys.executable]), ("two", [torchrun, "--nproc_per_node", "2"])):
+        config.out_dir = str(tmp_path / name)
+        _cli("loop", config, launcher, tmp_path, name)
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["processes"] == 2
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text())["rounds"] for name in ("one", "two")]
+    assert summaries[0][0]["online"]["rows_per_block"] == summaries[1][0]["online"]["rows_per_block"] == [3, 3]
+    assert summaries[1][0]["sources"] == summaries[0][0]["sources"]
+    _same_numbers(summaries[1][0], summaries[0][0], NUMBERS, "onpolicy")
+    stage = Path("round_1") / "onpolicy"
+    for block in ("block_0000", "block_0001"):
+        rows = [datasets.load_from_disk(str(tmp_path / name / stage / "corpus" / "blocks" / block / "dataset"))
+                for name in ("one", "two")]
+        assert rows[1]["response"] == rows[0]["response"]
+        assert rows[1]["ddt_phi_mean"] == pytest.approx(rows[0]["ddt_phi_mean"], rel=1e-5, abs=1e-6)
+    weights = [load_file(tmp_path / name / stage / "checkpoint" / "model.safetensors") for name in ("one", "two")]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
