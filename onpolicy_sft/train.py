@@ -616,6 +616,10 @@ class Blocks:
     rows: Callable[[int, nn.Module], object]
     settings: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"Blocks.steps: must be an integer >= 1, got {self.steps!r}")
+
 
 class BlockData:
     """TrainData's interface over blocks of rows that only exist once training reaches them.
