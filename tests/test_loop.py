@@ -27,12 +27,16 @@ REPO = Path(__file__).parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+SHORT_EXEMPLAR = [{"prompt": "1+1?", "response": "1 + 1 = 2\nThe answer is \\boxed{2}."}]
+
+
 def _loop_config(tiny_dir, out_dir) -> LoopConfig:
     return LoopConfig(
         out_dir=str(out_dir), rounds=2, backend="hf",
         model=ModelConfig(name=str(tiny_dir)),
         # No worked examples: with the arithmetic default pair a prompt alone fills the tiny max_length.
-        data=DataConfig(n_train=8, n_test=4, n_test_hard=4, n_general=3, exemplars=0),
+        # one short exemplar turn: the default pair would not fit the tiny character-level tokenizer's rows
+        data=DataConfig(n_train=8, n_test=4, n_test_hard=4, n_general=3, exemplars=SHORT_EXEMPLAR),
         rewrite=RewriteConfig(k_self=1, m_hinted=1, sampling=SamplingConfig(max_new_tokens=8),
                               hinted=HintedDecodingConfig(max_new_tokens=8), shard_size=4, progress=False),
         train=TrainConfig(objective=ObjectiveConfig(name="sft"), lr=5e-3, batch_size=4, micro_batch_size=2,
@@ -75,6 +79,8 @@ def test_loop_two_rounds_end_to_end(finished, tiny_dir):
     scored = datasets.load_from_disk(str(out / "round_1" / "onpolicy" / "ddt" / "dataset"))
     r1 = rows[1, "onpolicy"]
     assert r1["phi_mean"] == pytest.approx(sum(scored["ddt_phi_mean"]) / len(scored))
+    # the run's exemplar turns reach the rewritten, scored and trained corpus
+    assert scored["exemplars"] == [SHORT_EXEMPLAR] * len(scored)
     assert sum(r1["sources"].values()) == 8
     for source in ("self", "hinted", "original"):
         values = [abs(p) for p, s in zip(scored["ddt_phi_mean"], scored["source"]) if s == source]
@@ -111,7 +117,7 @@ def test_loop_with_triage_and_several_verified_answers_keeps_the_arms_budget_in_
     monkeypatch.setattr(rw, "is_correct", _accept_some)  # a stand-in verdict, so that answers verify
     config = _loop_config(tiny_dir, tmp_path / "run")
     config.rounds, config.eval_base = 1, False
-    config.rewrite = dataclasses.replace(config.rewrite, k_self=3, keep_verified=2, adaptive=True,
+    config.rewrite = dataclasses.replace(config.rewrite, k_self=6, keep_verified=2, adaptive=True,
                                          triage=rw.TriageConfig(by="phi", level=0.2))
     config.train = dataclasses.replace(config.train, rows=8)
     summary = run_loop(config)
