@@ -19,6 +19,7 @@ from onpolicy_sft.cli import main
 from onpolicy_sft.config import DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
 from onpolicy_sft import stages
 from onpolicy_sft.stages import load_data, route_logs
+from tiny import SHORT_EXEMPLAR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +40,7 @@ def _jsonl(path: Path, rows: list, bad_line: str | None = None) -> Path:
 def _config_file(tmp_path, tiny_dir, **data) -> Path:
     config = LoopConfig(
         out_dir=str(tmp_path / "run"), backend="hf", model=ModelConfig(name=str(tiny_dir)),
-        data=DataConfig(n_train=4, n_test=2, n_test_hard=2, n_general=2, **data),
+        data=DataConfig(n_train=4, n_test=2, n_test_hard=2, n_general=2, **{"exemplars": SHORT_EXEMPLAR, **data}),
         rewrite={"k_self": 2, "m_hinted": 1, "sampling": {"max_new_tokens": 4}, "hinted": {"max_new_tokens": 4},
                  "progress": False, "shard_size": 2},
         train=TrainConfig(objective=ObjectiveConfig(name="sft"), lr=1e-3, batch_size=2, micro_batch_size=2,

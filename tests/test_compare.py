@@ -13,6 +13,7 @@ from onpolicy_sft.compare import (METHODS, CompareConfig, PairsConfig, _answered
                                   score_columns)
 from onpolicy_sft.grading import extract_answer
 from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tiny import SHORT_EXEMPLAR
 
 REPO = Path(__file__).parent.parent
 
@@ -21,7 +22,7 @@ def _config(tiny_dir, out_dir) -> CompareConfig:
     return CompareConfig(
         out_dir=str(out_dir), seeds=[0], backend="hf",
         model=ModelConfig(name=str(tiny_dir)),
-        data=DataConfig(n_train=4, n_test=2, n_test_hard=2, n_general=2),
+        data=DataConfig(n_train=4, n_test=2, n_test_hard=2, n_general=2, exemplars=SHORT_EXEMPLAR),
         rewrite={"k_self": 1, "m_hinted": 1, "sampling": {"max_new_tokens": 4}, "hinted": {"max_new_tokens": 4},
                  "progress": False},
         pairs=PairsConfig(k=2, max_new_tokens=4),

@@ -20,6 +20,7 @@ from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig
                                  TrainConfig, apply_overrides, load_config, save_config)
 from onpolicy_sft.loop import run_loop
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged
+from tiny import SHORT_EXEMPLAR
 
 REPO = Path(__file__).parent.parent
 
@@ -27,15 +28,11 @@ REPO = Path(__file__).parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-SHORT_EXEMPLAR = [{"prompt": "1+1?", "response": "1 + 1 = 2\nThe answer is \\boxed{2}."}]
-
-
 def _loop_config(tiny_dir, out_dir) -> LoopConfig:
     return LoopConfig(
         out_dir=str(out_dir), rounds=2, backend="hf",
         model=ModelConfig(name=str(tiny_dir)),
         # No worked examples: with the arithmetic default pair a prompt alone fills the tiny max_length.
-        # one short exemplar turn: the default pair would not fit the tiny character-level tokenizer's rows
         data=DataConfig(n_train=8, n_test=4, n_test_hard=4, n_general=3, exemplars=SHORT_EXEMPLAR),
         rewrite=RewriteConfig(k_self=1, m_hinted=1, sampling=SamplingConfig(max_new_tokens=8),
                               hinted=HintedDecodingConfig(max_new_tokens=8), shard_size=4, progress=False),

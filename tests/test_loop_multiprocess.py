@@ -20,6 +20,7 @@ from decoding.rewrite import RewriteConfig
 from onpolicy_sft.compare import CompareConfig, PairsConfig
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
                                  TrainConfig, save_config)
+from tiny import SHORT_EXEMPLAR
 
 # Every number the summary reports per round and arm, besides times.
 NUMBERS = ("acc_test", "acc_test_se", "acc_test_hard", "acc_test_hard_se", "forgetting_kl", "forgetting_kl_se",
@@ -31,7 +32,7 @@ def _config(tiny_dir: Path, out: Path) -> LoopConfig:
     return LoopConfig(
         out_dir=str(out), rounds=1, backend="hf",
         model=ModelConfig(name=str(tiny_dir)),
-        data=DataConfig(n_train=5, n_test=3, n_test_hard=2, n_general=3),
+        data=DataConfig(n_train=5, n_test=3, n_test_hard=2, n_general=3, exemplars=SHORT_EXEMPLAR),
         rewrite=RewriteConfig(k_self=1, m_hinted=1, sampling=SamplingConfig(max_new_tokens=6),
                               hinted=HintedDecodingConfig(max_new_tokens=6), shard_size=2, progress=False),
         train=TrainConfig(objective=ObjectiveConfig(name="sft"), lr=5e-3, batch_size=4, micro_batch_size=2,
@@ -44,7 +45,7 @@ def _compare_config(tiny_dir: Path, out: Path) -> CompareConfig:
     return CompareConfig(
         out_dir=str(out), seeds=[0], methods=["base", "sft", "hd_sft", "dpo"], backend="hf",
         model=ModelConfig(name=str(tiny_dir)),
-        data=DataConfig(n_train=5, n_test=3, n_test_hard=2, n_general=3),
+        data=DataConfig(n_train=5, n_test=3, n_test_hard=2, n_general=3, exemplars=SHORT_EXEMPLAR),
         rewrite=RewriteConfig(k_self=1, m_hinted=1, sampling=SamplingConfig(max_new_tokens=4),
                               hinted=HintedDecodingConfig(max_new_tokens=4), shard_size=2, progress=False),
         pairs=PairsConfig(k=2, max_new_tokens=4),

@@ -58,3 +58,8 @@ def make_tiny_model(tokenizer, seed: int = 0, *, hidden: int = 64, layers: int =
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+# One short exemplar turn for runs on the tiny character-level tokenizer, whose rows the arithmetic
+# set's default pair would fill past the test configs' max_length.
+SHORT_EXEMPLAR = [{"prompt": "1+1?", "response": "1 + 1 = 2\nThe answer is \\boxed{2}."}]
