@@ -88,7 +88,8 @@ TRIAGE_BY = ("off", "p_value", "phi")
 TRIAGE_LEVELS = {"p_value": ddt.REJECT_LEVEL, "phi": -0.1}
 # Settings added after corpora were recorded: left out of the fingerprint while at these defaults,
 # so that a default run keeps the config_hash (and the resumable runs) it had before them.
-ADDED_DEFAULTS = {"triage.by": "off", "triage.level": None, "keep_verified": 1, "adaptive": False}
+ADDED_DEFAULTS = {"triage.by": "off", "triage.level": None, "keep_verified": 1, "adaptive": False,
+                  "template.exemplars": True}
 
 
 @dataclass
