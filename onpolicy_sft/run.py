@@ -129,9 +129,10 @@ class RunDir:
             self._lock.__exit__(*exc)
         self._lock = None
 
-    def check_inputs(self, inputs: dict, *, restart: bool = False) -> None:
+    def check_inputs(self, inputs: dict, *, restart: bool = False, what: str | None = None) -> None:
         """Record ``inputs`` or refuse a resume whose saved work came from others; ``restart``
-        first forgets the inputs of earlier work that left nothing to resume."""
+        first forgets the inputs of earlier work that left nothing to resume. ``what`` names that
+        saved work in a refusal (the stage's name when not given)."""
         if self.path is None:
             return
         file = self.path / FINGERPRINT
@@ -139,7 +140,7 @@ class RunDir:
         def check() -> None:
             if restart:
                 file.unlink(missing_ok=True)
-            check_fingerprint(file, inputs, self.what)
+            check_fingerprint(file, inputs, what or self.what)
 
         on_main(check)
 

@@ -8,122 +8,50 @@ summed over all processes), so the accumulated gradient is exactly the gradient 
 mean over the step, whatever the micro-batching or process count. Pairwise objectives
 (DPO/SimPO) are means over pairs, so there the unit is a pair instead of a token.
 
-The rows of an optimizer step are fixed by the seed alone (``plan_steps``); only how they are
-split into micro-batches depends on the micro-batch size and the number of processes. That is
-what makes 1×8 and 4×2 the same update, and what lets a resumed run replay the same data.
-
-Besides the weights, a run's directory holds ``train_inputs.json`` (what the weights depend on:
-a resume or rerun with other inputs is refused), ``train_data.json`` (rows truncated, skipped and
-repeated), ``logs/train/metrics.jsonl`` and, while it runs, ``trainer_state/step_<n>/``: weights,
-optimizer, scheduler and RNG states as safetensors and JSON, so that nothing read back is a pickle.
+Which rows make each step is planned in ``train_data``. Besides the weights, a run's
+directory holds ``fingerprint.json`` (what the weights depend on: a resume or rerun with other
+inputs is refused), ``train_data.json`` (rows truncated, skipped and repeated),
+``logs/train/metrics.jsonl`` and, while it runs, the resume state (``train_state``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from onpolicy_sft.config import TrainConfig, check_train, to_dict
-from onpolicy_sft.data import (
-    collate_rows,
-    duplicate_rows,
-    has_cached_ref_logps,
-    row_lengths,
-    tokenize_for_training,
-)
-from onpolicy_sft.distributed import process_state
-from onpolicy_sft.fsdp import full_optimizer_state, full_state, grad_norm_value, is_sharded, load_full_state, shard
+from onpolicy_sft.data import has_cached_ref_logps
+from onpolicy_sft.fsdp import full_state, grad_norm_value, is_sharded, shard
 from onpolicy_sft.lora import apply_lora, is_lora, save_lora
-from onpolicy_sft.models import load_model, weights_digest
+from onpolicy_sft.models import load_model
 from onpolicy_sft.objectives import Objective, build
 from onpolicy_sft.objectives.adapters import causal_lm_loss, sequence_logps
 from onpolicy_sft.ops import IGNORE_INDEX
-from onpolicy_sft.rundir import (RunLock, check_fingerprint, check_writable, digest, read_json, replace_with, save_into,
-                                 write_json, write_text)
+from onpolicy_sft.run import RunDir
+from onpolicy_sft.rundir import save_into, write_json, write_text
+from onpolicy_sft.train_data import BlockData, Blocks, TrainData, setup_data
+from onpolicy_sft.train_state import (DONE_FILE, STATE_DIR, fingerprint, load_finished, save_state, setup_run_dir,
+                                      setup_state)
 
 logger = logging.getLogger(__name__)
 
-STATE_DIR = "trainer_state"
-DONE_FILE = "training_complete.json"
-FINGERPRINT_FILE = "train_inputs.json"  # what the run's weights depend on (``fingerprint``)
 DATA_RECORD = "train_data.json"  # what happened to the rows: truncated, skipped, duplicated
+CONFIG_RECORD = Path("logs") / "train" / "config.json"
 METRICS_FILE = Path("logs") / "train" / "metrics.jsonl"
-STATE_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.json")
-
-
-def plan_steps(
-    lengths: list[int],
-    *,
-    batch_size: int,
-    micro_batch_size: int,
-    num_processes: int = 1,
-    epochs: float = 1.0,
-    seed: int = 0,
-    group_by_length: bool = True,
-    rows: int | None = None,
-) -> list[list[list[list[int]]]]:
-    """``steps[s][p]`` = the micro-batches (lists of row indices) process ``p`` runs at step ``s``.
-
-    Rows are shuffled per epoch with ``seed`` and cut into steps of ``batch_size`` rows; ``rows``,
-    when given, is how many rows are trained on in all (epochs as needed), else epochs × n. Within a
-    step, rows are sorted by length (so micro-batches need little padding) and split into
-    equal numbers of micro-batches per process; a micro-batch can be empty when the last step
-    has fewer rows than processes, and then contributes nothing.
-    """
-    if batch_size < 1 or micro_batch_size < 1 or num_processes < 1:
-        raise ValueError(
-            f"batch_size ({batch_size}), micro_batch_size ({micro_batch_size}) and the number of "
-            f"processes ({num_processes}) must all be positive"
-        )
-    n = len(lengths)
-    if n == 0:
-        raise ValueError("cannot train on an empty dataset")
-    total = rows if rows is not None else max(1, round(epochs * n))
-    order: list[int] = []
-    epoch = 0
-    while len(order) < total:
-        generator = torch.Generator().manual_seed(seed + epoch)
-        order.extend(torch.randperm(n, generator=generator).tolist())
-        epoch += 1
-    order = order[:total]
-    steps = []
-    for start in range(0, total, batch_size):
-        rows = order[start : start + batch_size]
-        if group_by_length:
-            rows = sorted(rows, key=lambda i: (-lengths[i], i))
-        per_process = math.ceil(len(rows) / (micro_batch_size * num_processes))
-        chunks = _split_even(rows, per_process * num_processes)
-        steps.append([chunks[p::num_processes] for p in range(num_processes)])
-    return steps
-
-
-def _split_even(rows: list[int], parts: int) -> list[list[int]]:
-    base, extra = divmod(len(rows), parts)
-    out, start = [], 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
-        out.append(rows[start : start + size])
-        start += size
-    return out
 
 
 class ObjectiveModel(nn.Module):
@@ -297,208 +225,6 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------
-# Resume state: safetensors and JSON only, so reading it back can never run code (no pickle).
-
-
-def _rng_state() -> dict:
-    version, internal, gauss = random.getstate()
-    numpy_state = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [numpy_state[0], numpy_state[1].tolist(), *map(_plain, numpy_state[2:])],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _optimizer_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state_dict split into tensors (for safetensors) and the rest (for JSON)."""
-    tensors, values = {}, {}
-    for index, per_param in state["state"].items():
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                values[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "values": values}
-
-
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in [*tensors.items(), *meta["values"].items()]:
-        index, key = name.rsplit(".", 1)  # a sharded model's optimizer state is keyed by parameter name
-        state.setdefault(int(index) if index.isdigit() else index, {})[key] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def save_state(accelerator: Accelerator, model, optimizer, scheduler, out_dir: Path, step: int) -> None:
-    """Everything a resumed run needs to continue bit-exactly after ``step``: the model's weights,
-    the optimizer and scheduler, the grad scaler, and every process's RNG states. The main process
-    writes it to ``step_<n>/`` and then moves the ``latest.json`` pointer, so a kill at any moment
-    leaves the previous complete state in use."""
-    rng = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
-    sharded = is_sharded(model)
-    if sharded:  # FSDP: the full weights and optimizer state, gathered by every process together
-        weights, optimizer_state = full_state(model), full_optimizer_state(model, _unwrapped(optimizer))
-    if accelerator.is_main_process:
-        root = out_dir / STATE_DIR
-        target = root / f"step_{step}"
-        shutil.rmtree(target, ignore_errors=True)  # a half-written one from a killed attempt
-        target.mkdir(parents=True)
-        if sharded:
-            replace_with(target / "model.safetensors",
-                         lambda tmp: safetensors.torch.save_file(_unshared(weights), str(tmp)))
-        else:
-            replace_with(target / "model.safetensors", lambda tmp: safetensors.torch.save_model(model, str(tmp)))
-        tensors, meta = _optimizer_files(optimizer_state if sharded else optimizer.state_dict())
-        replace_with(target / "optimizer.safetensors", lambda tmp: safetensors.torch.save_file(tensors, str(tmp)))
-        write_json(target / "optimizer.json", meta)
-        write_json(target / "scheduler.json", scheduler.state_dict())
-        if accelerator.scaler is not None:
-            write_json(target / "scaler.json", accelerator.scaler.state_dict())
-        write_json(target / "rng.json", rng)
-        write_json(root / "latest.json", {"step": step, "dir": target.name})
-        for old in root.glob("step_*"):
-            if old.name != target.name:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _unwrapped(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
-
-
-def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied weights): give each repeat its own copy."""
-    seen, out = set(), {}
-    for name, tensor in weights.items():
-        out[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
-        seen.add(tensor.data_ptr())
-    return out
-
-
-def latest_state(out_dir: Path) -> tuple[int, Path] | None:
-    """(step, directory) of the last complete resume state in ``out_dir``, or None."""
-    info = read_json(out_dir / STATE_DIR / "latest.json")
-    if info is None:
-        return None
-    return info["step"], out_dir / STATE_DIR / info["dir"]
-
-
-class DamagedFile(ValueError):
-    """A file a run saved is cut short or corrupt (a kill during a copy, a full disk)."""
-
-
-def read_saved(path: Path, read: Callable, fix: str):
-    """``read(path)``, where a damaged file is one line naming it and ``fix`` instead of a
-    deserializer's traceback."""
-    try:
-        return read(path)
-    except (safetensors.SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DamagedFile(f"{path} is damaged or cut short ({err}); {fix}") from None
-
-
-def load_state(accelerator: Accelerator, model, optimizer, scheduler, state_dir: Path) -> None:
-    """Restore what ``save_state`` wrote. Only the files it names are read, all safetensors or JSON."""
-    missing_files = [name for name in STATE_FILES if not (state_dir / name).exists()]
-    if missing_files:
-        raise FileNotFoundError(f"{state_dir} lacks {', '.join(missing_files)}: it is not resume state this version "
-                                f"wrote (or not all of it); delete {state_dir.parent} to train from the start")
-    fix = f"delete {state_dir.parent} to train from the start (no earlier state is kept)"
-
-    def saved(name: str, read: Callable):
-        return read_saved(state_dir / name, read, fix)
-
-    optimizer_state = _optimizer_state(saved("optimizer.safetensors", safetensors.torch.load_file),
-                                       saved("optimizer.json", read_json))
-    if is_sharded(model):
-        weights = saved("model.safetensors", safetensors.torch.load_file)
-        load_full_state(model, weights, _unwrapped(optimizer), optimizer_state)
-    else:
-        missing, unexpected = saved("model.safetensors",
-                                    lambda path: safetensors.torch.load_model(model, path, strict=False))
-        if missing or unexpected:
-            raise RuntimeError(f"{state_dir}: the saved weights do not fit this model (missing {sorted(missing)[:5]}, "
-                               f"unexpected {sorted(unexpected)[:5]}); was the run started from another model?")
-        optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(saved("scheduler.json", read_json))
-    if accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(saved("scaler.json", read_json))
-    rng = saved("rng.json", read_json)
-    if len(rng) != accelerator.num_processes:
-        logger.warning("the state in %s was saved by %d processes, resumed by %d: random streams are not "
-                       "replayed exactly", state_dir, len(rng), accelerator.num_processes)
-    _set_rng_state(rng[accelerator.process_index % len(rng)])
-
-
-# ---------------------------------------------------------------------------------------------
-# What a run's result depends on, and the record of its rows
-
-
-DISPLAY_FIELDS = ("progress", "trackers", "log_every", "save_every")  # change the output's looks, not its weights
-
-
-def _model_identity(model) -> dict | None:
-    """Size and a content digest of a model's weights: what tells a starting model apart without
-    hashing gigabytes. Not its path: the same weights moved or named another way are the same start."""
-    if model is None:
-        return None
-    return {"parameters": sum(p.numel() for p in model.parameters()), "weights": weights_digest(model)}
-
-
-def _data_digest(dataset) -> str:
-    """A digest of the token columns (and cached reference log-probs) of every row, in order."""
-    columns = sorted(c for c in dataset.column_names
-                     if c.endswith(("input_ids", "labels")) or c in ("ref_chosen_logp", "ref_rejected_logp"))
-    hasher = hashlib.sha256(json.dumps(columns).encode())
-    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=4096):
-        for column in columns:
-            values = table.column(column).combine_chunks()
-            if hasattr(values, "flatten"):  # a list column: its lengths and its values
-                hasher.update(values.value_lengths().to_numpy().tobytes())
-                values = values.flatten()
-            hasher.update(values.to_numpy().tobytes())
-    return hasher.hexdigest()[:16]
-
-
-def fingerprint(config: TrainConfig, objective: Objective, data: "TrainData", model, *, teacher=None,
-                ref=None) -> dict:
-    """What determines a run's weights, flat so that a refused resume names the field that differs:
-    the config (less its display fields), the objective and its hyperparameters, a digest of the
-    tokenized rows, and the identity of the starting model and of any teacher or reference."""
-    settings = {k: v for k, v in to_dict(config).items() if k not in DISPLAY_FIELDS and k != "objective"}
-    flat = {f"train.{k}": v for k, v in settings.items()}
-    flat["objective.name"] = objective.name
-    flat["objective.chunk_tokens"] = objective.chunk_tokens
-    if config.objective.name == objective.name:
-        flat["objective.hparams"] = config.objective.hparams
-    flat["data.rows"] = len(data.dataset)
-    flat["data.digest"] = _data_digest(data.dataset)
-    for role, value in (("model", model), ("teacher", teacher), ("ref", ref)):
-        identity = _model_identity(value)
-        for key, item in (identity or {}).items():
-            flat[f"{role}.{key}"] = item
-    return flat
-
-
 def check_config(config: TrainConfig) -> None:
     """The config's own checks again, for a caller that changed a field after building it."""
     try:
@@ -550,157 +276,6 @@ def setup_accelerator(config: TrainConfig, out_dir: Path) -> Accelerator:
     )
 
 
-@dataclass
-class TrainData:
-    """The tokenized rows, the plan of which rows every process runs at every step, and the
-    record of what tokenizing did to the rows."""
-
-    dataset: object  # datasets.Dataset with input_ids/labels (or chosen_/rejected_ versions)
-    plan: list[list[list[list[int]]]]  # plan_steps' steps[s][p] = micro-batches of row indices
-    pairwise: bool
-    pad_token_id: int
-    record: dict = field(default_factory=dict)
-
-    @property
-    def total_steps(self) -> int:
-        return len(self.plan)
-
-    def micro_batches(self, step: int, process_index: int, device) -> list[dict[str, torch.Tensor] | None]:
-        return [collate_rows(self.dataset, rows, self.pad_token_id, self.pairwise, device)
-                for rows in self.plan[step][process_index]]
-
-    def filler(self, step: int, device) -> dict[str, torch.Tensor]:
-        """One row of the step, for a process whose share of it is empty (run with weight 0)."""
-        first = next(rows for process in self.plan[step] for rows in process if rows)
-        return collate_rows(self.dataset, first[:1], self.pad_token_id, self.pairwise, device)
-
-
-def setup_data(dataset, tokenizer, objective: Objective, config: TrainConfig, num_processes: int) -> TrainData:
-    """Tokenize, count what was truncated, skipped or repeated (a WARNING when any), and plan the steps."""
-    pairwise = bool(objective.pairwise)
-    dataset, record = tokenize_for_training(dataset, tokenizer, max_length=config.max_length, pairwise=pairwise)
-    if len(dataset) == 0:
-        raise ValueError(f"no training row is left after tokenizing ({record['rows']} rows in, "
-                         f"{record['skipped_prompt_too_long']} with a prompt that fills train.max_length "
-                         f"({config.max_length}), {record['skipped_overlong']} over it)")
-    record["duplicates"] = duplicate_rows(dataset, pairwise)
-    changed = {k: record[k] for k in ("truncated", "skipped_overlong", "skipped_prompt_too_long", "duplicates")
-               if record[k]}
-    if changed:
-        logger.warning("training rows: %d in, %d kept; %s (max_length %d)", record["rows"], record["kept"],
-                       ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in changed.items()), config.max_length)
-    plan = plan_steps(
-        row_lengths(dataset, pairwise),
-        batch_size=config.batch_size,
-        micro_batch_size=config.micro_batch_size,
-        num_processes=num_processes,
-        epochs=config.epochs,
-        seed=config.seed,
-        group_by_length=config.group_by_length,
-        rows=config.rows,
-    )
-    if config.max_steps is not None:
-        plan = plan[: config.max_steps]
-    record["steps"] = len(plan)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TrainData(dataset=dataset, plan=plan, pairwise=pairwise, pad_token_id=pad_id, record=record)
-
-
-@dataclass
-class Blocks:
-    """Online training: the rows of steps [b·steps, (b+1)·steps) are ``rows(b, model)``, asked for
-    when step b·steps is reached, with the model as trained so far. ``settings`` (what decides those
-    rows besides the weights) join the run's fingerprint."""
-
-    steps: int
-    rows: Callable[[int, nn.Module], object]
-    settings: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"Blocks.steps: must be an integer >= 1, got {self.steps!r}")
-
-
-class BlockData:
-    """TrainData's interface over blocks of rows that only exist once training reaches them.
-
-    The whole run (its steps, hence the schedule, and its rows in all) is planned on ``whole``, the
-    dataset the blocks stand in for; block b trains its share of those rows on its own rows, planned
-    as a run of its own with seed + b. With one block covering every step this is ``whole``'s plan
-    on the block's rows: online training with one block is offline training."""
-
-    def __init__(self, whole: TrainData, blocks: Blocks, model, tokenizer, objective: Objective,
-                 config: TrainConfig, num_processes: int):
-        self.dataset, self.pairwise, self.record = whole.dataset, whole.pairwise, whole.record
-        self.total_steps = whole.total_steps
-        self.total_rows = sum(len(rows) for step in whole.plan for process in step for rows in process)
-        self.blocks, self.model, self.tokenizer, self.objective = blocks, model, tokenizer, objective
-        self.config, self.num_processes = config, num_processes
-        self.index, self.block = None, None
-
-    def _at(self, step: int) -> tuple[TrainData, int]:
-        index, offset = divmod(step, self.blocks.steps)
-        if index != self.index:
-            self.block, self.index = self._plan_block(index), index
-        return self.block, offset
-
-    def _plan_block(self, index: int) -> TrainData:
-        first = index * self.blocks.steps
-        steps = min(self.blocks.steps, self.total_steps - first)
-        rows = min(steps * self.config.batch_size, self.total_rows - first * self.config.batch_size)
-        block_config = replace(self.config, rows=rows, max_steps=steps, seed=self.config.seed + index)
-        dataset = self.blocks.rows(index, self.model)
-        return setup_data(dataset, self.tokenizer, self.objective, block_config, self.num_processes)
-
-    def micro_batches(self, step: int, process_index: int, device) -> list[dict[str, torch.Tensor] | None]:
-        block, offset = self._at(step)
-        return block.micro_batches(offset, process_index, device)
-
-    def filler(self, step: int, device) -> dict[str, torch.Tensor]:
-        block, offset = self._at(step)
-        return block.filler(offset, device)
-
-
-def setup_run_dir(out_dir: Path, inputs: dict, is_main: bool) -> str:
-    """What ``out_dir`` holds for this run: "new", "resume" (saved state of a run with the same
-    ``inputs``) or "finished" (a completed run with the same inputs and its weights). A directory
-    whose saved state or finished run came from other inputs is refused (``rundir.InputsChanged``),
-    naming each input that differs. A finished run of the same inputs whose weights were deleted
-    (the comparison keeps only results) is trained again: the same inputs give the same weights."""
-    done = (out_dir / DONE_FILE).exists()
-    if done or latest_state(out_dir) is not None:
-        if is_main:
-            check_fingerprint(out_dir / FINGERPRINT_FILE, inputs, "finished training run" if done else "training run")
-        if not done:
-            return "resume"
-        if any(out_dir.glob("*.safetensors")):
-            return "finished"
-        logger.warning("%s records a finished run of these inputs whose weights were deleted: training it again",
-                       out_dir)
-        if is_main:
-            (out_dir / DONE_FILE).unlink()
-        return "new"
-    if is_main:  # nothing saved to resume: whatever inputs a killed earlier attempt had no longer matter
-        (out_dir / FINGERPRINT_FILE).unlink(missing_ok=True)
-        check_fingerprint(out_dir / FINGERPRINT_FILE, inputs, "training run")
-    return "new"
-
-
-def load_finished(model, out_dir: Path) -> None:
-    """Load the weights of a finished run in ``out_dir`` into ``model`` (tied weights are saved once)."""
-    weights = {}
-    for path in sorted(out_dir.glob("*.safetensors")):
-        weights.update(read_saved(path, safetensors.torch.load_file,
-                                  f"delete the *.safetensors files in {out_dir} and rerun to train it again"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    state = model.state_dict()
-    loaded = {state[k].data_ptr() for k in weights if k in state}
-    untied = [k for k in missing if state[k].data_ptr() not in loaded]  # a tied weight shares a loaded one's storage
-    if untied or unexpected:
-        raise RuntimeError(f"{out_dir}: the finished weights do not fit this model (missing {sorted(untied)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]})")
-
-
 def setup_model(model, objective: Objective, config: TrainConfig, accelerator: Accelerator, *, teacher=None,
                 ref=None) -> ObjectiveModel:
     """The trained model in training mode with its objective; the frozen models on the training device.
@@ -731,15 +306,22 @@ def setup_optimizer(model, config: TrainConfig, total_steps: int):
     return optimizer, cosine_with_warmup(optimizer, total_steps, config.warmup_ratio, config.min_lr_ratio)
 
 
-def setup_state(accelerator: Accelerator, model, optimizer, scheduler, out_dir: Path, total_steps: int) -> int:
-    """The step to start at: 0, or the last saved step of a killed run, whose state is loaded."""
-    resumed = latest_state(out_dir)
-    if resumed is None:
-        return 0
-    start_step, state_dir = resumed
-    load_state(accelerator, model, optimizer, scheduler, state_dir)
-    logger.warning("resuming training at step %d/%d from %s", start_step, total_steps, state_dir)
-    return start_step
+def setup_training(accelerator: Accelerator, model, objective: Objective, config: TrainConfig, data: TrainData,
+                   out_dir: Path, *, teacher=None, ref=None):
+    """(wrapped, optimizer, scheduler, start_step): the model with its objective and frozen models and
+    its optimizer, prepared by accelerate; a killed run's saved state loaded; the trackers started."""
+    teacher, ref = setup_frozen_models(model, objective, config, data.dataset, teacher=teacher, ref=ref)
+    wrapped = setup_model(model, objective, config, accelerator, teacher=teacher, ref=ref)
+    optimizer, scheduler = setup_optimizer(model, config, data.total_steps)
+    if config.fsdp:  # already sharded by setup_model: accelerate must not wrap it again (in DDP)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    start_step = setup_state(accelerator, model, optimizer, scheduler, out_dir, data.total_steps)
+    flat_config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
+                   for k, v in to_dict(config).items()}
+    accelerator.init_trackers("train", config=flat_config)
+    return wrapped, optimizer, scheduler, start_step
 
 
 def train_loop(accelerator: Accelerator, model, wrapped, optimizer, scheduler, data: TrainData,
@@ -836,6 +418,17 @@ def save_final(accelerator: Accelerator, wrapped, tokenizer, out_dir: Path, *, d
     accelerator.wait_for_everyone()
 
 
+def finish_training(accelerator: Accelerator, wrapped, model) -> None:
+    """The trackers closed and ``model`` left as it was saved (a LoRA model merged), in eval mode."""
+    # Not end_training(): it destroys the process group, which the loop's later stages still use.
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    trained = accelerator.unwrap_model(wrapped).model
+    if is_lora(trained):
+        trained.merge_and_unload()  # ``model`` itself becomes the merged model, as saved
+    model.eval()
+
+
 def train(
     model,
     tokenizer,
@@ -861,7 +454,7 @@ def train(
     out_dir after a kill continues from the last saved step and ends with the same weights. The
     inputs that determine the weights are recorded (``fingerprint``); a rerun with other inputs
     is refused, naming what differs, and a rerun of a finished run loads its weights into
-    ``model`` instead of training again. One run at a time per out_dir (``rundir.RunLock``).
+    ``model`` instead of training again. One run at a time per out_dir (``run.RunDir``).
     What tokenizing did to the rows is in ``train_data.json`` and on the console.
     ``on_step(steps_done)`` is called after every optimizer step.
 
@@ -869,46 +462,26 @@ def train(
     run (its steps and rows, as offline training on it would have), and the rows come block by block.
     """
     check_config(config)
-    out_dir = check_writable(out_dir)
-    is_main = process_state().is_main_process
-    with RunLock(out_dir, "training run") if is_main else contextlib.nullcontext():
+    with RunDir(out_dir, "training run") as run:
         objective = setup_objective(config, objective)
-        accelerator = setup_accelerator(config, out_dir)
+        accelerator = setup_accelerator(config, run.path)
         data = setup_data(dataset, tokenizer, objective, config, accelerator.num_processes)
         inputs = fingerprint(config, objective, data, model, teacher=teacher, ref=ref)
         if blocks is not None:
             inputs.update({"online.steps": blocks.steps, **blocks.settings})
             data = BlockData(data, blocks, model, tokenizer, objective, config, accelerator.num_processes)
-        status = setup_run_dir(out_dir, inputs, accelerator.is_main_process)
-        if status == "finished":
-            load_finished(model, out_dir)
+        if setup_run_dir(run, inputs) == "finished":
+            load_finished(model, run.path)
             model.eval()
             logger.warning("%s already holds this finished training run; its weights are loaded, not retrained",
-                           out_dir)
-            return out_dir
-        if accelerator.is_main_process:
-            write_json(out_dir / DATA_RECORD, data.record)
-            write_json(out_dir / "logs" / "train" / "config.json", to_dict(config))
-        teacher, ref = setup_frozen_models(model, objective, config, data.dataset, teacher=teacher, ref=ref)
-        wrapped = setup_model(model, objective, config, accelerator, teacher=teacher, ref=ref)
-        optimizer, scheduler = setup_optimizer(model, config, data.total_steps)
-        if config.fsdp:  # already sharded by setup_model: accelerate must not wrap it again (in DDP)
-            optimizer = accelerator.prepare(optimizer)
-        else:
-            wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-        start_step = setup_state(accelerator, model, optimizer, scheduler, out_dir, data.total_steps)
-        flat_config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
-                       for k, v in to_dict(config).items()}
-        accelerator.init_trackers("train", config=flat_config)
-
-        train_loop(accelerator, model, wrapped, optimizer, scheduler, data, config, out_dir=out_dir,
+                           run.path)
+            return run.path
+        run.write_json(DATA_RECORD, data.record)
+        run.write_json(CONFIG_RECORD, to_dict(config))
+        wrapped, optimizer, scheduler, start_step = setup_training(accelerator, model, objective, config, data,
+                                                                   run.path, teacher=teacher, ref=ref)
+        train_loop(accelerator, model, wrapped, optimizer, scheduler, data, config, out_dir=run.path,
                    start_step=start_step, desc=f"train {objective.name}", on_step=on_step)
-        save_final(accelerator, wrapped, tokenizer, out_dir, data=data, objective=objective)
-        # Not end_training(): it destroys the process group, which the loop's later stages still use.
-        for tracker in accelerator.trackers:
-            tracker.finish()
-        trained = accelerator.unwrap_model(wrapped).model
-        if is_lora(trained):
-            trained.merge_and_unload()  # ``model`` itself becomes the merged model, as saved
-        model.eval()
-        return out_dir
+        save_final(accelerator, wrapped, tokenizer, run.path, data=data, objective=objective)
+        finish_training(accelerator, wrapped, model)
+        return run.path

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fsdp_run import run
-from onpolicy_sft.train import DONE_FILE, STATE_DIR
+from onpolicy_sft.train_state import DONE_FILE, STATE_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -114,3 +114,11 @@ def test_map_shards_tally_counts_every_unit(capsys):
 
     map_shards(lambda u: u, ["a", "b", "a"], "letters", tally=lambda r: {r: 1}, postfix=postfix, progress=True)
     assert seen == {"a": 2, "b": 1}
+
+
+def test_check_inputs_names_the_saved_work_it_refuses(tmp_path):
+    with RunDir(tmp_path, "training run", {"lr": 1.0}):
+        pass
+    with pytest.raises(InputsChanged, match="holds a finished training run started with other inputs"):
+        with RunDir(tmp_path, "training run") as run:
+            run.check_inputs({"lr": 2.0}, what="finished training run")

@@ -15,7 +15,9 @@ import torch
 
 from onpolicy_sft.config import ObjectiveConfig, TrainConfig
 from onpolicy_sft.ops import IGNORE_INDEX
-from onpolicy_sft.train import DONE_FILE, ObjectiveModel, plan_steps, step_gradients, train
+from onpolicy_sft.train import ObjectiveModel, step_gradients, train
+from onpolicy_sft.train_data import plan_steps
+from onpolicy_sft.train_state import DONE_FILE
 
 TESTS = Path(__file__).parent
 
@@ -339,7 +341,8 @@ def test_resume_state_round_trips_optimizer_scheduler_and_rng(tiny_tokenizer, tm
 
     import numpy as np
     from accelerate import Accelerator
-    from onpolicy_sft.train import load_state, save_state, setup_optimizer
+    from onpolicy_sft.train import setup_optimizer
+    from onpolicy_sft.train_state import load_state, save_state
     from tiny import make_tiny_model
 
     model = make_tiny_model(tiny_tokenizer, seed=0)
@@ -433,7 +436,7 @@ def test_a_run_killed_before_saving_state_starts_afresh_with_new_inputs(tiny_tok
     with pytest.raises(_Stop):
         _short_run(tiny_tokenizer, tmp_path, save_every=0, on_step=_stop_after(1))
     _short_run(tiny_tokenizer, tmp_path, lr=3e-2)  # nothing saved to resume, so nothing to refuse
-    assert json.loads((tmp_path / "train_inputs.json").read_text())["train.lr"] == 3e-2
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["train.lr"] == 3e-2
     assert _steps_logged(tmp_path) == [1, 2]
 
 
@@ -467,7 +470,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing_as_fi
 
 
 def test_a_damaged_resume_state_is_one_error_naming_the_file_and_the_way_out(tiny_tokenizer, tmp_path):
-    from onpolicy_sft.train import DamagedFile
+    from onpolicy_sft.train_state import DamagedFile
 
     with pytest.raises(_Stop):
         _short_run(tiny_tokenizer, tmp_path, on_step=_stop_after(1))
@@ -485,7 +488,7 @@ def test_row_changes_are_counted_warned_and_recorded(tiny_tokenizer, tmp_path, c
     rows = [{"prompt": "p1", "response": "short"}, {"prompt": "p1", "response": "short"},
             {"prompt": "p2", "response": long_response}, {"prompt": "p3 " + "word " * 60, "response": "x"},
             {"prompt": "p4", "response": "fine"}]
-    with caplog.at_level("WARNING", logger="onpolicy_sft.train"):
+    with caplog.at_level("WARNING", logger="onpolicy_sft.train_data"):
         _short_run(tiny_tokenizer, tmp_path, rows=datasets.Dataset.from_list(rows), max_length=32)
     record = json.loads((tmp_path / "train_data.json").read_text())
     assert record["rows"] == 5 and record["kept"] == 4

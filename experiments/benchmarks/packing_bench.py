@@ -1,7 +1,7 @@
 """Training tokens/s with padded against padding-free (packed) micro-batches, on the embedded model.
 
 The rows are the built-in arithmetic training set (its real length spread, chat template
-included), cut into optimizer steps and micro-batches by ``train.plan_steps`` exactly as the
+included), cut into optimizer steps and micro-batches by ``train_data.plan_steps`` exactly as the
 trainer does, with and without length grouping. Each micro-batch runs the fused SFT loss forward
 and backward (``objectives.adapters.causal_lm_loss``), padded or with ``packed=True``; the
 optimizer update is the same for both and left out. Tokens/s counts real tokens only, so the
@@ -28,7 +28,7 @@ from onpolicy_sft.data import collate, encode_row
 from onpolicy_sft.models import load_model
 from onpolicy_sft.objectives import build
 from onpolicy_sft.objectives.adapters import causal_lm_loss
-from onpolicy_sft.train import plan_steps
+from onpolicy_sft.train_data import plan_steps
 
 RESULTS = Path(__file__).parent / "results"
 

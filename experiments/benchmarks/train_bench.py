@@ -107,9 +107,8 @@ def state_costs(model, tokenizer, rows, repeats: int = 3) -> dict:
     from accelerate import Accelerator
 
     from onpolicy_sft.config import ObjectiveConfig, TrainConfig
-    from onpolicy_sft.train import (
-        _data_digest, _model_identity, latest_state, load_state, save_state, setup_optimizer,
-    )
+    from onpolicy_sft.train import setup_optimizer
+    from onpolicy_sft.train_state import _data_digest, _model_identity, latest_state, load_state, save_state
 
     config = TrainConfig(objective=ObjectiveConfig(name="sft"), lr=1e-5)
     optimizer, scheduler = setup_optimizer(model, config, total_steps=10)
