@@ -28,7 +28,7 @@ from decoding.hf import HFBackend
 from decoding.rewrite import RewriteConfig
 from decoding.vllm_backend import VLLMBackend
 from onpolicy_sft import objectives
-from onpolicy_sft.data import check_columns
+from onpolicy_sft.loaders import check_columns
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.models import EMBEDDED_MODEL
 from onpolicy_sft.rundir import write_text
@@ -84,7 +84,7 @@ class DataConfig:
     the log and the run's record). A hub dataset with splits uses ``eval_splits``. Rows that are in
     both the training data and an evaluation set are refused. Every set is cut to the n_* sizes
     (``n_test`` for evaluation sets other than test_hard). ``columns`` and ``on_error`` are as in
-    ``data.load_demonstrations``. ``exemplars`` are the worked examples every prompt of the training
+    ``loaders.read_demonstrations``. ``exemplars`` are the worked examples every prompt of the training
     and evaluation sets is shown first, as earlier chat turns (``onpolicy_sft.exemplars``).
     """
 

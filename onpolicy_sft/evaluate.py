@@ -25,7 +25,7 @@ from decoding.config import SamplingConfig
 from decoding.mixing import stream_seeds
 from onpolicy_sft import rundir
 from onpolicy_sft.config import EvalConfig
-from onpolicy_sft.data import collate, encode_prompt, encode_row_prompt
+from onpolicy_sft.encoding import collate, encode_prompt, encode_row_prompt
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onpolicy_sft.config import TrainConfig, check_train, to_dict
-from onpolicy_sft.data import (
+from onpolicy_sft.training_rows import (
     collate_rows,
     duplicate_rows,
     has_cached_ref_logps,
