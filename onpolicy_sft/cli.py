@@ -22,7 +22,8 @@ from onpolicy_sft import loop as loop_recipe
 from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.exemplars import with_exemplars
-from onpolicy_sft.config import ConfigError, ObjectiveConfig, load_config
+from onpolicy_sft.config import ObjectiveConfig, load_config, run_rewrite_config
+from onpolicy_sft.config_io import ConfigError
 from onpolicy_sft.evaluate import evaluate, forgetting
 from onpolicy_sft.loaders import parse_columns, read_demonstrations, read_preferences
 from onpolicy_sft.models import EMBEDDED_MODEL, ModelUnavailableError, load_model, load_tokenizer, resolve_model_path
@@ -441,7 +442,8 @@ def _rewrite(args, config) -> int:
     if note:
         say(note)
     with backend:
-        _, stats = rewrite_with_stats(model, tokenizer, dataset, config.rewrite, out_dir=args.out, backend=backend)
+        _, stats = rewrite_with_stats(model, tokenizer, dataset, run_rewrite_config(config), out_dir=args.out,
+                                      backend=backend)
     print(json.dumps(stats, indent=2))
     return 0
 

@@ -42,7 +42,8 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from onpolicy_sft.config import TrainConfig, check_train, to_dict
+from onpolicy_sft.config import TrainConfig, check_train
+from onpolicy_sft.config_io import to_dict
 from onpolicy_sft.training_rows import (
     collate_rows,
     duplicate_rows,

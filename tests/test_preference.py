@@ -13,7 +13,8 @@ from decoding.backend import Backend
 from decoding.config import SamplingConfig
 from decoding.reference import reference_sample
 from onpolicy_sft import cli, ddt, preference
-from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
+from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig
+from onpolicy_sft.config_io import save_config
 from onpolicy_sft.encoding import encode_example, encode_prompt
 from onpolicy_sft.loaders import read_preferences
 from onpolicy_sft.training_rows import tokenize_for_training
