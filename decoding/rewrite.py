@@ -31,7 +31,7 @@ Truncation rule. A kept answer is trained with an end-of-turn token only if the 
 Among the right answers of a stage, one that ended by itself is preferred. A right answer that
 never ended (cut at the limit or by the repetition stop) is kept only up to the end of its final
 answer (the rest is unverified text running on) and marked ``response_truncated``, so
-``onpolicy_sft.data.encode_row`` appends no end-of-turn token to it in training or scoring.
+``onpolicy_sft.encoding.encode_row`` appends no end-of-turn token to it in training or scoring.
 A right answer that ended by itself keeps all of its text, words after the answer included:
 the model wrote them, and its stop, there.
 
@@ -66,7 +66,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from onpolicy_sft import ddt
-from onpolicy_sft.data import EXEMPLARS
+from onpolicy_sft.schema import EXEMPLARS
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state
 from onpolicy_sft.grading import extract_answer, is_correct
 from onpolicy_sft.models import weights_digest

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onpolicy_sft.data import encode_prompt
+from onpolicy_sft.encoding import encode_prompt
 
 
 @dataclass

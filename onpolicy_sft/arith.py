@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from onpolicy_sft.data import DEMONSTRATION_COLUMNS, columns_features
+from onpolicy_sft.schema import DEMONSTRATION_COLUMNS, columns_features
 
 BOXED_INSTRUCTION = "Answer with the number only, in \\boxed{}."
 

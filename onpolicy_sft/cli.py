@@ -17,20 +17,25 @@ from pathlib import Path
 
 from decoding import BackendUnavailable
 from decoding.rewrite import rewrite_with_stats
-from onpolicy_sft import compare, data, ddt, ddt_report, models
+from onpolicy_sft import compare, ddt, ddt_report, models
 from onpolicy_sft import loop as loop_recipe
 from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.exemplars import with_exemplars
-from onpolicy_sft.config import ConfigError, ObjectiveConfig, load_config
+from onpolicy_sft.config import ObjectiveConfig, load_config, run_rewrite_config
+from onpolicy_sft.config_io import ConfigError
 from onpolicy_sft.evaluate import evaluate, forgetting
+from onpolicy_sft.loaders import parse_columns, read_demonstrations, read_preferences
 from onpolicy_sft.models import EMBEDDED_MODEL, ModelUnavailableError, load_model, load_tokenizer, resolve_model_path
 from onpolicy_sft.objectives import build
 from onpolicy_sft.preference import cached_reference_logps
+from onpolicy_sft.preview import preview, token_statistics
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, RunLock, check_writable, replace_with, write_json
+from onpolicy_sft.sources import save_dataset
 from onpolicy_sft.stages import load_data, on_main, open_backend, route_logs, say
 from onpolicy_sft.train import train
+from onpolicy_sft.training_rows import has_cached_ref_logps
 
 # What a user can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ModelUnavailableError, InputsChanged, DirectoryLocked, BackendUnavailable)
@@ -59,7 +64,7 @@ def _load_config(args, cls=None):
     """The config with --set overrides, then --columns and --on-error for its data section."""
     config = load_config(args.config, args.overrides) if cls is None else load_config(args.config, args.overrides, cls=cls)
     if getattr(args, "columns", None):
-        config.data.columns = data.parse_columns(args.columns)
+        config.data.columns = parse_columns(args.columns)
     if getattr(args, "on_error", None):
         config.data.on_error = args.on_error
     return config
@@ -80,10 +85,10 @@ def _read_data(source: str, *, split: str, columns: dict, on_error: str, prefere
     """Demonstrations (or pairs) with the skipped rows said on the console. Training and scoring
     never grade, so they read rows without a reference answer too (``require_answer=False``)."""
     if preferences:
-        dataset, report = data.read_preferences(source, split=split, columns=columns or None, on_error=on_error)
+        dataset, report = read_preferences(source, split=split, columns=columns or None, on_error=on_error)
     else:
-        dataset, report = data.read_demonstrations(source, split=split, columns=columns or None, on_error=on_error,
-                                                   require_answer=require_answer)
+        dataset, report = read_demonstrations(source, split=split, columns=columns or None, on_error=on_error,
+                                              require_answer=require_answer)
     if report.n_skipped:
         say(f"{report.source}: skipped {report.n_skipped} rows ({dict(report.skipped)}); kept {report.kept}")
         for message in report.messages:
@@ -157,19 +162,19 @@ def run_data(args) -> int:
         dataset = arithmetic_splits(seed=args.seed, n_train=args.n, n_test=args.n, n_test_hard=args.n)[args.split or "test"]
         dataset = with_exemplars(dataset, resolve_exemplars(None, source="arithmetic"))
     else:
-        dataset = _read_data(args.source, split=args.split or "train", columns=data.parse_columns(args.columns),
+        dataset = _read_data(args.source, split=args.split or "train", columns=parse_columns(args.columns),
                              on_error=args.on_error or "raise", preferences=args.preferences)
     if args.action == "convert":
-        print(f"wrote {len(dataset)} rows to {data.save_dataset(dataset, args.out)}")
+        print(f"wrote {len(dataset)} rows to {save_dataset(dataset, args.out)}")
         return 0
-    shown = data.preview(dataset, args.rows, args.max_chars)
+    shown = preview(dataset, args.rows, args.max_chars)
     for row in shown:
         print(json.dumps(row, ensure_ascii=False, indent=2))
     cut = sum(isinstance(v, str) and len(v) > args.max_chars for row in dataset.select(range(len(shown))) for v in row.values())
     if cut:
         say(f"note: {cut} field(s) longer than {args.max_chars} characters were cut (--max-chars N shows more)")
     if "response" in dataset.column_names:
-        stats = data.token_statistics(dataset, load_tokenizer(args.model), max_length=args.max_length)
+        stats = token_statistics(dataset, load_tokenizer(args.model), max_length=args.max_length)
         print(json.dumps({"tokenizer": args.model, **stats}, indent=2))
     else:
         print(json.dumps({"rows": len(dataset)}))
@@ -211,7 +216,7 @@ def _train(args, config) -> int:
         dataset = load_data(config.data).train
     load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
     model, tokenizer = load_model(config.model.name, **load)
-    if "ref_logps" in objective.needs and not data.has_cached_ref_logps(dataset):
+    if "ref_logps" in objective.needs and not has_cached_ref_logps(dataset):
         # The reference is the starting model unless the config names another.
         ref = model if config.train.ref in (None, "base") else load_model(config.train.ref, **load)[0]
         dataset = cached_reference_logps(ref, tokenizer, dataset, Path(args.out) / "reference_logps",
@@ -309,7 +314,7 @@ def _demonstrations(source: str, split: str, limit: int | None, columns: dict, o
 
 
 def run_score(args) -> int:
-    columns = data.parse_columns(args.columns)
+    columns = parse_columns(args.columns)
     out = check_writable(args.out)  # before any work: a scoring run that cannot write its result is lost
     with _holding(out, "score"):
         return _score(args, out, columns, args.on_error or "raise")
@@ -437,7 +442,8 @@ def _rewrite(args, config) -> int:
     if note:
         say(note)
     with backend:
-        _, stats = rewrite_with_stats(model, tokenizer, dataset, config.rewrite, out_dir=args.out, backend=backend)
+        _, stats = rewrite_with_stats(model, tokenizer, dataset, run_rewrite_config(config), out_dir=args.out,
+                                      backend=backend)
     print(json.dumps(stats, indent=2))
     return 0
 

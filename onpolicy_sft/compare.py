@@ -39,8 +39,9 @@ import datasets
 from decoding.config import SamplingConfig
 from decoding.rewrite import RewriteConfig, rewrite_with_stats
 from onpolicy_sft import ddt
-from onpolicy_sft.config import (DataConfig, check_seed, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run_backend,
-                                 from_dict, load_config, objective_hparams, save_config, to_dict)
+from onpolicy_sft.config import (DataConfig, check_seed, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run,
+                                 load_config, objective_hparams, run_rewrite_config)
+from onpolicy_sft.config_io import from_dict, save_config, to_dict
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import mean_and_se
 from onpolicy_sft.grading import extract_answer
@@ -124,7 +125,7 @@ class CompareConfig:
                                  f"set its hyperparameters under hparams.{method}")
             merged = from_dict(TrainConfig, {**_shallow(self.train), **values}, where=f"train_overrides.{method}")
             self.train_overrides[method] = {key: getattr(merged, key) for key in values}
-        check_run_backend(self)
+        check_run(self)
 
 
 def _shallow(config) -> dict:
@@ -177,7 +178,7 @@ def run_comparison(config: CompareConfig) -> dict:
             return {"rows": len(scored), "phi_mean": _mean_phi(scored)}
 
         def hinted_corpus():
-            corpus, stats = rewrite_with_stats(base, tokenizer, data.train, config.rewrite,
+            corpus, stats = rewrite_with_stats(base, tokenizer, data.train, run_rewrite_config(config),
                                                out_dir=corpora / "hinted_shards", backend=backend)
             if "ddt_phi_mean" not in corpus.column_names:
                 corpus = ddt.score(base, tokenizer, corpus, progress=False)

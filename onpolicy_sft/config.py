@@ -1,4 +1,5 @@
-"""One configuration for the whole loop: plain dataclasses, YAML on disk, ``--set a.b=v`` overrides.
+"""One configuration for the whole loop: plain dataclasses, read from YAML with ``--set a.b=v``
+overrides (``load_config``; the machinery, and writing them back, in ``config_io``).
 
 Every stage function takes its own section (``TrainConfig`` for ``train``, ``EvalConfig`` for
 ``evaluate``, ``decoding.rewrite.RewriteConfig`` for the rewrite); ``LoopConfig`` nests them all.
@@ -16,22 +17,19 @@ import dataclasses
 import importlib.util
 import inspect
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from decoding.hf import HFBackend
 from decoding.rewrite import RewriteConfig
 from decoding.vllm_backend import VLLMBackend
 from onpolicy_sft import objectives
-from onpolicy_sft.data import check_columns
+from onpolicy_sft.config_io import ConfigError, apply_overrides, coerce, from_dict, read_yaml
+from onpolicy_sft.loaders import check_columns
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.models import EMBEDDED_MODEL
-from onpolicy_sft.rundir import write_text
 
 BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit, and accelerate's set_seed seeds numpy too
@@ -40,15 +38,6 @@ MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit, and accelerate's set_seed seed
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
                    "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
                    "trackio": "trackio"}
-
-
-class ConfigError(ValueError):
-    """A value in a config file or a ``--set`` override is wrong; the message names where
-    (``path``: the dotted field, when one is to blame)."""
-
-    def __init__(self, message: str, path: str = ""):
-        super().__init__(message)
-        self.path = path
 
 
 def _require(ok: bool, field_name: str, need: str, value) -> None:
@@ -84,7 +73,7 @@ class DataConfig:
     the log and the run's record). A hub dataset with splits uses ``eval_splits``. Rows that are in
     both the training data and an evaluation set are refused. Every set is cut to the n_* sizes
     (``n_test`` for evaluation sets other than test_hard). ``columns`` and ``on_error`` are as in
-    ``data.load_demonstrations``. ``exemplars`` are the worked examples every prompt of the training
+    ``loaders.read_demonstrations``. ``exemplars`` are the worked examples every prompt of the training
     and evaluation sets is shown first, as earlier chat turns (``onpolicy_sft.exemplars``).
     """
 
@@ -154,7 +143,7 @@ def objective_hparams(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
     hints["chunk_tokens"] = int
     coerced = {}
     for key, value in hparams.items():
-        coerced[key] = _coerce(value, hints[key], f"hparams.{key}") if key in hints else value
+        coerced[key] = coerce(value, hints[key], f"hparams.{key}") if key in hints else value
     objectives.build(name, **coerced)
     return coerced
 
@@ -269,13 +258,8 @@ def check_train(config: TrainConfig) -> None:
 
 @dataclass
 class EvalConfig:
-    """Greedy accuracy always; avg@k and pass@k when ``n_samples`` > 0 (papers: 16 samples, T = 1).
+    """Greedy accuracy always; avg@k and pass@k when ``n_samples`` > 0 (papers: 16 samples, T = 1)."""
 
-    ``backend`` is what ``evaluate`` uses when it is called without a backend; inside the loop and
-    the comparison the run's one ``backend`` setting decides it.
-    """
-
-    backend: str = "hf"  # "hf" | "vllm"
     max_new_tokens: int = 256
     n_samples: int = 0
     temperature: float = 1.0
@@ -285,8 +269,6 @@ class EvalConfig:
     forgetting_max_new_tokens: int = 96
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
         for name in ("max_new_tokens", "forgetting_max_new_tokens"):
             _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         _require(self.n_samples >= 0, "n_samples", "must be >= 0", self.n_samples)
@@ -354,7 +336,7 @@ class LoopConfig:
 
     def __post_init__(self):
         _require(self.rounds >= 0, "rounds", "must be >= 0", self.rounds)
-        check_run_backend(self)
+        check_run(self)
         if isinstance(self.online, dict):  # a plain mapping from Python code: type it as a file would be
             self.online = from_dict(OnlineConfig, self.online, where="online")
         # Online, the rewrite generates with the model in training, which must be whole and plain.
@@ -363,19 +345,21 @@ class LoopConfig:
                              "train.fsdp false and train.peft.rank 0")
 
 
-# Settings that the run's `backend` decides; a config may not set them on their own.
-DERIVED = ("eval.backend", "rewrite.hinted.backend")
-
-
-def check_run_backend(config) -> None:
-    """Validate ``config.backend`` and its options, and make the derived backend settings follow it."""
+def check_run(config) -> None:
+    """The settings that a loop and a comparison share: ``config.backend`` with its options checked,
+    and the rewrite typed where Python code passed it as a plain mapping."""
     if config.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {config.backend!r}")
     config.backend_options = backend_options(config.backend, config.backend_options)
-    config.eval.backend = config.backend
     if isinstance(config.rewrite, dict):  # a plain mapping from Python code: type it as a file would be
         config.rewrite = from_dict(RewriteConfig, config.rewrite, where="rewrite")
-    config.rewrite.hinted.backend = config.backend
+
+
+def run_rewrite_config(config) -> RewriteConfig:
+    """The settings a run's rewrite generates with: ``config.rewrite`` with its hinted stream on the
+    run's one ``backend`` (the rewrite records its backend among the settings of its rows)."""
+    hinted = dataclasses.replace(config.rewrite.hinted, backend=config.backend)
+    return dataclasses.replace(config.rewrite, hinted=hinted)
 
 
 def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -389,190 +373,8 @@ def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
             other = [name for name in BACKENDS if name != backend and key in inspect.signature(BACKENDS[name].__init__).parameters]
             why = f"an option of the {other[0]} backend, but backend is {backend!r}" if other else "unknown option"
             raise ValueError(f"backend_options.{key}: {why}; the {backend} backend takes {sorted(valid)}")
-        coerced[key] = _coerce(value, hints.get(key, Any), f"backend_options.{key}")
+        coerced[key] = coerce(value, hints.get(key, Any), f"backend_options.{key}")
     return coerced
-
-
-def from_dict(cls, values: dict[str, Any], where: str = "config"):
-    """Build dataclass ``cls`` from a nested dict; ``where`` names the file (or the override) in errors.
-
-    Unknown keys are refused with the valid ones, values are checked against the annotations, and a
-    section's own checks (``__post_init__``) run; each error says ``where: section.key: what``.
-    """
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(values).__name__}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for derived in DERIVED if {"backend", "eval"} <= fields else ():
-        section, key = derived.split(".", 1)
-        node = values.get(section)
-        for part in key.split(".")[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key.split(".")[-1] in node:
-            raise ConfigError(f"{where}: {derived}: the generation backend is set once for the whole run, with "
-                              f"`backend:` (now {values.get('backend', 'the default')!r}); remove {derived}")
-    try:
-        return _build(cls, values, [])
-    except _Located as err:
-        raise ConfigError(f"{where}: {err.path}: {err.reason}", err.path) from None
-
-
-class _Located(Exception):
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
-
-
-def _build(cls, values, keys: list[str]):
-    path = ".".join(keys) or cls.__name__
-    if not isinstance(values, dict):
-        raise _Located(path, f"expected a mapping ({cls.__name__}), got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in values:
-        if key not in names:
-            raise _Located(".".join(keys + [str(key)]), f"unknown key; valid keys here: {sorted(names)}")
-    kwargs = {}
-    for key, value in values.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, {} if value is None else value, keys + [key])
-        else:
-            try:
-                kwargs[key] = _coerce(value, hint, "")
-            except ValueError as err:
-                raise _Located(".".join(keys + [key]), str(err).removeprefix(": ")) from None
-    try:
-        return cls(**kwargs)
-    except _Located:
-        raise
-    except (ValueError, TypeError) as err:
-        reason = str(err)
-        # A section's own check may name the field itself ("hparams.eta: ..."): keep it in the path.
-        head, sep, rest = reason.partition(": ")
-        if sep and (head in names or head.split(".")[0] in names) and " " not in head:
-            raise _Located(".".join(keys + [head]), rest) from None
-        raise _Located(path, reason) from None
-
-
-def _coerce(value, hint, where: str):
-    """Check a YAML value against a field's annotation; ints are accepted where floats are, and
-    numbers written as strings where a float is expected (YAML 1.1 reads "1e-5" as a string)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(errors[0])
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(v, item, where) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
-        return {_coerce(k, key_hint, where): _coerce(v, value_hint, f"{where}.{k}" if where else str(k))
-                for k, v in value.items()}
-    if hint is Any or not isinstance(hint, type):
-        return value  # annotations we cannot check (Literal, Callable, ...) are left to the dataclass
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
-        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
-
-
-def to_dict(config) -> dict[str, Any]:
-    """The config as plain data, without the settings the run's ``backend`` decides."""
-    values = dataclasses.asdict(config)
-    if "backend" in values and isinstance(values.get("eval"), dict):
-        for derived in DERIVED:
-            node = values
-            *parents, last = derived.split(".")
-            for part in parents:
-                node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, dict):
-                node.pop(last, None)
-    return values
-
-
-def apply_overrides(config, overrides: list[str]):
-    """A copy of ``config`` with ``section.key=value`` overrides; values are parsed as YAML."""
-    values = to_dict(config)
-    keys_of = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item}: must look like section.key=value (e.g. train.lr=1e-5)")
-        path, raw = item.split("=", 1)
-        keys = path.strip().split(".")
-        keys_of[item] = path.strip()
-        node = values
-        for depth, key in enumerate(keys[:-1]):
-            if not isinstance(node.get(key), dict):
-                raise ConfigError(f"--set {item}: {'.'.join(keys[: depth + 1])} is not a section")
-            node = node[key]
-        try:
-            node[keys[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item}: the value is not valid YAML ({err})") from None
-    try:
-        return from_dict(type(config), values, where="--set")
-    except ConfigError as err:
-        # Name the override to blame: the last one that set the failing field or a section around it.
-        blamed = [item for item, key in keys_of.items()
-                  if err.path and (err.path == key or err.path.startswith(key + ".") or key.startswith(err.path + "."))]
-        where = f"--set {blamed[-1]}" if blamed else "--set " + " --set ".join(overrides)
-        raise ConfigError(str(err).replace("--set", where, 1), err.path) from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key written twice in one mapping: a plain load keeps the last value,
-    so a forgotten earlier line would silently decide the run."""
-
-
-def _unique_mapping(loader, node, deep=False):
-    seen = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
-        seen[key] = key_node.start_mark.line + 1
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key, first: int, again: int):
-        super().__init__(key)
-        self.key, self.first, self.again = key, first, again
-
-
-def read_yaml(path: Path):
-    """The YAML file ``path`` as plain data; invalid YAML or a duplicate key is a ``ConfigError``
-    naming the file and line."""
-    try:
-        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except _DuplicateKey as dup:
-        raise ConfigError(f"{path}: line {dup.again}: key {dup.key!r} written twice in one mapping (first on line "
-                          f"{dup.first}); keep one") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=LoopConfig):
@@ -586,6 +388,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = from_dict(cls, values, where=str(path or "config"))
     return apply_overrides(config, overrides) if overrides else config
 
-
-def save_config(config, path: str | Path) -> Path:
-    return write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -22,7 +22,7 @@ from scipy.stats import norm
 from tqdm.auto import tqdm
 
 from onpolicy_sft import rundir
-from onpolicy_sft.data import collate, encode_row
+from onpolicy_sft.encoding import collate, encode_row
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight, weights_digest
 from onpolicy_sft.ops import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, TokenStats, chunked_token_stats, token_stats
@@ -207,7 +207,7 @@ def score(
     so every process returns the complete dataset.
     ``per_token`` adds ``ddt_phi`` (a list of φ_t per row) for inspection. A boolean column
     ``<response_column>_truncated`` marks responses cut off at a generation limit, scored without
-    the end-of-turn token (``data.encode_row``).
+    the end-of-turn token (``encoding.encode_row``).
     """
     if on_long not in ON_LONG:
         raise ValueError(f"on_long must be one of {ON_LONG}, got {on_long!r}")

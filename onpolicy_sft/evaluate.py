@@ -25,7 +25,7 @@ from decoding.config import SamplingConfig
 from decoding.mixing import stream_seeds
 from onpolicy_sft import rundir
 from onpolicy_sft.config import EvalConfig
-from onpolicy_sft.data import collate, encode_prompt, encode_row_prompt
+from onpolicy_sft.encoding import collate, encode_prompt, encode_row_prompt
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight
@@ -95,7 +95,7 @@ def evaluate(model, tokenizer, dataset, config: EvalConfig, *, backend=None, out
     accuracy of n samples at config.temperature) and ``pass@k`` for each k in config.pass_k
     (k ≤ n), each with ``<name>_se``; ``processes`` and ``rows_per_process`` say how the rows
     were shared. ``backend`` must already serve ``model``'s weights (in this process); without
-    one, a ``config.backend`` backend is made for this call. With ``out_dir``, per-example
+    one, an hf backend is made for this call. With ``out_dir``, per-example
     results go to results.jsonl and the metrics to metrics.json there (by the main process).
     """
     missing = {"prompt", "answer"} - set(dataset.column_names)
@@ -108,7 +108,7 @@ def evaluate(model, tokenizer, dataset, config: EvalConfig, *, backend=None, out
     prompts = _prompt_ids(tokenizer, dataset.select(rows))
     own_backend = backend is None and bool(rows)
     if own_backend:
-        backend = make_backend(config.backend, model, tokenizer)
+        backend = make_backend("hf", model, tokenizer)
     try:
         greedy, samples = _generate(backend, prompts, rows, len(dataset), config)
     finally:

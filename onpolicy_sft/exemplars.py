@@ -2,7 +2,7 @@
 
 A small instruct model asked a question cold often never writes a final answer a checker can read;
 shown two solved questions as earlier user/assistant turns, it answers in their shape. Every stage
-renders a row's prompt through ``data.encode_row_prompt``, which puts the row's ``exemplars``
+renders a row's prompt through ``encoding.encode_row_prompt``, which puts the row's ``exemplars``
 turns between the system turn and the question, so the rewrite's two streams, DDT, training (where
 the turns carry no labels), evaluation and preference pairs all see the same tokens.
 
@@ -26,7 +26,8 @@ from pathlib import Path
 import datasets
 
 from onpolicy_sft import arith
-from onpolicy_sft.data import EXEMPLARS, DataError, exemplar_list, raw_records
+from onpolicy_sft.schema import EXEMPLARS, exemplar_list
+from onpolicy_sft.sources import DataError, raw_records
 
 
 def read_exemplars(path: str | Path) -> list[dict]:

@@ -46,7 +46,8 @@ import torch
 
 from decoding.rewrite import rewrite_with_stats, without_added_defaults
 from onpolicy_sft import ddt, ddt_report
-from onpolicy_sft.config import LoopConfig, save_config, to_dict
+from onpolicy_sft.config import LoopConfig, run_rewrite_config
+from onpolicy_sft.config_io import save_config, to_dict
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.models import load_model, resolve_model_path
 from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, read_json, save_into, write_json, write_text
@@ -130,7 +131,7 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
 
                 def rewrite():
                     served.ensure("base" if r == 1 else f"{arm}/{r - 1}", model, f"{name}/rewrite")
-                    corpus, stats = rewrite_with_stats(model, tokenizer, data.train, config.rewrite,
+                    corpus, stats = rewrite_with_stats(model, tokenizer, data.train, run_rewrite_config(config),
                                                        out_dir=corpus_dir, backend=backend)
                     if len(corpus) == 0:
                         raise RuntimeError(f"round {r}: the rewrite kept no rows (fallback 'drop' and nothing verified)")
@@ -193,7 +194,7 @@ def train_online(config: LoopConfig, path: str, load: dict, tokenizer, corpus, s
     rewriter = BlockRewriter(corpus, config, tokenizer, served, backend, folder / "corpus" / "blocks")
     blocks = Blocks(steps=config.online.steps_per_rewrite, rows=rewriter,
                     settings={"online.rows_per_rewrite": config.online.rows_per_rewrite,
-                              "rewrite": config.rewrite.fingerprint()})
+                              "rewrite": run_rewrite_config(config).fingerprint()})
     # ``corpus`` sizes the run as an offline round on it would be: the same steps and schedule.
     train(trainee, tokenizer, training_rows(corpus), config.train, out_dir=folder / "checkpoint", blocks=blocks)
     return {"from": str(path), "objective": config.train.objective.name, "rows": len(corpus),
@@ -239,7 +240,7 @@ class BlockRewriter:
         self.served.ensure(f"online/{self.folder}/{index}", model, f"{self.folder}/block_{index}")
         synced = time.perf_counter()
         corpus, stats = rewrite_with_stats(model, self.tokenizer, self.corpus.select(self.rows_of(index)),
-                                           self.config.rewrite, backend=self.backend)
+                                           run_rewrite_config(self.config), backend=self.backend)
         self.served.sleep()  # the accelerator goes back to the trainer
         stats["seconds_sync"], stats["seconds_rewrite"] = synced - start, time.perf_counter() - synced
         return corpus, stats

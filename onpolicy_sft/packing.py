@@ -9,7 +9,7 @@ into the padded [B, T, H] layout, so that everything downstream (labels, the fus
 DPO's per-row sums) sees exactly the batch it would have seen padded: packing changes the cost
 of the decoder, not the batch format.
 
-Rows must be contiguous in their padded row (right or left padding, as ``data.collate`` makes).
+Rows must be contiguous in their padded row (right or left padding, as ``encoding.collate`` makes).
 With sdpa/eager attention transformers materialises the block-diagonal mask as [L, L] booleans
 for L packed tokens; flash_attention_2 works from the position ids and needs no mask.
 """

@@ -30,7 +30,9 @@ import torch
 from decoding import make_backend
 from decoding.config import SamplingConfig
 from decoding.rules import eos_ids
-from onpolicy_sft.data import EXEMPLARS, collate, encode_row_prompt, tokenize_for_objective
+from onpolicy_sft.encoding import collate, encode_row_prompt
+from onpolicy_sft.schema import EXEMPLARS
+from onpolicy_sft.training_rows import tokenize_for_training
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.evaluate import row_seeds
 from onpolicy_sft.grading import is_correct
@@ -146,7 +148,7 @@ def add_reference_logps(ref_model, tokenizer, pairs, *, max_length: int, batch_s
     reuses exactly the tokens the reference log-probs were computed on. Sums are float32 from
     ``objectives.adapters.sequence_logps`` (chunked over tokens, no full [B, T, V] logits).
     """
-    pairs = tokenize_for_objective(pairs, tokenizer, max_length=max_length, pairwise=True)
+    pairs = tokenize_for_training(pairs, tokenizer, max_length=max_length, pairwise=True)[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(ref_model.parameters()).device
     was_training = ref_model.training

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from decoding import BackendUnavailable, make_backend
 from onpolicy_sft import arith
-from onpolicy_sft.config import DataConfig, EvalConfig, to_dict
-from onpolicy_sft.data import read_demonstrations
+from onpolicy_sft.config import DataConfig, EvalConfig
+from onpolicy_sft.config_io import to_dict
+from onpolicy_sft.loaders import read_demonstrations
 from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
 from onpolicy_sft.exemplars import resolve as resolve_exemplars

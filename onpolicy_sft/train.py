@@ -33,9 +33,10 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from onpolicy_sft.config import TrainConfig, check_train, to_dict
-from onpolicy_sft.data import has_cached_ref_logps
+from onpolicy_sft.config import TrainConfig, check_train
+from onpolicy_sft.config_io import to_dict
 from onpolicy_sft.fsdp import full_state, grad_norm_value, is_sharded, shard
+from onpolicy_sft.training_rows import has_cached_ref_logps
 from onpolicy_sft.lora import apply_lora, is_lora, save_lora
 from onpolicy_sft.models import load_model
 from onpolicy_sft.objectives import Objective, build

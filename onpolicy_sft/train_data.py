@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from onpolicy_sft.config import TrainConfig
-from onpolicy_sft.data import collate_rows, duplicate_rows, row_lengths, tokenize_for_training
+from onpolicy_sft.training_rows import collate_rows, duplicate_rows, row_lengths, tokenize_for_training
 from onpolicy_sft.objectives import Objective
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from onpolicy_sft.config import TrainConfig, to_dict
+from onpolicy_sft.config import TrainConfig
+from onpolicy_sft.config_io import to_dict
 from onpolicy_sft.fsdp import full_optimizer_state, full_state, is_sharded, load_full_state
 from onpolicy_sft.models import weights_digest
 from onpolicy_sft.objectives import Objective

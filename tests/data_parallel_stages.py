@@ -36,7 +36,7 @@ def main(model_dir: str, out: str) -> None:
         for p in tuned.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     splits = arithmetic_splits(n_train=ROWS, n_test=ROWS, n_test_hard=1)
-    config = EvalConfig(backend="hf", max_new_tokens=6, n_samples=3, temperature=1.0, pass_k=[1, 2], seed=5)
+    config = EvalConfig(max_new_tokens=6, n_samples=3, temperature=1.0, pass_k=[1, 2], seed=5)
     metrics = evaluate(model, tokenizer, splits["test"], config, out_dir=Path(out) / "eval")
     prompts = list(splits["train"]["prompt"])
     responses = base_responses(model, tokenizer, prompts, max_new_tokens=5)

@@ -16,7 +16,8 @@ import datasets.utils.logging as datasets_logging
 import transformers.utils.logging as transformers_logging
 
 from onpolicy_sft.cli import main
-from onpolicy_sft.config import DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
+from onpolicy_sft.config import DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig
+from onpolicy_sft.config_io import save_config
 from onpolicy_sft import stages
 from onpolicy_sft.stages import load_data, route_logs
 from tiny import SHORT_EXEMPLAR

@@ -10,7 +10,8 @@ import pytest
 
 from decoding.rewrite import RewriteConfig
 from onpolicy_sft.compare import CompareConfig, load_compare_config
-from onpolicy_sft.config import ConfigError, LoopConfig, apply_overrides, load_config, save_config
+from onpolicy_sft.config import LoopConfig, load_config, run_rewrite_config
+from onpolicy_sft.config_io import ConfigError, apply_overrides, save_config, to_dict
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -36,7 +37,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("backend_options: {max_num_seqs: many}\n", "config.yaml: backend_options.max_num_seqs: expected int, got 'many'"),
     ("backend_options: {batch_rows: 8}\n", "config.yaml: backend_options.batch_rows: an option of the hf backend"),
     ("backend: tpu\n", "config.yaml: LoopConfig: backend must be one of ['hf', 'vllm']"),
-    ("eval:\n  backend: hf\n", "config.yaml: eval.backend: the generation backend is set once for the whole run"),
+    ("eval:\n  backend: hf\n", "config.yaml: eval.backend: unknown key"),
     ("rewrite:\n  hinted: {backend: hf}\n", "config.yaml: rewrite.hinted.backend: the generation backend is set once"),
     ("eval:\n  batch_size: 16\n", "config.yaml: eval.batch_size: unknown key"),
     ("rounds: two\n", "config.yaml: rounds: expected int, got 'two'"),
@@ -93,10 +94,12 @@ def test_typed_sections_arrive_typed(tmp_path):
     assert config.train.objective.hparams == {"beta": 2.0, "gamma_min": 1.0}
     assert all(isinstance(v, float) for v in config.train.objective.hparams.values())
     assert config.backend_options == {"max_model_len": 1024, "gpu_memory_utilization": 1.0}
-    # the run's one backend setting decides every stage's
-    assert config.eval.backend == "vllm" and config.rewrite.hinted.backend == "vllm"
+    # the run's one backend setting decides every stage's: the rewrite is handed it
+    rewrite = run_rewrite_config(config)
+    assert rewrite.hinted.backend == "vllm" and rewrite.hinted.beta == 2.0 and rewrite.k_self == 3
     hf = apply_overrides(config, ["backend=hf", "backend_options={}"])
-    assert hf.eval.backend == "hf" and hf.rewrite.hinted.backend == "hf"
+    assert run_rewrite_config(hf).hinted.backend == "hf"
+    assert "backend" not in to_dict(config)["rewrite"]["hinted"]  # no setting of a run: not saved
 
 
 def test_saved_config_loads_back_equal(tmp_path):

@@ -14,9 +14,12 @@ import pytest
 import torch
 
 from onpolicy_sft.cli import main
-from onpolicy_sft.data import (DataError, collate, encode_example, encode_prompt, load_demonstrations,
-                               load_preferences, parse_columns, preview, read_demonstrations, read_preferences,
-                               shorten, stable_id, tokenize_dataset, tokenize_with_report)
+from onpolicy_sft.encoding import collate, encode_example, encode_prompt
+from onpolicy_sft.loaders import parse_columns, read_demonstrations, read_preferences
+from onpolicy_sft.preview import preview, shorten
+from onpolicy_sft.schema import stable_id
+from onpolicy_sft.sources import DataError
+from onpolicy_sft.training_rows import tokenize_with_report
 from onpolicy_sft.models import EMBEDDED_MODEL, load_tokenizer
 from onpolicy_sft.ops import IGNORE_INDEX
 
@@ -111,10 +114,10 @@ def _length_ds(tok):
     return datasets.Dataset.from_list(rows), len(encode_prompt(tok, "q"))
 
 
-def test_tokenize_dataset_truncate_counts_and_logs(tiny_tokenizer, caplog):
+def test_tokenize_with_report_truncate_counts_and_logs(tiny_tokenizer, caplog):
     ds, n_prompt = _length_ds(tiny_tokenizer)
     max_length = n_prompt + 12  # the 1- and 10-char rows fit (+ eos), the 40-char one does not
-    with caplog.at_level(logging.INFO, logger="onpolicy_sft.data"):
+    with caplog.at_level(logging.INFO, logger="onpolicy_sft.training_rows"):
         out, report = tokenize_with_report(ds, tiny_tokenizer, max_length=max_length, overlong="truncate")
     assert (report.rows, report.kept, report.truncated, report.skipped_overlong) == (3, 3, 1, 0)
     assert [len(x) for x in out["input_ids"]] == [n_prompt + 2, n_prompt + 11, max_length]
@@ -123,9 +126,9 @@ def test_tokenize_dataset_truncate_counts_and_logs(tiny_tokenizer, caplog):
     assert set(out.column_names) >= {"prompt", "response", "input_ids", "labels"}
 
 
-def test_tokenize_dataset_skip_and_prompt_too_long(tiny_tokenizer, caplog):
+def test_tokenize_with_report_skip_and_prompt_too_long(tiny_tokenizer, caplog):
     ds, n_prompt = _length_ds(tiny_tokenizer)
-    with caplog.at_level(logging.INFO, logger="onpolicy_sft.data"):
+    with caplog.at_level(logging.INFO, logger="onpolicy_sft.training_rows"):
         out, report = tokenize_with_report(ds, tiny_tokenizer, max_length=n_prompt + 12, overlong="skip")
     assert (report.kept, report.truncated, report.skipped_overlong) == (2, 0, 1)
     assert out["response"] == ["x", "x" * 10]
@@ -133,14 +136,14 @@ def test_tokenize_dataset_skip_and_prompt_too_long(tiny_tokenizer, caplog):
     # a prompt that fills max_length leaves nothing to learn: skipped and counted even when truncating
     out, report = tokenize_with_report(ds, tiny_tokenizer, max_length=n_prompt, overlong="truncate")
     assert len(out) == 0 and report.skipped_prompt_too_long == 3
-    assert len(tokenize_dataset(ds, tiny_tokenizer, max_length=1000)) == 3
+    assert len(tokenize_with_report(ds, tiny_tokenizer, max_length=1000)[0]) == 3
     with pytest.raises(ValueError, match="overlong"):
-        tokenize_dataset(ds, tiny_tokenizer, max_length=10, overlong="drop")
+        tokenize_with_report(ds, tiny_tokenizer, max_length=10, overlong="drop")
 
 
 def test_truncated_responses_get_no_end_of_turn(tiny_tokenizer):
     rows = [{"prompt": "2+2?", "response": "four", "system": "", "response_truncated": cut} for cut in (False, True)]
-    full, cut = tokenize_dataset(datasets.Dataset.from_list(rows), tiny_tokenizer, max_length=100).to_list()
+    full, cut = tokenize_with_report(datasets.Dataset.from_list(rows), tiny_tokenizer, max_length=100)[0].to_list()
     eos = tiny_tokenizer.eos_token_id
     assert full["labels"][-1] == eos and cut["labels"][-1] != eos
     assert full["input_ids"][:-1] == cut["input_ids"] and full["labels"][:-1] == cut["labels"]
@@ -151,26 +154,26 @@ def test_truncated_responses_get_no_end_of_turn(tiny_tokenizer):
 
 
 def test_prompt_response_jsonl_normalised_with_stable_and_given_ids():
-    ds = load_demonstrations(FIX / "prompt_response.jsonl", require_answer=False)
+    ds = read_demonstrations(FIX / "prompt_response.jsonl", require_answer=False)[0]
     assert ds.column_names == ["id", "prompt", "response", "answer", "system", "exemplars"]
     rows = ds.to_list()
     assert rows[0] == {"id": stable_id("", "What is 2+3?", "2+3=5\n#### 5"), "prompt": "What is 2+3?",
                        "response": "2+3=5\n#### 5", "answer": "5", "system": "", "exemplars": []}
     assert rows[1]["id"] == "given-7" and rows[1]["answer"] == ""
     assert rows[2]["answer"] == "42" and rows[2]["system"] == "Be terse."  # an int answer becomes a string
-    assert load_demonstrations(FIX / "prompt_response.jsonl", require_answer=False)["id"] == ds["id"]
+    assert read_demonstrations(FIX / "prompt_response.jsonl", require_answer=False)[0]["id"] == ds["id"]
 
 
 def test_json_completion_and_wrapped_list():
-    ds = load_demonstrations(FIX / "completion.json", require_answer=False)
+    ds = read_demonstrations(FIX / "completion.json", require_answer=False)[0]
     assert ds["prompt"] == ["Say hi.", "What is 9-4?"] and ds["response"] == ["Hi!", "9-4=5"]
     assert ds["answer"] == ["", "5"]
-    wrapped = load_demonstrations(FIX / "wrapped.json", require_answer=False)
+    wrapped = read_demonstrations(FIX / "wrapped.json", require_answer=False)[0]
     assert wrapped["id"] == ds["id"][:1]  # same content, same id
 
 
 def test_chat_messages_system_and_last_assistant():
-    rows = load_demonstrations(FIX / "chat.jsonl", require_answer=False).to_list()
+    rows = read_demonstrations(FIX / "chat.jsonl", require_answer=False)[0].to_list()
     assert rows[0]["system"] == "You are kind." and rows[0]["prompt"] == "Hello?"
     assert rows[0]["response"] == "Hello there."
     assert rows[1]["answer"] == "2" and rows[1]["system"] == ""
@@ -179,91 +182,91 @@ def test_chat_messages_system_and_last_assistant():
 def test_earlier_chat_turns_become_the_rows_exemplar_turns():
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    row = load_demonstrations([{"messages": msgs}], require_answer=False).to_list()[0]
+    row = read_demonstrations([{"messages": msgs}], require_answer=False)[0].to_list()[0]
     assert (row["system"], row["prompt"], row["response"]) == ("s", "c", "d")
     assert row["exemplars"] == [{"prompt": "a", "response": "b"}]
     # TRL's conversational prompt holding the earlier turns gives the same row
-    trl = load_demonstrations([{"prompt": msgs[:4], "completion": msgs[4:]}], require_answer=False).to_list()[0]
+    trl = read_demonstrations([{"prompt": msgs[:4], "completion": msgs[4:]}], require_answer=False)[0].to_list()[0]
     assert {k: trl[k] for k in ("system", "prompt", "response", "exemplars")} == \
         {k: row[k] for k in ("system", "prompt", "response", "exemplars")}
-    assert trl["id"] == row["id"] != load_demonstrations([{"messages": msgs[:1] + msgs[3:]}],
-                                                         require_answer=False)["id"][0]
+    assert trl["id"] == row["id"] != read_demonstrations([{"messages": msgs[:1] + msgs[3:]}],
+                                                         require_answer=False)[0]["id"][0]
 
 
 def test_chat_turns_out_of_order_are_refused_naming_the_row():
     msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "d"}]
     with pytest.raises(DataError, match="taking turns") as e:
-        load_demonstrations([{"messages": msgs}], require_answer=False)
+        read_demonstrations([{"messages": msgs}], require_answer=False)
     assert e.value.field == "messages" and e.value.where == "row 0"
     with pytest.raises(DataError, match="not an assistant message"):
-        load_demonstrations([{"messages": msgs[:1]}])
+        read_demonstrations([{"messages": msgs[:1]}])
 
 
 def test_bad_exemplars_field_names_row_and_field():
     with pytest.raises(DataError, match="exemplar 0") as e:
-        load_demonstrations([{"prompt": "p", "response": "r", "answer": "1", "exemplars": [{"prompt": "q"}]}])
+        read_demonstrations([{"prompt": "p", "response": "r", "answer": "1", "exemplars": [{"prompt": "q"}]}])
     assert e.value.field == "exemplars" and e.value.where == "row 0"
 
 
 def test_gsm8k_answer_is_the_number_after_hashes():
-    rows = load_demonstrations(FIX / "gsm8k.jsonl").to_list()
+    rows = read_demonstrations(FIX / "gsm8k.jsonl")[0].to_list()
     assert rows[0]["prompt"].startswith("Tom has") and rows[0]["response"].endswith("#### 12")
     assert [r["answer"] for r in rows] == ["12", "1500"]
     with pytest.raises(DataError, match="####"):
-        load_demonstrations([{"question": "q", "answer": "no marker"}])
+        read_demonstrations([{"question": "q", "answer": "no marker"}])
 
 
 def test_math_answer_from_last_boxed_with_nested_braces():
-    rows = load_demonstrations(FIX / "math.json", require_answer=False).to_list()
+    rows = read_demonstrations(FIX / "math.json", require_answer=False)[0].to_list()
     assert [r["answer"] for r in rows] == ["\\frac{1}{2}", "2", ""]
     assert rows[0]["prompt"] == "Compute $1/2 + 0$." and rows[0]["response"].startswith("We get")
 
 
 def test_csv_with_column_mapping_and_quoted_cells():
-    ds = load_demonstrations(FIX / "instruction_output.csv", columns={"prompt": "instruction", "response": "output"},
-                             require_answer=False)
+    ds = read_demonstrations(FIX / "instruction_output.csv", columns={"prompt": "instruction", "response": "output"},
+                             require_answer=False)[0]
     assert ds["prompt"] == ["What is 3+4?", "Say yes."] and ds["response"] == ["3+4=7\n#### 7", "Yes."]
     assert ds["answer"] == ["7", ""]
-    plain = load_demonstrations(FIX / "prompt_response.csv", require_answer=False)
+    plain = read_demonstrations(FIX / "prompt_response.csv", require_answer=False)[0]
     assert plain["prompt"] == ["What is 5+5?", "Quote, with comma"]
     with pytest.raises(DataError, match="mapped column 'instr' is missing"):
-        load_demonstrations(FIX / "instruction_output.csv", columns={"prompt": "instr"})
+        read_demonstrations(FIX / "instruction_output.csv", columns={"prompt": "instr"})
 
 
 def test_parquet_dataset_datasetdict_saved_dir_and_list_agree(tmp_path):
     raw = [json.loads(line) for line in (FIX / "prompt_response.jsonl").read_text().splitlines()]
     for r in raw:  # columnar formats: every row has every column, one type per column
         r.update(answer=str(r.get("answer", "")), id=r.get("id"), system=r.get("system", ""))
-    want = load_demonstrations(FIX / "prompt_response.jsonl", require_answer=False)
+    want = read_demonstrations(FIX / "prompt_response.jsonl", require_answer=False)[0]
     pq.write_table(pa.Table.from_pylist(raw), tmp_path / "d.parquet")
     hf = datasets.Dataset.from_list(raw)
     hf.save_to_disk(str(tmp_path / "saved"))
     for source in (tmp_path / "d.parquet", str(tmp_path / "d.parquet"), hf, datasets.DatasetDict(train=hf),
                    tmp_path / "saved", raw):
-        assert load_demonstrations(source, require_answer=False).to_list() == want.to_list(), source
-    assert len(load_demonstrations(datasets.DatasetDict(test=hf), split="test", require_answer=False)) == 3
+        assert read_demonstrations(source, require_answer=False)[0].to_list() == want.to_list(), source
+    assert len(read_demonstrations(datasets.DatasetDict(test=hf), split="test", require_answer=False)[0]) == 3
     with pytest.raises(DataError, match="no split 'train'"):
-        load_demonstrations(datasets.DatasetDict(test=hf))
+        read_demonstrations(datasets.DatasetDict(test=hf))
 
 
 def test_duplicate_rows_get_distinct_stable_ids():
-    ids = load_demonstrations([{"prompt": "p", "response": "r", "answer": "1"}] * 3)["id"]
+    ids = read_demonstrations([{"prompt": "p", "response": "r", "answer": "1"}] * 3)[0]["id"]
     assert len(set(ids)) == 3 and ids[1] == ids[0] + "-1"
 
 
 def test_preferences_strings_and_message_lists():
-    rows = load_preferences(FIX / "preferences.jsonl").to_list()
+    rows = read_preferences(FIX / "preferences.jsonl")[0].to_list()
     assert rows[0]["chosen"] == "2+2=4\n#### 4" and rows[0]["rejected"] == "5" and rows[0]["answer"] == "4"
     assert (rows[1]["prompt"], rows[1]["chosen"], rows[1]["rejected"]) == ("Hi?", "Hello!", "Go away.")
     with pytest.raises(DataError, match="rejected"):
-        load_preferences([{"prompt": "p", "chosen": "c"}])
+        read_preferences([{"prompt": "p", "chosen": "c"}])
 
 
 def test_missing_file_and_unreachable_hub_give_clear_errors():
     with pytest.raises(DataError, match="no such file"):
-        load_demonstrations(FIX / "does_not_exist.jsonl")
+        read_demonstrations(FIX / "does_not_exist.jsonl")
     with pytest.raises(DataError, match="hub"):  # conftest sets HF_DATASETS_OFFLINE=1
-        load_demonstrations("no-such-owner/no-such-dataset")
+        read_demonstrations("no-such-owner/no-such-dataset")
 
 
 def test_trl_conversational_prompt_completion():
@@ -271,19 +274,19 @@ def test_trl_conversational_prompt_completion():
              "completion": [{"role": "assistant", "content": "2+2=\\boxed{4}"}]},
             {"prompt": [{"role": "user", "content": "What is 3+3?"}],
              "completion": [{"role": "assistant", "content": "6"}], "answer": "6"}]
-    got = load_demonstrations(rows).to_list()
+    got = read_demonstrations(rows)[0].to_list()
     assert [(r["system"], r["prompt"], r["response"], r["answer"]) for r in got] == [
         ("Be terse.", "What is 2+2?", "2+2=\\boxed{4}", "4"), ("", "What is 3+3?", "6", "6")]
     # the same rows as one chat conversation load identically
     as_chat = [{"messages": r["prompt"] + r["completion"], **({"answer": r["answer"]} if "answer" in r else {})}
                for r in rows]
-    assert load_demonstrations(as_chat).to_list() == got
+    assert read_demonstrations(as_chat)[0].to_list() == got
     with pytest.raises(DataError, match="not an assistant message") as e:
-        load_demonstrations([{"prompt": [{"role": "user", "content": "q"}],
+        read_demonstrations([{"prompt": [{"role": "user", "content": "q"}],
                               "completion": [{"role": "user", "content": "\\boxed{1}"}]}])
     assert e.value.field == "completion" and e.value.where == "row 0"
     with pytest.raises(DataError, match="list of") as e:
-        load_demonstrations([{"prompt": ["q"], "completion": [{"role": "assistant", "content": "\\boxed{1}"}]}])
+        read_demonstrations([{"prompt": ["q"], "completion": [{"role": "assistant", "content": "\\boxed{1}"}]}])
     assert e.value.field == "prompt"
 
 
@@ -292,18 +295,18 @@ def test_trl_implicit_prompt_preferences():
     system = {"role": "system", "content": "Be terse."}
     rows = [{"chosen": [system, user, {"role": "assistant", "content": "\\boxed{4}"}],
              "rejected": [system, user, {"role": "assistant", "content": "\\boxed{5}"}]}]
-    got = load_preferences(rows).to_list()
+    got = read_preferences(rows)[0].to_list()
     assert [(r["system"], r["prompt"], r["chosen"], r["rejected"], r["answer"]) for r in got] == [
         ("Be terse.", "What is 2+2?", "\\boxed{4}", "\\boxed{5}", "4")]
     # TRL's explicit-prompt spelling of the same pair is the same row
     explicit = [{"prompt": [system, user], "chosen": [{"role": "assistant", "content": "\\boxed{4}"}],
                  "rejected": [{"role": "assistant", "content": "\\boxed{5}"}]}]
-    assert load_preferences(explicit).to_list() == got
+    assert read_preferences(explicit)[0].to_list() == got
     other = {"role": "user", "content": "What is 3+3?"}
     bad = [{"chosen": [user, {"role": "assistant", "content": "4"}],
             "rejected": [other, {"role": "assistant", "content": "6"}]}]
     with pytest.raises(DataError, match="different prompts") as e:
-        load_preferences(bad)
+        read_preferences(bad)
     assert e.value.field == "rejected"
     ds, report = read_preferences(bad + rows, on_error="skip")
     assert len(ds) == 1 and dict(report.skipped) == {"malformed": 1}
@@ -324,7 +327,7 @@ def test_trl_implicit_prompt_preferences():
     ({"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "\\boxed{9}"}]}, "9"),
 ])
 def test_answer_taken_from_the_response_by_the_grading_rules(row, want):
-    assert load_demonstrations([row])["answer"] == [want]
+    assert read_demonstrations([row])[0]["answer"] == [want]
 
 
 @pytest.mark.parametrize("row, field", [
@@ -341,14 +344,14 @@ def test_a_row_without_any_answer_is_an_error_or_a_counted_skip(row, field, tmp_
     good = {"prompt": "q", "response": "#### 1"}
     path.write_text("\n".join(json.dumps(r) for r in (good, row, good)) + "\n")
     with pytest.raises(DataError, match="no reference answer") as e:
-        load_demonstrations(path)
+        read_demonstrations(path)
     assert (e.value.where, e.value.field, e.value.kind) == ("line 2", field, "missing_answer")
     assert str(path) in str(e.value)
     ds, report = read_demonstrations(path, on_error="skip")
     assert ds["answer"] == ["1", "1"] and dict(report.skipped) == {"missing_answer": 1}
     assert "line 2" in report.messages[0]
     # data that is only trained on or scored may go without: asked for, not by default
-    assert load_demonstrations(path, require_answer=False)["answer"] == ["1", "", "1"]
+    assert read_demonstrations(path, require_answer=False)[0]["answer"] == ["1", "", "1"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +367,7 @@ def test_a_source_without_rows_says_no_rows(tmp_path, name, text):
             read_demonstrations(tmp_path / name, on_error=on_error)
         assert e.value.source == str(tmp_path / name) and e.value.kind == "empty"
     with pytest.raises(DataError, match="no rows"):
-        load_preferences(tmp_path / name)
+        read_preferences(tmp_path / name)
 
 
 def test_a_source_whose_rows_are_all_skipped_says_no_rows(tmp_path):
@@ -377,17 +380,17 @@ def test_a_source_whose_rows_are_all_skipped_says_no_rows(tmp_path):
 
 
 def test_a_byte_order_mark_is_no_part_of_the_header(tmp_path):
-    want = load_demonstrations(FIX / "gsm8k.jsonl").to_list()
+    want = read_demonstrations(FIX / "gsm8k.jsonl")[0].to_list()
     bom = b"\xef\xbb\xbf"
     (tmp_path / "a.jsonl").write_bytes(bom + (FIX / "gsm8k.jsonl").read_bytes())
-    assert load_demonstrations(tmp_path / "a.jsonl").to_list() == want
+    assert read_demonstrations(tmp_path / "a.jsonl")[0].to_list() == want
     records = [json.loads(line) for line in (FIX / "gsm8k.jsonl").read_text().splitlines()]
     (tmp_path / "a.json").write_bytes(bom + json.dumps(records).encode())
-    assert load_demonstrations(tmp_path / "a.json").to_list() == want
+    assert read_demonstrations(tmp_path / "a.json")[0].to_list() == want
     (tmp_path / "a.csv").write_bytes(bom + (FIX / "instruction_output.csv").read_bytes())
     mapping = {"prompt": "instruction", "response": "output"}
-    assert (load_demonstrations(tmp_path / "a.csv", columns=mapping, require_answer=False).to_list()
-            == load_demonstrations(FIX / "instruction_output.csv", columns=mapping, require_answer=False).to_list())
+    assert (read_demonstrations(tmp_path / "a.csv", columns=mapping, require_answer=False)[0].to_list()
+            == read_demonstrations(FIX / "instruction_output.csv", columns=mapping, require_answer=False)[0].to_list())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +432,7 @@ BAD = [
 @pytest.mark.parametrize("name,kind,field", BAD)
 def test_bad_input_raises_naming_file_line_and_field(name, kind, field):
     with pytest.raises(DataError) as e:
-        load_demonstrations(FIX / name)
+        read_demonstrations(FIX / name)
     msg = str(e.value)
     assert name in msg and "line 2" in msg and e.value.kind == kind
     if field:
@@ -438,7 +441,7 @@ def test_bad_input_raises_naming_file_line_and_field(name, kind, field):
 
 @pytest.mark.parametrize("name,kind,field", BAD)
 def test_bad_input_skipped_and_counted(name, kind, field, caplog):
-    with caplog.at_level(logging.WARNING, logger="onpolicy_sft.data"):
+    with caplog.at_level(logging.WARNING, logger="onpolicy_sft.loaders"):
         ds, report = read_demonstrations(FIX / name, on_error="skip")
     assert len(ds) == 2 and report.kept == 2 and dict(report.skipped) == {kind: 1}
     assert "skipped 1" in caplog.text and name in caplog.text
@@ -455,7 +458,7 @@ def test_mixed_bad_file_counts_every_skip_by_reason():
 
 def test_bad_csv_rows_located_by_line():
     with pytest.raises(DataError, match="line 3"):
-        load_demonstrations(FIX / "bad_rows.csv")
+        read_demonstrations(FIX / "bad_rows.csv")
     ds, report = read_demonstrations(FIX / "bad_rows.csv", on_error="skip")
     assert ds["prompt"] == ["ok", "ok2"]
     assert dict(report.skipped) == {"malformed": 1, "undecodable": 1, "empty_field": 1}
@@ -465,7 +468,7 @@ def test_bad_csv_rows_located_by_line():
 
 def test_on_error_value_checked():
     with pytest.raises(ValueError, match="on_error"):
-        load_demonstrations(FIX / "gsm8k.jsonl", on_error="ignore")
+        read_demonstrations(FIX / "gsm8k.jsonl", on_error="ignore")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,13 +514,13 @@ def test_special_token_text_is_plain_text_for_the_embedded_tokenizer():
 def test_cli_data_convert_round_trips_and_reports_bad_rows(tmp_path, capsys):
     out = tmp_path / "gsm8k.parquet"
     assert main(["data", "convert", str(FIX / "gsm8k.jsonl"), "--out", str(out)]) == 0
-    assert load_demonstrations(out).to_list() == load_demonstrations(FIX / "gsm8k.jsonl").to_list()
+    assert read_demonstrations(out)[0].to_list() == read_demonstrations(FIX / "gsm8k.jsonl")[0].to_list()
     assert main(["data", "convert", str(FIX / "bad_type.jsonl"), "--out", str(tmp_path / "x.jsonl")]) == 1
     assert "line 2" in capsys.readouterr().err
     assert main(["data", "convert", str(FIX / "bad_mixed.jsonl"), "--on-error", "skip",
                  "--out", str(tmp_path / "x.jsonl")]) == 0
     assert "skipped 6 rows" in capsys.readouterr().err
-    assert len(load_demonstrations(tmp_path / "x.jsonl")) == 2
+    assert len(read_demonstrations(tmp_path / "x.jsonl")[0]) == 2
 
 
 def test_cli_data_show_previews_arithmetic_with_token_statistics(tmp_path, tiny_tokenizer, capsys):

@@ -19,7 +19,7 @@ from scipy import stats
 
 from onpolicy_sft import cli, ddt, ddt_report
 from onpolicy_sft.arith import arithmetic_splits
-from onpolicy_sft.data import collate, encode_example, encode_prompt
+from onpolicy_sft.encoding import collate, encode_example, encode_prompt
 from onpolicy_sft.ops import IGNORE_INDEX
 from onpolicy_sft.rundir import InputsChanged
 from tiny import make_tiny_model
@@ -461,20 +461,20 @@ def _huge_text(chars: int, seed: int = 0) -> str:
 def test_a_huge_row_is_tokenised_only_up_to_a_bound_with_the_same_first_ids(tiny_tokenizer, which, monkeypatch):
     """The score's cap bounds what is tokenised (hence memory), not the raw row, and cutting the text
     first changes none of the ids kept."""
-    from onpolicy_sft import data
+    from onpolicy_sft import encoding
     from onpolicy_sft.models import load_tokenizer
 
     tokenizer = tiny_tokenizer if which == "tiny" else load_tokenizer("smollm2-135m-instruct")
     cap = 512
-    bound = data.text_bound(tokenizer, cap + 1)  # score reads one token past the cap to tell a long row
+    bound = encoding.text_bound(tokenizer, cap + 1)  # score reads one token past the cap to tell a long row
     rows = [("Sum these: " + _huge_text(3 * bound, seed=1), "short answer"),  # the prompt alone is over the cap
             ("What is 3 + 4?", _huge_text(3 * bound, seed=2))]
     whole = [encode_example(tokenizer, p, r) for p, r in rows]
     assert all(len(w["input_ids"]) > 3 * cap for w in whole)
 
     tokenised = []
-    real_encode_text = data.encode_text
-    monkeypatch.setattr(data, "encode_text", lambda tok, text: tokenised.append(len(text)) or real_encode_text(tok, text))
+    real_encode_text = encoding.encode_text
+    monkeypatch.setattr(encoding, "encode_text", lambda tok, text: tokenised.append(len(text)) or real_encode_text(tok, text))
     encoded, cuts = ddt._encode(tokenizer, _dataset(rows), "response", cap, "truncate")
     assert max(tokenised) <= bound < len(rows[1][1]) / 2
     assert cuts == ["skipped_prompt_too_long", "truncated"] and encoded[0] is None

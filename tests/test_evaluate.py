@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from onpolicy_sft.config import EvalConfig
-from onpolicy_sft.data import encode_prompt
+from onpolicy_sft.encoding import encode_prompt
 from onpolicy_sft.evaluate import evaluate, forgetting, mean_and_se, pass_at_k
 from tiny import make_tiny_model
 

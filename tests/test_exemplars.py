@@ -12,13 +12,15 @@ from decoding.hf import HFBackend
 from decoding.rewrite import RewriteConfig, rewrite_with_stats
 from decoding.templates import HintTemplate, hinted_prompt_ids
 from onpolicy_sft import arith
-from onpolicy_sft.config import ConfigError, DataConfig, LoopConfig, load_config, save_config
-from onpolicy_sft.data import encode_prompt, encode_row, encode_text, tokenize_for_training
+from onpolicy_sft.config import DataConfig, LoopConfig, load_config
+from onpolicy_sft.config_io import ConfigError, save_config
+from onpolicy_sft.encoding import encode_prompt, encode_row, encode_text
 from onpolicy_sft.evaluate import EvalConfig, evaluate
 from onpolicy_sft.exemplars import resolve, with_exemplars
 from onpolicy_sft.ops import IGNORE_INDEX
 from onpolicy_sft.preference import build_pairs
 from onpolicy_sft.rundir import InputsChanged
+from onpolicy_sft.training_rows import tokenize_for_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,8 @@ from decoding.rewrite import RewriteConfig
 from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.cli import main
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
-                                 TrainConfig, apply_overrides, load_config, save_config)
+                                 TrainConfig, load_config)
+from onpolicy_sft.config_io import apply_overrides, save_config
 from onpolicy_sft.loop import run_loop
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged
 from tiny import SHORT_EXEMPLAR

@@ -19,7 +19,8 @@ from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.rewrite import RewriteConfig
 from onpolicy_sft.compare import CompareConfig, PairsConfig
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
-                                 TrainConfig, save_config)
+                                 TrainConfig)
+from onpolicy_sft.config_io import save_config
 from tiny import SHORT_EXEMPLAR
 
 # Every number the summary reports per round and arm, besides times.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from onpolicy_sft.config import PeftConfig, TrainConfig
-from onpolicy_sft.data import collate
+from onpolicy_sft.encoding import collate
 from onpolicy_sft.lora import ADAPTER_DIR, apply_lora, merged_copy, save_lora
 from onpolicy_sft.objectives import build
 from onpolicy_sft.objectives.adapters import causal_lm_loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onpolicy_sft.data import collate
+from onpolicy_sft.encoding import collate
 from onpolicy_sft.models import decoder_hidden_states
 from onpolicy_sft.objectives import build
 from onpolicy_sft.objectives.adapters import causal_lm_loss

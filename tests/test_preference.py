@@ -13,8 +13,11 @@ from decoding.backend import Backend
 from decoding.config import SamplingConfig
 from decoding.reference import reference_sample
 from onpolicy_sft import cli, ddt, preference
-from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
-from onpolicy_sft.data import DataError, encode_example, encode_prompt, load_preferences, tokenize_for_objective
+from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig
+from onpolicy_sft.config_io import save_config
+from onpolicy_sft.encoding import encode_example, encode_prompt
+from onpolicy_sft.loaders import read_preferences
+from onpolicy_sft.training_rows import tokenize_for_training
 from onpolicy_sft.models import load_model
 from onpolicy_sft.preference import add_reference_logps, build_pairs
 from onpolicy_sft.train import train
@@ -186,7 +189,7 @@ def test_cli_trains_dpo_on_a_preference_file_with_the_reference_cached(tiny_dir,
         assert row["ref_rejected_logp"] == pytest.approx(
             _independent_logp(base, tokenizer, row["prompt"], row["rejected"], 64), abs=1e-4)
     tuned, _ = load_model(str(out))
-    pairs = load_preferences(data)
+    pairs = read_preferences(data)[0]
     assert _margin(tuned, tokenizer, pairs) > _margin(base, tokenizer, pairs) + 1.0
 
     def no_reference(*args, **kwargs):
@@ -230,7 +233,7 @@ def test_samples_cut_at_the_token_limit_get_no_end_of_turn(tiny_tokenizer, tiny_
     assert [(r["rejected"], r["rejected_truncated"]) for r in rows] == [("it is \\boxed", True), ("no answer at", True)]
 
     eos = tiny_tokenizer.eos_token_id
-    encoded = tokenize_for_objective(pairs, tiny_tokenizer, max_length=64, pairwise=True)
+    encoded = tokenize_for_training(pairs, tiny_tokenizer, max_length=64, pairwise=True)[0]
     assert all(ids[-1] == eos for ids in encoded["chosen_input_ids"])
     assert [ids[-1] != eos for ids in encoded["rejected_input_ids"]] == [True, True]
     scored = ddt.score(tiny_model, tiny_tokenizer, pairs.select_columns(["prompt", "system", "rejected", "rejected_truncated"]),

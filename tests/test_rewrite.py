@@ -228,7 +228,7 @@ def test_stats_count_each_answer_by_outcome(tiny_tokenizer, tmp_path):
 
 
 def test_a_right_answer_cut_at_the_limit_ends_at_its_final_answer_with_no_end_of_turn(tiny_model, tiny_tokenizer):
-    from onpolicy_sft.data import encode_row
+    from onpolicy_sft.encoding import encode_row
 
     tok = tiny_tokenizer
     texts = {"What is 0+0?": "0+0 is \\boxed{0} and more words after it", "What is 1+1?": "so \\boxed{2}",

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _rows(tokenizer, n, seed=0):
     """Tokenized rows with different prompt and response lengths (so micro-batches differ in size)."""
-    from onpolicy_sft.data import encode_example
+    from onpolicy_sft.encoding import encode_example
 
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -86,7 +86,7 @@ def _full_batch_token_mean_grads(model, batch):
 
 
 def test_normalisation_is_invariant_to_micro_batching_float64(tiny_tokenizer):
-    from onpolicy_sft.data import collate
+    from onpolicy_sft.encoding import collate
     from onpolicy_sft.objectives import build
     from tiny import make_tiny_model
 
@@ -128,7 +128,7 @@ class _FakeProcessGroup:
 def test_normalisation_is_invariant_to_process_count_float64(tiny_tokenizer):
     """Two simulated data-parallel processes: each scales by the GLOBAL token count, DDP averages the
     two gradients, and the result is the single-process token-mean gradient."""
-    from onpolicy_sft.data import collate
+    from onpolicy_sft.encoding import collate
     from onpolicy_sft.objectives import build
     from onpolicy_sft.train import count_units
     from tiny import make_tiny_model
@@ -204,7 +204,7 @@ OBJECTIVES = {
 
 
 def _data_nll(model, tokenizer, ds) -> float:
-    from onpolicy_sft.data import collate
+    from onpolicy_sft.encoding import collate
 
     batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ds], tokenizer.pad_token_id)
     with torch.no_grad():
@@ -500,7 +500,7 @@ def test_row_changes_are_counted_warned_and_recorded(tiny_tokenizer, tmp_path, c
 
 def test_pairs_with_a_prompt_filling_max_length_are_skipped_and_counted(tiny_tokenizer):
     import datasets
-    from onpolicy_sft.data import tokenize_for_training
+    from onpolicy_sft.training_rows import tokenize_for_training
 
     pairs = datasets.Dataset.from_list([
         {"prompt": "q", "chosen": "good " * 30, "rejected": "bad"},

@@ -34,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(EMBEDDED_MODEL, dtype=torch.float32, device="cpu")
     splits = arithmetic_splits(seed=args.seed, n_train=1, n_test=args.n, n_test_hard=args.n)
-    config = EvalConfig(backend="hf", max_new_tokens=args.max_new_tokens)
+    config = EvalConfig(max_new_tokens=args.max_new_tokens)
     results = {}
     for split in args.splits:
         start = time.perf_counter()

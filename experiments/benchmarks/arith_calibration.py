@@ -24,7 +24,7 @@ from decoding import SamplingConfig, make_backend
 from decoding.rules import eos_ids
 from decoding.rewrite import outcome
 from onpolicy_sft.arith import LEVELS, _problem, to_row
-from onpolicy_sft.data import encode_prompt
+from onpolicy_sft.encoding import encode_prompt
 from onpolicy_sft.models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
 
 RESULTS = Path(__file__).parent / "results"

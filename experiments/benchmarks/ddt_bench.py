@@ -28,7 +28,7 @@ import torch
 
 from onpolicy_sft import ddt
 from onpolicy_sft.arith import arithmetic_splits
-from onpolicy_sft.data import collate, encode_example
+from onpolicy_sft.encoding import collate, encode_example
 from onpolicy_sft.models import load_model
 from onpolicy_sft.ops import token_stats
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from onpolicy_sft.config import ObjectiveConfig, TrainConfig
-from onpolicy_sft.data import collate
+from onpolicy_sft.encoding import collate
 from onpolicy_sft.objectives import build
 from onpolicy_sft.train import METRICS_FILE, train
 

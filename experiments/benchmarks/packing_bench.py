@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from onpolicy_sft.arith import arithmetic_splits
-from onpolicy_sft.data import collate, encode_row
+from onpolicy_sft.encoding import collate, encode_row
 from onpolicy_sft.models import load_model
 from onpolicy_sft.objectives import build
 from onpolicy_sft.objectives.adapters import causal_lm_loss

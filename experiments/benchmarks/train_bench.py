@@ -75,7 +75,7 @@ def hf_trainer(model, tokenizer, rows, batch_size: int, steps: int) -> list[floa
     import datasets
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from onpolicy_sft.data import collate
+    from onpolicy_sft.encoding import collate
 
     class StepTimer(TrainerCallback):
         def __init__(self):

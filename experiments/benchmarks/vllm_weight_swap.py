@@ -28,7 +28,7 @@ def main() -> None:
     from decoding import make_backend
     from decoding.config import SamplingConfig
     from decoding.hf import hf_sample
-    from onpolicy_sft.data import encode_prompt
+    from onpolicy_sft.encoding import encode_prompt
     from onpolicy_sft.models import load_model
 
     model, tokenizer = load_model(dtype=torch.float32)
