@@ -1,7 +1,7 @@
 """One configuration for the whole loop: plain dataclasses, YAML on disk, ``--set a.b=v`` overrides.
 
 Every stage function takes its own section (``TrainConfig`` for ``train``, ``EvalConfig`` for
-``evaluate``, ``decoding.rewrite.RewriteConfig`` for the rewrite); ``LoopConfig`` nests them all.
+``evaluate``, ``onpolicy_sft.rewrite_config.RewriteConfig`` for the rewrite); ``LoopConfig`` nests them all.
 A config is checked completely when it is loaded, before any model loads: every key, every type,
 every objective and its hyperparameters, the backend's options. The first bad value stops the load
 with its place, e.g. ``loop.yaml: rewrite.hinted.beta: expected float, got 'x'``.
@@ -25,12 +25,12 @@ from typing import Any
 import yaml
 
 from decoding.hf import HFBackend
-from decoding.rewrite import RewriteConfig
 from decoding.vllm_backend import VLLMBackend
 from onpolicy_sft import objectives
 from onpolicy_sft.data import check_columns
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.models import EMBEDDED_MODEL
+from onpolicy_sft.rewrite_config import RewriteConfig
 from onpolicy_sft.rundir import write_text
 
 BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}

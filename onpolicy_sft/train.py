@@ -50,7 +50,7 @@ from onpolicy_sft.data import (
     row_lengths,
     tokenize_for_training,
 )
-from onpolicy_sft.distributed import process_state
+from onpolicy_sft.run import process_state
 from onpolicy_sft.fsdp import full_optimizer_state, full_state, grad_norm_value, is_sharded, load_full_state, shard
 from onpolicy_sft.lora import apply_lora, is_lora, save_lora
 from onpolicy_sft.models import load_model, weights_digest

@@ -312,11 +312,11 @@ def test_a_cut_rewrite_shard_is_generated_again_with_the_same_rows(tmp_path, cap
     command = ["rewrite", "--config", str(config_file), "--data", "arithmetic", "--limit", "4", "--out", str(out)]
     assert main(command) == 0
     first = (out / "rewritten.jsonl").read_text()
-    shard = out / "shards" / "shard-00001.jsonl"
+    shard = out / "shards" / "00001.json"
     shard.write_text(shard.read_text()[:-40])  # cut inside its last row
     capsys.readouterr()
     assert main(command) == 0
-    assert f"rewrite shard {shard} is damaged" in capsys.readouterr().err
+    assert f"rewrite: saved work {shard} is damaged" in capsys.readouterr().err
     assert (out / "rewritten.jsonl").read_text() == first
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from decoding.rewrite import RewriteConfig
 from onpolicy_sft.compare import CompareConfig, load_compare_config
 from onpolicy_sft.config import ConfigError, LoopConfig, apply_overrides, load_config, save_config
+from onpolicy_sft.rewrite_config import RewriteConfig
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from decoding.config import HintedDecodingConfig, SamplingConfig
-from decoding.rewrite import RewriteConfig
 from onpolicy_sft.compare import CompareConfig, PairsConfig
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
                                  TrainConfig, save_config)
+from onpolicy_sft.rewrite_config import RewriteConfig
 from tiny import SHORT_EXEMPLAR
 
 # Every number the summary reports per round and arm, besides times.
