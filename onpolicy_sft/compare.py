@@ -179,7 +179,7 @@ def run_comparison(config: CompareConfig) -> dict:
 
         def hinted_corpus():
             corpus, stats = rewrite_corpus(base, tokenizer, data.train, config.rewrite,
-                                               out_dir=corpora / "hinted_shards", backend=backend)
+                                           out_dir=corpora / "hinted_shards", backend=backend)
             if "ddt_phi_mean" not in corpus.column_names:
                 corpus = ddt.score(base, tokenizer, corpus, progress=False)
             if state.is_main_process:

@@ -1,7 +1,7 @@
 """One configuration for the whole loop: plain dataclasses, YAML on disk, ``--set a.b=v`` overrides.
 
 Every stage function takes its own section (``TrainConfig`` for ``train``, ``EvalConfig`` for
-``evaluate``, ``onpolicy_sft.rewrite_config.RewriteConfig`` for the rewrite); ``LoopConfig`` nests them all.
+``evaluate``, ``rewrite_config.RewriteConfig`` for the rewrite); ``LoopConfig`` nests them all.
 A config is checked completely when it is loaded, before any model loads: every key, every type,
 every objective and its hyperparameters, the backend's options. The first bad value stops the load
 with its place, e.g. ``loop.yaml: rewrite.hinted.beta: expected float, got 'x'``.

@@ -199,8 +199,8 @@ def score(
     and ``summarize`` counts both kinds.
 
     With ``out_dir`` the work is resumable: the directory is locked and checked writable before
-    anything is scored, every batch's scores are saved there (atomically, under ``shards``) as soon
-    as they exist, and a rerun after a kill scores only the batches that are missing. ``out_dir/fingerprint.json``
+    anything is scored, every batch's scores are saved under ``shards`` (atomically) as soon as
+    they exist, and a rerun after a kill scores only the missing batches. ``fingerprint.json``
     records the model (name and a digest of its weights), the tokenised rows and the options; a
     rerun with any of them changed is refused, naming what differs. ``out_dir/scoring.json``
     records the counts and how the rows were shared between processes.

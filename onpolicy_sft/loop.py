@@ -132,7 +132,7 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
                 def rewrite():
                     served.ensure("base" if r == 1 else f"{arm}/{r - 1}", model, f"{name}/rewrite")
                     corpus, stats = rewrite_corpus(model, tokenizer, data.train, config.rewrite,
-                                                       out_dir=corpus_dir, backend=backend)
+                                                   out_dir=corpus_dir, backend=backend)
                     if len(corpus) == 0:
                         raise RuntimeError(f"round {r}: the rewrite kept no rows (fallback 'drop' and nothing verified)")
                     if state.is_main_process:
@@ -240,7 +240,7 @@ class BlockRewriter:
         self.served.ensure(f"online/{self.folder}/{index}", model, f"{self.folder}/block_{index}")
         synced = time.perf_counter()
         corpus, stats = rewrite_corpus(model, self.tokenizer, self.corpus.select(self.rows_of(index)),
-                                           self.config.rewrite, backend=self.backend)
+                                       self.config.rewrite, backend=self.backend)
         self.served.sleep()  # the accelerator goes back to the trainer
         stats["seconds_sync"], stats["seconds_rewrite"] = synced - start, time.perf_counter() - synced
         return corpus, stats
