@@ -6,7 +6,6 @@ from .backend import Backend, BackendUnavailable
 from .config import HintedDecodingConfig, SamplingConfig
 from .hf import HFBackend, hf_two_stream
 from .mixing import mix_logprobs
-from .rewrite import RewriteConfig, rewrite_corpus
 from .templates import HintTemplate
 from .vllm_backend import VLLMBackend
 from onpolicy_sft.grading import extract_answer, is_correct
@@ -14,10 +13,8 @@ from onpolicy_sft.grading import extract_answer, is_correct
 __all__ = [
     "Backend",
     "HintTemplate",
-    "RewriteConfig",
     "extract_answer",
     "is_correct",
-    "rewrite_corpus",
     "BackendUnavailable",
     "HintedDecodingConfig",
     "SamplingConfig",

@@ -16,7 +16,6 @@ import traceback
 from pathlib import Path
 
 from decoding import BackendUnavailable
-from decoding.rewrite import rewrite_with_stats
 from onpolicy_sft import compare, ddt, ddt_report, models
 from onpolicy_sft import loop as loop_recipe
 from onpolicy_sft.arith import arithmetic_splits
@@ -28,9 +27,10 @@ from onpolicy_sft.evaluate import evaluate, forgetting
 from onpolicy_sft.loaders import parse_columns, read_demonstrations, read_preferences
 from onpolicy_sft.models import EMBEDDED_MODEL, ModelUnavailableError, load_model, load_tokenizer, resolve_model_path
 from onpolicy_sft.objectives import build
-from onpolicy_sft.preference import cached_reference_logps
+from onpolicy_sft.preference_pairs import cached_reference_logps
 from onpolicy_sft.preview import preview, token_statistics
-from onpolicy_sft.distributed import process_state
+from onpolicy_sft.rewrite import rewrite_corpus
+from onpolicy_sft.run import process_state
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, RunLock, check_writable, replace_with, write_json
 from onpolicy_sft.sources import save_dataset
 from onpolicy_sft.stages import load_data, on_main, open_backend, route_logs, say
@@ -442,8 +442,8 @@ def _rewrite(args, config) -> int:
     if note:
         say(note)
     with backend:
-        _, stats = rewrite_with_stats(model, tokenizer, dataset, run_rewrite_config(config), out_dir=args.out,
-                                      backend=backend)
+        _, stats = rewrite_corpus(model, tokenizer, dataset, run_rewrite_config(config), out_dir=args.out,
+                                  backend=backend)
     print(json.dumps(stats, indent=2))
     return 0
 

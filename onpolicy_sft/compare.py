@@ -5,7 +5,7 @@ optimizer steps per example, unless ``train_overrides`` says otherwise):
 
     base                        the starting model, evaluated once (greedy decoding is deterministic)
     sft, dft, target_sft, idft  on the original demonstrations
-    hd_sft, hd_idft             on the Hinted-Decoding rewrite of the same prompts (decoding.rewrite)
+    hd_sft, hd_idft             on the Hinted-Decoding rewrite of the same prompts (onpolicy_sft.rewrite)
     dpo, simpo                  DPO@k / SimPO@k on pairs from k base-model samples per prompt
 
 The training corpora are built once, by the base model, so every seed of every method sees the
@@ -37,18 +37,19 @@ from typing import Any
 import datasets
 
 from decoding.config import SamplingConfig
-from decoding.rewrite import RewriteConfig, rewrite_with_stats
 from onpolicy_sft import ddt
 from onpolicy_sft.config import (DataConfig, check_seed, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run,
                                  load_config, objective_hparams, run_rewrite_config)
 from onpolicy_sft.config_io import from_dict, save_config, to_dict
-from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import mean_and_se
 from onpolicy_sft.grading import extract_answer
 from onpolicy_sft.models import load_model, resolve_model_path
 from onpolicy_sft.objectives import build
-from onpolicy_sft.preference import add_reference_logps, build_pairs
+from onpolicy_sft.preference_pairs import add_reference_logps, build_pairs
+from onpolicy_sft.rewrite import rewrite_corpus
+from onpolicy_sft.rewrite_config import RewriteConfig
 from onpolicy_sft.rundir import RunLock, check_writable, read_json, replace_with, save_into, write_json, write_text
+from onpolicy_sft.run import process_state
 from onpolicy_sft.stages import (Manifest, evaluate_model, general_responses, in_step, load_data, main_decides,
                                  markdown_table, num, on_main, open_backend, pm, pyplot, source_counts, training_rows)
 from onpolicy_sft.train import DONE_FILE, train
@@ -71,7 +72,7 @@ METHODS: dict[str, tuple[str, str] | None] = {
 
 @dataclass
 class PairsConfig:
-    """DPO@k / SimPO@k pair building (onpolicy_sft.preference.build_pairs)."""
+    """DPO@k / SimPO@k pair building (onpolicy_sft.preference_pairs.build_pairs)."""
 
     k: int = 4
     no_pair: str = "demonstration"  # or "drop"
@@ -178,8 +179,8 @@ def run_comparison(config: CompareConfig) -> dict:
             return {"rows": len(scored), "phi_mean": _mean_phi(scored)}
 
         def hinted_corpus():
-            corpus, stats = rewrite_with_stats(base, tokenizer, data.train, run_rewrite_config(config),
-                                               out_dir=corpora / "hinted_shards", backend=backend)
+            corpus, stats = rewrite_corpus(base, tokenizer, data.train, run_rewrite_config(config),
+                                           out_dir=corpora / "hinted_shards", backend=backend)
             if "ddt_phi_mean" not in corpus.column_names:
                 corpus = ddt.score(base, tokenizer, corpus, progress=False)
             if state.is_main_process:

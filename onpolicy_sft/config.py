@@ -2,7 +2,7 @@
 overrides (``load_config``; the machinery, and writing them back, in ``config_io``).
 
 Every stage function takes its own section (``TrainConfig`` for ``train``, ``EvalConfig`` for
-``evaluate``, ``decoding.rewrite.RewriteConfig`` for the rewrite); ``LoopConfig`` nests them all.
+``evaluate``, ``rewrite_config.RewriteConfig`` for the rewrite); ``LoopConfig`` nests them all.
 A config is checked completely when it is loaded, before any model loads: every key, every type,
 every objective and its hyperparameters, the backend's options. The first bad value stops the load
 with its place, e.g. ``loop.yaml: rewrite.hinted.beta: expected float, got 'x'``.
@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from decoding.hf import HFBackend
-from decoding.rewrite import RewriteConfig
 from decoding.vllm_backend import VLLMBackend
 from onpolicy_sft import objectives
 from onpolicy_sft.config_io import ConfigError, apply_overrides, coerce, from_dict, read_yaml
 from onpolicy_sft.loaders import check_columns
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.models import EMBEDDED_MODEL
+from onpolicy_sft.rewrite_config import RewriteConfig
 
 BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit, and accelerate's set_seed seeds numpy too

@@ -19,16 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import norm
-from tqdm.auto import tqdm
 
-from onpolicy_sft import rundir
 from onpolicy_sft.encoding import collate, encode_row
-from onpolicy_sft.distributed import gather_in_order, my_share, process_state
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight, weights_digest
 from onpolicy_sft.ops import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, TokenStats, chunked_token_stats, token_stats
+from onpolicy_sft.run import RunDir, map_shards
 
-__all__ = ["SCORE_KEYS", "TokenStats", "token_stats", "sequence_scores", "score", "off_distribution", "summarize",
-           "process_state"]
+__all__ = ["SCORE_KEYS", "TokenStats", "token_stats", "sequence_scores", "score", "off_distribution", "summarize"]
 
 SCORE_KEYS = (
     "phi_mean", "phi_sum", "z", "pvalue",
@@ -150,6 +147,12 @@ def _data_digest(encoded: list[dict | None], cuts: list[str]) -> str:
     return hashed.hexdigest()[:16]
 
 
+def _batches(encoded: list[dict | None], batch_tokens: int) -> list[list[int]]:
+    """The rows to score (those not skipped) in the batches of ``plan_batches``."""
+    scored = [i for i, row in enumerate(encoded) if row is not None]
+    return [[scored[j] for j in b] for b in plan_batches([len(encoded[i]["input_ids"]) for i in scored], batch_tokens)]
+
+
 def _skipped_row(per_token: bool) -> dict:
     row = {key: float("nan") for key in SCORE_KEYS}
     row["n_tokens"] = 0
@@ -195,16 +198,16 @@ def score(
     "skipped_prompt_too_long"); a row that was not scored has NaN scores and ``ddt_n_tokens`` 0,
     and ``summarize`` counts both kinds.
 
-    With ``out_dir`` the work is resumable: the directory is checked writable before anything
-    is scored, every batch's scores are written there (atomically) as soon as they exist, and a
-    rerun after a kill scores only the batches that are missing. ``out_dir/fingerprint.json``
+    With ``out_dir`` the work is resumable: the directory is locked and checked writable before
+    anything is scored, every batch's scores are saved under ``shards`` (atomically) as soon as
+    they exist, and a rerun after a kill scores only the missing batches. ``fingerprint.json``
     records the model (name and a digest of its weights), the tokenised rows and the options; a
     rerun with any of them changed is refused, naming what differs. ``out_dir/scoring.json``
     records the counts and how the rows were shared between processes.
 
     Launched with several processes (``accelerate launch``, or ``torchrun`` on CPU-only
-    machines), batches are dealt round-robin to the processes and the scores gathered back,
-    so every process returns the complete dataset.
+    machines), batches are dealt round-robin to the processes (``run.map_shards``) and the scores
+    gathered back, so every process returns the complete dataset.
     ``per_token`` adds ``ddt_phi`` (a list of φ_t per row) for inspection. A boolean column
     ``<response_column>_truncated`` marks responses cut off at a generation limit, scored without
     the end-of-turn token (``encoding.encode_row``).
@@ -213,53 +216,33 @@ def score(
         raise ValueError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2 (a prompt token and a response token), got {max_length}")
-    shards = None
-    if out_dir is not None:
-        shards = rundir.check_writable(Path(out_dir) / "shards")
-    state = process_state()
-    encoded, cuts = _encode(tokenizer, dataset, response_column, max_length, on_long)
-    scored = [i for i, row in enumerate(encoded) if row is not None]
-    batches = [[scored[j] for j in b] for b in plan_batches([len(encoded[i]["input_ids"]) for i in scored], batch_tokens)]
-    if out_dir is not None:
-        rundir.check_fingerprint(Path(out_dir) / "fingerprint.json", {
-            "model": getattr(model.config, "_name_or_path", ""), "model_weights": weights_digest(model),
-            "data": _data_digest(encoded, cuts), "rows": len(encoded), "batch_tokens": batch_tokens,
-            "per_token": per_token, "response_column": response_column, "max_length": max_length,
-            "on_long": on_long, "chunk_tokens": chunk_tokens,
-        }, "DDT scoring")
-    mine = my_share(batches, state)
-    bar = tqdm(
-        total=sum(len(encoded[i]["input_ids"]) for b in mine for i in batches[b]),
-        unit="tok", desc="DDT scoring", disable=not (progress and state.is_local_main_process),
-    )
-    results: list[tuple[int, list[dict]]] = []
-    for b in mine:
-        path = shards / f"batch_{b:06d}.json" if shards is not None else None
-        saved = rundir.read_json(path) if path is not None else None
-        if saved is not None and saved["rows"] == batches[b]:
-            rows = saved["scores"]
-        else:
-            rows = _score_batch(model, tokenizer, [encoded[i] for i in batches[b]], chunk_tokens=chunk_tokens,
-                                per_token=per_token)
-            if path is not None:
-                rundir.write_json(path, {"rows": batches[b], "scores": rows})
-        results.append((b, rows))
-        bar.update(sum(len(encoded[i]["input_ids"]) for i in batches[b]))
-    bar.close()
+    options = {"batch_tokens": batch_tokens, "per_token": per_token, "response_column": response_column,
+               "max_length": max_length, "on_long": on_long, "chunk_tokens": chunk_tokens}
+    with RunDir(out_dir, "DDT scoring") as run:
+        encoded, cuts = _encode(tokenizer, dataset, response_column, max_length, on_long)
+        batches = _batches(encoded, batch_tokens)
+        if out_dir is not None:  # the digests cost a pass over the weights and the rows
+            run.check_inputs({"model": getattr(model.config, "_name_or_path", ""),
+                              "model_weights": weights_digest(model), "data": _data_digest(encoded, cuts),
+                              "rows": len(encoded), **options})
+        mapped = map_shards(lambda batch: _score_batch(model, tokenizer, [encoded[i] for i in batch],
+                                                       chunk_tokens=chunk_tokens, per_token=per_token),
+                            batches, "DDT scoring", sizes=[len(b) for b in batches], save_dir=run.file("shards"),
+                            progress=progress)
+        run.write_json("scoring.json", {"rows": len(encoded), **{c: cuts.count(c) for c in CUTS if c},
+                                        **mapped.record()})
     by_index = {i: _skipped_row(per_token) for i, row in enumerate(encoded) if row is None}
-    for b, rows in enumerate(gather_in_order(results, len(batches), "DDT scoring", state)):
-        by_index.update(zip(batches[b], rows))
-    if out_dir is not None and state.is_main_process:
-        n = state.num_processes
-        rundir.write_json(Path(out_dir) / "scoring.json", {
-            "rows": len(encoded), **{c: cuts.count(c) for c in CUTS if c}, "processes": n,
-            "rows_per_process": [sum(len(batches[b]) for b in range(rank, len(batches), n)) for rank in range(n)],
-        })
+    by_index.update((i, row) for batch, rows in zip(batches, mapped.results) for i, row in zip(batch, rows))
+    return _with_scores(dataset, [by_index[i] for i in range(len(dataset))], cuts, per_token)
+
+
+def _with_scores(dataset, scores: list[dict], cuts: list[str], per_token: bool):
+    """``dataset`` with its ``ddt_`` columns replaced by ``scores`` (one dict per row) and ``cuts``."""
     keys = SCORE_KEYS + (("phi",) if per_token else ())
     stale = [c for c in dataset.column_names if c.startswith(PREFIX)]
     out = dataset.remove_columns(stale) if stale else dataset
     for key in keys:
-        out = out.add_column(PREFIX + key, [by_index[i][key] for i in range(len(dataset))])
+        out = out.add_column(PREFIX + key, [row[key] for row in scores])
     return out.add_column(CUT_COLUMN, cuts)
 
 

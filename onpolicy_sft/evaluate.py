@@ -5,7 +5,7 @@ rewrite stage does. Standard errors are over examples (or over prompts for forge
 spread a reader needs to judge a difference between two rounds.
 
 Under ``torchrun`` / ``accelerate launch`` with N processes every function here splits its rows
-across the processes (onpolicy_sft.distributed), each process generating and checking its share
+across the processes (onpolicy_sft.run), each process generating and checking its share
 with its own backend; the results are gathered in input order, so every process returns what one
 process would. Sampling streams are seeded by row (the stream of row i's sample j is the one a
 single process gives it), so the split does not change any sample.
@@ -13,9 +13,9 @@ single process gives it), so the split does not change any sample.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,13 +23,12 @@ import torch
 from decoding import make_backend
 from decoding.config import SamplingConfig
 from decoding.mixing import stream_seeds
-from onpolicy_sft import rundir
 from onpolicy_sft.config import EvalConfig
 from onpolicy_sft.encoding import collate, encode_prompt, encode_row_prompt
-from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight
 from onpolicy_sft.ops import IGNORE_INDEX, Source, softmax_chunks
+from onpolicy_sft.run import RunDir, map_shards, map_shares
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +87,25 @@ def _generate(backend, prompts: list[list[int]], rows: list[int], total: int, co
     return greedy, backend.sample(prompts, sampling, seeds=row_seeds(config.seed, rows, total, config.n_samples))
 
 
+def _graded(model, tokenizer, dataset, rows: list[int], config: EvalConfig, backend) -> list[dict]:
+    """The per-example record of each of ``rows``: its greedy answer graded, and how many samples are right."""
+    prompts = _prompt_ids(tokenizer, dataset.select(rows))
+    with nullcontext(backend) if backend is not None else make_backend("hf", model, tokenizer) as serving:
+        greedy, samples = _generate(serving, prompts, rows, len(dataset), config)
+    answers, questions = dataset["answer"], dataset["prompt"]
+    ids = dataset["id"] if "id" in dataset.column_names else [str(i) for i in range(len(dataset))]
+    records = []
+    for i, completion, sampled in zip(rows, greedy, samples):
+        text = _decode(tokenizer, completion[0])
+        record = {"id": ids[i], "prompt": questions[i], "answer": answers[i], "response": text,
+                  "correct": bool(is_correct(text, answers[i])), "response_tokens": len(completion[0])}
+        if sampled is not None:
+            record["samples_correct"] = sum(bool(is_correct(_decode(tokenizer, s), answers[i])) for s in sampled)
+            record["n_samples"] = len(sampled)
+        records.append(record)
+    return records
+
+
 def evaluate(model, tokenizer, dataset, config: EvalConfig, *, backend=None, out_dir: str | Path | None = None) -> dict:
     """Accuracy of ``model`` on ``dataset`` (columns prompt, answer, optional system and id).
 
@@ -95,7 +113,7 @@ def evaluate(model, tokenizer, dataset, config: EvalConfig, *, backend=None, out
     accuracy of n samples at config.temperature) and ``pass@k`` for each k in config.pass_k
     (k ≤ n), each with ``<name>_se``; ``processes`` and ``rows_per_process`` say how the rows
     were shared. ``backend`` must already serve ``model``'s weights (in this process); without
-    one, an hf backend is made for this call. With ``out_dir``, per-example
+    one, an hf backend is made for this call. With ``out_dir`` (locked for the call), per-example
     results go to results.jsonl and the metrics to metrics.json there (by the main process).
     """
     missing = {"prompt", "answer"} - set(dataset.column_names)
@@ -103,46 +121,23 @@ def evaluate(model, tokenizer, dataset, config: EvalConfig, *, backend=None, out
         raise ValueError(f"evaluate needs columns prompt and answer; the dataset lacks {sorted(missing)}")
     if len(dataset) == 0:
         raise ValueError("evaluate got an empty dataset")
-    state = process_state()
-    rows = my_share(range(len(dataset)), state)
-    prompts = _prompt_ids(tokenizer, dataset.select(rows))
-    own_backend = backend is None and bool(rows)
-    if own_backend:
-        backend = make_backend("hf", model, tokenizer)
-    try:
-        greedy, samples = _generate(backend, prompts, rows, len(dataset), config)
-    finally:
-        if own_backend:
-            backend.close()
-
-    answers = dataset["answer"]
-    ids = dataset["id"] if "id" in dataset.column_names else [str(i) for i in range(len(dataset))]
-    mine = []
-    for i, completion, sampled in zip(rows, greedy, samples):
-        text = _decode(tokenizer, completion[0])
-        record = {"id": ids[i], "prompt": dataset["prompt"][i], "answer": answers[i], "response": text,
-                  "correct": bool(is_correct(text, answers[i])), "response_tokens": len(completion[0])}
-        if sampled is not None:
-            record["samples_correct"] = sum(bool(is_correct(_decode(tokenizer, s), answers[i])) for s in sampled)
-            record["n_samples"] = len(sampled)
-        mine.append((i, record))
-    records = gather_in_order(mine, len(dataset), "evaluation", state)
-
-    metrics: dict = {"n_examples": len(records)}
-    metrics["accuracy"], metrics["accuracy_se"] = mean_and_se([float(r["correct"]) for r in records])
-    metrics["mean_response_tokens"] = sum(r["response_tokens"] for r in records) / len(records)
-    if config.n_samples > 0:
-        name = f"avg@{config.n_samples}"
-        metrics[name], metrics[f"{name}_se"] = mean_and_se([r["samples_correct"] / r["n_samples"] for r in records])
-        for k in config.pass_k:
-            if k <= config.n_samples:
-                values = [pass_at_k(r["n_samples"], r["samples_correct"], k) for r in records]
-                metrics[f"pass@{k}"], metrics[f"pass@{k}_se"] = mean_and_se(values)
-    metrics.update(processes=state.num_processes, rows_per_process=shares_per_process(len(dataset), state))
-    if out_dir is not None and state.is_main_process:
-        out_dir = Path(out_dir)
-        rundir.write_text(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        rundir.write_json(out_dir / "metrics.json", metrics)
+    with RunDir(out_dir, "evaluation") as run:
+        mapped = map_shares(lambda rows: _graded(model, tokenizer, dataset, rows, config, backend), len(dataset),
+                            "evaluation")
+        records = mapped.results
+        metrics: dict = {"n_examples": len(records)}
+        metrics["accuracy"], metrics["accuracy_se"] = mean_and_se([float(r["correct"]) for r in records])
+        metrics["mean_response_tokens"] = sum(r["response_tokens"] for r in records) / len(records)
+        if config.n_samples > 0:
+            name = f"avg@{config.n_samples}"
+            metrics[name], metrics[f"{name}_se"] = mean_and_se([r["samples_correct"] / r["n_samples"] for r in records])
+            for k in config.pass_k:
+                if k <= config.n_samples:
+                    values = [pass_at_k(r["n_samples"], r["samples_correct"], k) for r in records]
+                    metrics[f"pass@{k}"], metrics[f"pass@{k}_se"] = mean_and_se(values)
+        metrics.update(mapped.record())
+        run.write_jsonl("results.jsonl", records)
+        run.write_json("metrics.json", metrics)
     return metrics
 
 
@@ -151,19 +146,14 @@ def base_responses(base_model, tokenizer, prompts: list[str], *, max_new_tokens:
 
     Split across launched processes like ``evaluate``; every process returns all the answers.
     """
-    state = process_state()
-    rows = my_share(prompts, state)
-    own = backend is None and bool(rows)
-    if own:
-        backend = make_backend("hf", base_model, tokenizer)
-    try:
+
+    def answer(rows: list[int]) -> list[list[int]]:
         ids = [encode_prompt(tokenizer, prompts[i]) for i in rows]
-        out = backend.sample(ids, SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)) if rows else []
-    finally:
-        if own:
-            backend.close()
-    return gather_in_order([(i, completions[0]) for i, completions in zip(rows, out)], len(prompts),
-                           "base responses", state)
+        with nullcontext(backend) if backend is not None else make_backend("hf", base_model, tokenizer) as serving:
+            out = serving.sample(ids, SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
+        return [completions[0] for completions in out]
+
+    return map_shares(answer, len(prompts), "base responses").results
 
 
 @torch.no_grad()
@@ -224,16 +214,13 @@ def forgetting(
         responses = base_responses(base_model, tokenizer, prompts, max_new_tokens=max_new_tokens, backend=backend)
     if len(responses) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    state = process_state()
     starts = list(range(0, len(prompts), batch_size))
-    mine = [(b, _batch_kl(base_model, tuned_model, tokenizer, prompts[starts[b] : starts[b] + batch_size],
-                          responses[starts[b] : starts[b] + batch_size], chunk_tokens))
-            for b in my_share(starts, state)]
-    per_row = [row for batch in gather_in_order(mine, len(starts), "forgetting", state) for row in batch]
+    mapped = map_shards(lambda start: _batch_kl(base_model, tuned_model, tokenizer, prompts[start : start + batch_size],
+                                                responses[start : start + batch_size], chunk_tokens),
+                        starts, "forgetting", sizes=[len(prompts[s : s + batch_size]) for s in starts])
+    per_row = [row for batch in mapped.results for row in batch]
     per_prompt = [total / n for total, n in per_row if n]
     count = sum(n for _, n in per_row)
     prompt_mean, se = mean_and_se(per_prompt)
-    n = state.num_processes
     return {"kl": sum(total for total, _ in per_row) / max(1, count), "kl_prompt_mean": prompt_mean, "kl_se": se,
-            "n_prompts": len(per_prompt), "n_tokens": count, "processes": n,
-            "rows_per_process": [sum(len(prompts[s : s + batch_size]) for s in starts[rank::n]) for rank in range(n)]}
+            "n_prompts": len(per_prompt), "n_tokens": count, **mapped.record()}

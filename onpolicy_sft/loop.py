@@ -44,12 +44,13 @@ from pathlib import Path
 import datasets
 import torch
 
-from decoding.rewrite import rewrite_with_stats, without_added_defaults
 from onpolicy_sft import ddt, ddt_report
 from onpolicy_sft.config import LoopConfig, run_rewrite_config
 from onpolicy_sft.config_io import save_config, to_dict
-from onpolicy_sft.distributed import process_state
+from onpolicy_sft.run import process_state
 from onpolicy_sft.models import load_model, resolve_model_path
+from onpolicy_sft.rewrite import rewrite_corpus
+from onpolicy_sft.rewrite_config import without_added_defaults
 from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, read_json, save_into, write_json, write_text
 from onpolicy_sft.stages import (Manifest, Served, config_fingerprint, evaluate_model, general_responses,
                                  load_data, main_decides, markdown_table, model_identity, num, on_main, open_backend,
@@ -131,8 +132,8 @@ def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str
 
                 def rewrite():
                     served.ensure("base" if r == 1 else f"{arm}/{r - 1}", model, f"{name}/rewrite")
-                    corpus, stats = rewrite_with_stats(model, tokenizer, data.train, run_rewrite_config(config),
-                                                       out_dir=corpus_dir, backend=backend)
+                    corpus, stats = rewrite_corpus(model, tokenizer, data.train, run_rewrite_config(config),
+                                                   out_dir=corpus_dir, backend=backend)
                     if len(corpus) == 0:
                         raise RuntimeError(f"round {r}: the rewrite kept no rows (fallback 'drop' and nothing verified)")
                     if state.is_main_process:
@@ -239,8 +240,8 @@ class BlockRewriter:
         start = time.perf_counter()
         self.served.ensure(f"online/{self.folder}/{index}", model, f"{self.folder}/block_{index}")
         synced = time.perf_counter()
-        corpus, stats = rewrite_with_stats(model, self.tokenizer, self.corpus.select(self.rows_of(index)),
-                                           run_rewrite_config(self.config), backend=self.backend)
+        corpus, stats = rewrite_corpus(model, self.tokenizer, self.corpus.select(self.rows_of(index)),
+                                       run_rewrite_config(self.config), backend=self.backend)
         self.served.sleep()  # the accelerator goes back to the trainer
         stats["seconds_sync"], stats["seconds_rewrite"] = synced - start, time.perf_counter() - synced
         return corpus, stats

@@ -8,7 +8,7 @@ the stage really cost. An attempt that raised adds its time; one killed outright
 counts as an attempt whose time is unknown.
 
 Under ``torchrun`` / ``accelerate launch`` every process runs every stage (the stage functions
-split their rows, see onpolicy_sft/distributed.py) while only the main process writes: the
+split their rows, see onpolicy_sft/run.py) while only the main process writes: the
 manifest, the run's files, the console and the run log. The main process decides whether a stage
 is skipped and every process follows it; the processes meet at the end of each stage, so none
 reads a file before the main process has finished writing it.
@@ -40,7 +40,7 @@ from onpolicy_sft import arith
 from onpolicy_sft.config import DataConfig, EvalConfig
 from onpolicy_sft.config_io import to_dict
 from onpolicy_sft.loaders import read_demonstrations
-from onpolicy_sft.distributed import process_state
+from onpolicy_sft.run import process_state
 from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.exemplars import with_exemplars

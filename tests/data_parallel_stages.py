@@ -19,10 +19,10 @@ from decoding.config import SamplingConfig
 from onpolicy_sft import ddt
 from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.config import EvalConfig
-from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
 from onpolicy_sft.models import load_model
-from onpolicy_sft.preference import build_pairs
+from onpolicy_sft.preference_pairs import build_pairs
+from onpolicy_sft.run import process_state
 
 ROWS = 5  # odd: the two processes get 3 and 2 rows
 

@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-import decoding.rewrite as rw  # noqa: E402
+import onpolicy_sft.rewrite as rw  # noqa: E402
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend  # noqa: E402
-from onpolicy_sft.distributed import process_state  # noqa: E402
+from onpolicy_sft.rewrite_config import RewriteConfig, TriageConfig  # noqa: E402
+from onpolicy_sft.run import process_state  # noqa: E402
 from test_rewrite import _accept_some, _corpus  # noqa: E402
 from tiny import make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
@@ -53,17 +54,17 @@ def main():
     rw.is_correct = _accept_some
     tok = make_tiny_tokenizer()
     model = make_tiny_model(tok, seed=0, **({"hidden": args.hidden} if args.hidden else {}))
-    config = rw.RewriteConfig(k_self=2, m_hinted=2, shard_size=2, seed=5, progress=False,
-                              sampling=SamplingConfig(temperature=1.0, max_new_tokens=6),
-                              hinted=HintedDecodingConfig(temperature=1.0, max_new_tokens=6))
+    config = RewriteConfig(k_self=2, m_hinted=2, shard_size=2, seed=5, progress=False,
+                           sampling=SamplingConfig(temperature=1.0, max_new_tokens=6),
+                           hinted=HintedDecodingConfig(temperature=1.0, max_new_tokens=6))
     if args.options:
-        config = rw.RewriteConfig(**{**config.__dict__, "k_self": 4, "keep_verified": 2, "adaptive": True,
-                                     "triage": rw.TriageConfig(by="phi", level=0.2)})
+        config = RewriteConfig(**{**config.__dict__, "k_self": 4, "keep_verified": 2, "adaptive": True,
+                                  "triage": TriageConfig(by="phi", level=0.2)})
     state = process_state()
     backend = make_backend(args.backend, model, tok, **({"max_model_len": 1024} if args.backend == "vllm" else {}))
     if state.process_index == args.fail_rank:
         backend = DiesOnSample(backend, args.fail_on_sample)
-    ds, stats = rw.rewrite_with_stats(model, tok, _corpus(9), config, out_dir=args.out, backend=backend)
+    ds, stats = rw.rewrite_corpus(model, tok, _corpus(9), config, out_dir=args.out, backend=backend)
     if state.is_main_process:
         Path(args.result).write_text(json.dumps({"rows": ds.to_list(), "stats": stats}))
     if args.backend == "vllm":

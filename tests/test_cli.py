@@ -143,9 +143,9 @@ def test_rewrite_triage_keep_verified_and_adaptive_from_the_cli(tmp_path, capsys
     assert stats["per_source"]["in_distribution"] == 4 and stats["attempts"]["self"]["answers"] == 0
     written = [json.loads(line) for line in (out / "rewritten.jsonl").read_text().splitlines()]
     assert [r["source"] for r in written] == ["in_distribution"] * 4 and [r["copy"] for r in written] == [0] * 4
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config.keep_verified"] == 2 and manifest["config.adaptive"] is True
-    assert manifest["config.triage.by"] == "phi"
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    assert fingerprint["config.keep_verified"] == 2 and fingerprint["config.adaptive"] is True
+    assert fingerprint["config.triage.by"] == "phi"
     # and a level of 1000 flags every row, so all are rewritten
     again = tmp_path / "again"
     assert main(["rewrite", "--config", str(config_file), "--data", str(data_file), "--out", str(again),
@@ -313,11 +313,11 @@ def test_a_cut_rewrite_shard_is_generated_again_with_the_same_rows(tmp_path, cap
     command = ["rewrite", "--config", str(config_file), "--data", "arithmetic", "--limit", "4", "--out", str(out)]
     assert main(command) == 0
     first = (out / "rewritten.jsonl").read_text()
-    shard = out / "shards" / "shard-00001.jsonl"
+    shard = out / "shards" / "00001.json"
     shard.write_text(shard.read_text()[:-40])  # cut inside its last row
     capsys.readouterr()
     assert main(command) == 0
-    assert f"rewrite shard {shard} is damaged" in capsys.readouterr().err
+    assert f"rewrite: saved work {shard} is damaged" in capsys.readouterr().err
     assert (out / "rewritten.jsonl").read_text() == first
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from decoding.rewrite import RewriteConfig
 from onpolicy_sft.compare import CompareConfig, load_compare_config
 from onpolicy_sft.config import LoopConfig, load_config, run_rewrite_config
 from onpolicy_sft.config_io import ConfigError, apply_overrides, save_config, to_dict
+from onpolicy_sft.rewrite_config import RewriteConfig
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -310,10 +310,10 @@ def test_two_processes_merge_in_input_order(tmp_path, tiny_tokenizer):
     one_run = subprocess.run([sys.executable, "-m", "onpolicy_sft", *args, "--out", str(tmp_path / "one")],
                              check=True, env=env, capture_output=True, text=True, timeout=300)
 
-    def tokens_on_rank0(stderr: str) -> int:  # the progress bar's total: rank 0's share of the tokens
+    def bar_total(stderr: str) -> int:  # the main process's bar counts the rows of every process
         return int(re.findall(r"DDT scoring: 100%.*?\| \d+/(\d+)", stderr)[-1])
 
-    assert 0 < tokens_on_rank0(two_run.stderr) < tokens_on_rank0(one_run.stderr)
+    assert bar_total(two_run.stderr) == bar_total(one_run.stderr) == 10
     one = datasets.Dataset.from_parquet(str(tmp_path / "one" / "scored.parquet"))
     two = datasets.Dataset.from_parquet(str(tmp_path / "two" / "scored.parquet"))
     assert two["id"] == one["id"]
@@ -401,11 +401,11 @@ def test_killed_scoring_resumes_with_the_same_scores(tmp_path, tiny_tokenizer, m
     monkeypatch.setattr(ddt, "_score_batch", dies_on_the_third_batch)
     with pytest.raises(Killed):
         ddt.score(model, tiny_tokenizer, dataset, out_dir=tmp_path / "run", **options)
-    assert len(list((tmp_path / "run" / "shards").glob("batch_*.json"))) == 2
+    assert len(list((tmp_path / "run" / "shards").glob("*.json"))) == 2
     calls.clear()
     die_at.clear()
     resumed = ddt.score(model, tiny_tokenizer, dataset, out_dir=tmp_path / "run", **options)
-    n_batches = len(list((tmp_path / "run" / "shards").glob("batch_*.json")))
+    n_batches = len(list((tmp_path / "run" / "shards").glob("*.json")))
     assert len(calls) == n_batches - 2 > 0  # only the missing batches were scored again
     assert resumed.column_names == whole.column_names
     for column in whole.column_names:  # bit-identical, NaN of the unscored row included
@@ -430,7 +430,7 @@ def test_unwritable_output_fails_before_any_scoring(tmp_path, tiny_tokenizer, mo
     calls = []
     monkeypatch.setattr(ddt, "_score_batch", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(ddt, "_encode", lambda *a, **k: calls.append(1))
-    with pytest.raises(OSError, match="not writable"):
+    with pytest.raises(OSError):  # the directory cannot even be made, let alone locked
         ddt.score(peaked_model(tiny_tokenizer), tiny_tokenizer, _dataset(EXAMPLES), out_dir=blocker / "out",
                   progress=False)
     assert calls == []

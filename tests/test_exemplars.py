@@ -9,7 +9,6 @@ import pytest
 
 from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.hf import HFBackend
-from decoding.rewrite import RewriteConfig, rewrite_with_stats
 from decoding.templates import HintTemplate, hinted_prompt_ids
 from onpolicy_sft import arith
 from onpolicy_sft.config import DataConfig, LoopConfig, load_config
@@ -18,7 +17,9 @@ from onpolicy_sft.encoding import encode_prompt, encode_row, encode_text
 from onpolicy_sft.evaluate import EvalConfig, evaluate
 from onpolicy_sft.exemplars import resolve, with_exemplars
 from onpolicy_sft.ops import IGNORE_INDEX
-from onpolicy_sft.preference import build_pairs
+from onpolicy_sft.preference_pairs import build_pairs
+from onpolicy_sft.rewrite import rewrite_corpus
+from onpolicy_sft.rewrite_config import RewriteConfig
 from onpolicy_sft.rundir import InputsChanged
 from onpolicy_sft.training_rows import tokenize_for_training
 
@@ -58,7 +59,7 @@ def test_every_stage_renders_the_same_prompt_ids(tiny_model, tiny_tokenizer, row
     backend = RecordingBackend(tiny_model, tiny_tokenizer)
     config = RewriteConfig(k_self=1, m_hinted=1, sampling=SamplingConfig(max_new_tokens=4),
                            hinted=HintedDecodingConfig(max_new_tokens=4), score=False, progress=False)
-    rewrite_with_stats(tiny_model, tiny_tokenizer, rows, config, backend=backend)
+    rewrite_corpus(tiny_model, tiny_tokenizer, rows, config, backend=backend)
     assert backend.plain == expected  # the self-answers
     assert backend.student == expected  # the student stream of Hinted Decoding (no row was solved)
 
@@ -106,12 +107,12 @@ def test_rewrite_resume_with_other_exemplars_is_refused(tiny_model, tiny_tokeniz
     config = RewriteConfig(k_self=1, m_hinted=0, sampling=SamplingConfig(max_new_tokens=3), score=False,
                            progress=False)
     backend = HFBackend(tiny_model, tiny_tokenizer)
-    rewrite_with_stats(tiny_model, tiny_tokenizer, rows, config, out_dir=tmp_path, backend=backend)
+    rewrite_corpus(tiny_model, tiny_tokenizer, rows, config, out_dir=tmp_path, backend=backend)
     other = with_exemplars(rows.remove_columns("exemplars"), TURNS[:1])
     with pytest.raises(InputsChanged, match="data: was"):
-        rewrite_with_stats(tiny_model, tiny_tokenizer, other, config, out_dir=tmp_path, backend=backend)
+        rewrite_corpus(tiny_model, tiny_tokenizer, other, config, out_dir=tmp_path, backend=backend)
     # the same exemplars resume without a word
-    again, _ = rewrite_with_stats(tiny_model, tiny_tokenizer, rows, config, out_dir=tmp_path, backend=backend)
+    again, _ = rewrite_corpus(tiny_model, tiny_tokenizer, rows, config, out_dir=tmp_path, backend=backend)
     assert again["exemplars"] == [TURNS] * len(rows)
 
 

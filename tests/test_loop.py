@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from decoding.config import HintedDecodingConfig, SamplingConfig
-from decoding.rewrite import RewriteConfig
 from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.cli import main
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
                                  TrainConfig, load_config)
 from onpolicy_sft.config_io import apply_overrides, save_config
 from onpolicy_sft.loop import run_loop
+from onpolicy_sft.rewrite_config import RewriteConfig
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged
 from tiny import SHORT_EXEMPLAR
 
@@ -109,19 +109,21 @@ def test_loop_two_rounds_end_to_end(finished, tiny_dir):
 def test_loop_with_triage_and_several_verified_answers_keeps_the_arms_budget_in_rows(tiny_dir, tmp_path, monkeypatch):
     import dataclasses
 
-    import decoding.rewrite as rw
+    import onpolicy_sft.rewrite as rw
+    from onpolicy_sft.rewrite_config import TriageConfig
+    from onpolicy_sft.rewrite_record import SOURCES
     from test_rewrite import _accept_some
 
     monkeypatch.setattr(rw, "is_correct", _accept_some)  # a stand-in verdict, so that answers verify
     config = _loop_config(tiny_dir, tmp_path / "run")
     config.rounds, config.eval_base = 1, False
     config.rewrite = dataclasses.replace(config.rewrite, k_self=6, keep_verified=2, adaptive=True,
-                                         triage=rw.TriageConfig(by="phi", level=0.2))
+                                         triage=TriageConfig(by="phi", level=0.2))
     config.train = dataclasses.replace(config.train, rows=8)
     summary = run_loop(config)
     corpus = datasets.load_from_disk(str(tmp_path / "run" / "round_1" / "onpolicy" / "corpus" / "dataset"))
     onpolicy = next(row for row in summary["rounds"] if row["arm"] == "onpolicy")
-    assert onpolicy["sources"] == {s: corpus["source"].count(s) for s in rw.SOURCES}
+    assert onpolicy["sources"] == {s: corpus["source"].count(s) for s in SOURCES}
     assert len(corpus) > 8 and len({i.split("#")[0] for i in corpus["id"]}) == 8  # some question gave 2 rows
     assert summary["table"].splitlines()[0].startswith("| round | arm | corpus self/hinted/original/in_distribution |")
     for arm in ("onpolicy", "baseline"):  # 8 rows in steps of 4, whatever the corpus size
@@ -134,7 +136,7 @@ class _Killed(Exception):
 
 
 STAGE_FUNCTIONS = {
-    "rewrite": ("onpolicy_sft.loop", "rewrite_with_stats"),
+    "rewrite": ("onpolicy_sft.loop", "rewrite_corpus"),
     "ddt": ("onpolicy_sft.ddt_report", "write_report"),
     "train": ("onpolicy_sft.loop", "train"),
     "eval": ("onpolicy_sft.stages", "forgetting"),
@@ -333,8 +335,8 @@ def test_online_resumes_after_a_kill_to_the_same_weights(kill, online_unbroken, 
     import onpolicy_sft.train as training
 
     module = loop if kill == "rewrite" else training
-    name = "rewrite_with_stats" if kill == "rewrite" else "save_state"
-    real, rewrites, calls = getattr(module, name), loop.rewrite_with_stats, {"n": 0, "rewrites": 0}
+    name = "rewrite_corpus" if kill == "rewrite" else "save_state"
+    real, rewrites, calls = getattr(module, name), loop.rewrite_corpus, {"n": 0, "rewrites": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -347,7 +349,7 @@ def test_online_resumes_after_a_kill_to_the_same_weights(kill, online_unbroken, 
         return (flaky if kill == "rewrite" else rewrites)(*args, **kwargs)
 
     monkeypatch.setattr(module, name, flaky)
-    monkeypatch.setattr(loop, "rewrite_with_stats", counted)
+    monkeypatch.setattr(loop, "rewrite_corpus", counted)
     with pytest.raises(_Killed):
         run_loop(_online_resumable(tiny_dir, tmp_path))
     before = calls["rewrites"]

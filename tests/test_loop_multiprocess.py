@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from decoding.config import HintedDecodingConfig, SamplingConfig
-from decoding.rewrite import RewriteConfig
 from onpolicy_sft.compare import CompareConfig, PairsConfig
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
                                  TrainConfig)
 from onpolicy_sft.config_io import save_config
+from onpolicy_sft.rewrite_config import RewriteConfig
 from tiny import SHORT_EXEMPLAR
 
 # Every number the summary reports per round and arm, besides times.

@@ -12,14 +12,14 @@ import torch
 from decoding.backend import Backend
 from decoding.config import SamplingConfig
 from decoding.reference import reference_sample
-from onpolicy_sft import cli, ddt, preference
+from onpolicy_sft import cli, ddt, preference_pairs
 from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from onpolicy_sft.config_io import save_config
 from onpolicy_sft.encoding import encode_example, encode_prompt
 from onpolicy_sft.loaders import read_preferences
 from onpolicy_sft.training_rows import tokenize_for_training
 from onpolicy_sft.models import load_model
-from onpolicy_sft.preference import add_reference_logps, build_pairs
+from onpolicy_sft.preference_pairs import add_reference_logps, build_pairs
 from onpolicy_sft.train import train
 from tiny import make_tiny_model
 
@@ -195,11 +195,11 @@ def test_cli_trains_dpo_on_a_preference_file_with_the_reference_cached(tiny_dir,
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference ran again")
 
-    monkeypatch.setattr(preference, "add_reference_logps", no_reference)
-    again = preference.cached_reference_logps(base, tokenizer, pairs, out / "reference_logps", max_length=64)
+    monkeypatch.setattr(preference_pairs, "add_reference_logps", no_reference)
+    again = preference_pairs.cached_reference_logps(base, tokenizer, pairs, out / "reference_logps", max_length=64)
     assert again["ref_chosen_logp"] == cached["ref_chosen_logp"]
     with pytest.raises(AssertionError, match="ran again"):  # other settings, other token ids: not the cache
-        preference.cached_reference_logps(base, tokenizer, pairs, out / "reference_logps", max_length=32)
+        preference_pairs.cached_reference_logps(base, tokenizer, pairs, out / "reference_logps", max_length=32)
 
 
 def test_cli_pairwise_objective_needs_preference_data(tiny_dir, tmp_path, capsys):

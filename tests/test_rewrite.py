@@ -11,9 +11,11 @@ import pytest
 import torch
 from datasets import Dataset
 
-import decoding.rewrite as rw
+import onpolicy_sft.rewrite as rw
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend
-from decoding.rewrite import RewriteConfig, rewrite_corpus, rewrite_with_stats, row_seed
+from onpolicy_sft.rewrite import rewrite_corpus, row_seed
+from onpolicy_sft.rewrite_config import RewriteConfig, TriageConfig
+from onpolicy_sft.rewrite_record import SOURCES, answer_end, pick_answers
 from onpolicy_sft.rundir import InputsChanged
 from test_two_stream import ScriptedLM
 
@@ -24,6 +26,11 @@ def _corpus(n):
          "answer": str(2 * i), "system": ""}
         for i in range(n)
     ])
+
+
+def _rewritten(*args, **kwargs):
+    """The rewritten corpus alone, without the run's statistics."""
+    return rewrite_corpus(*args, **kwargs)[0]
 
 
 def _config(**overrides):
@@ -66,14 +73,14 @@ def test_answer_guard_keeps_the_hint_from_writing_the_answer(tiny_tokenizer):
     model = _scripted_chat(tok, "so \\boxed{42}", "so \\boxed{7}")
     cfg = _config(score=False, sampling=SamplingConfig(temperature=0.0, max_new_tokens=30),
                   hinted=HintedDecodingConfig(temperature=0.0, beta=0.0, max_new_tokens=30))
-    got = rewrite_corpus(model, tok, _one_question(), cfg)[0]
+    got = _rewritten(model, tok, _one_question(), cfg)[0]
     # The student writes 7 on its own and, after "\boxed{", in the hinted attempts too.
     assert got["source"] == "original" and got["n_self_correct"] == 0 and got["n_hinted_correct"] == 0
     assert got["response"] == "6*7=42. \\boxed{42}" and got["attempts"] == 4
     # Without the guard the hinted stream would have copied the reference answer.
     free = _config(score=False, sampling=cfg.sampling,
                    hinted=HintedDecodingConfig(temperature=0.0, beta=0.0, max_new_tokens=30, answer_marker=""))
-    got = rewrite_corpus(model, tok, _one_question(), free)[0]
+    got = _rewritten(model, tok, _one_question(), free)[0]
     assert got["source"] == "hinted" and got["response"] == "so \\boxed{42}" and got["verified"]
 
 
@@ -81,7 +88,7 @@ def test_self_answer_is_kept_first(tiny_tokenizer):
     tok = tiny_tokenizer
     model = _scripted_chat(tok, "copy \\boxed{42}", "mine \\boxed{42}")
     cfg = _config(score=False, sampling=SamplingConfig(temperature=0.0, max_new_tokens=30))
-    ds, stats = rewrite_with_stats(model, tok, _one_question(), cfg)
+    ds, stats = rewrite_corpus(model, tok, _one_question(), cfg)
     assert ds[0]["source"] == "self" and ds[0]["response"] == "mine \\boxed{42}" and ds[0]["attempts"] == 2
     assert stats["per_source"] == {"self": 1, "hinted": 0, "original": 0, "in_distribution": 0}
     assert stats["acceptance_rate"] == 1.0
@@ -114,7 +121,7 @@ def test_repetition_stop_ends_hinted_attempts(tiny_tokenizer):
     cfg = _config(score=False, m_hinted=1, sampling=SamplingConfig(temperature=0.0, max_new_tokens=20),
                   hinted=HintedDecodingConfig(temperature=0.0, max_new_tokens=500, repeat_window=6, repeat_count=4))
     backend = _Recording(make_backend("hf", model, tok))
-    got = rewrite_corpus(model, tok, _one_question(), cfg, backend=backend)[0]
+    got = _rewritten(model, tok, _one_question(), cfg, backend=backend)[0]
     assert [tok.decode(h) for h in backend.hinted] == ["abc" * 5]  # the 4th "abcabc" ends at token 15
     assert got["source"] == "original"
 
@@ -127,32 +134,32 @@ def _accept_some(text, reference, timeout=5.0):
 def test_resume_after_a_kill_gives_the_uninterrupted_rows(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(rw, "is_correct", _accept_some)
     data, cfg = _corpus(8), _config()
-    whole, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, cfg, out_dir=tmp_path / "a")
+    whole, stats = rewrite_corpus(tiny_model, tiny_tokenizer, data, cfg, out_dir=tmp_path / "a")
     assert set(whole["source"]) == {"self", "hinted", "original"}  # the comparison below covers all paths
 
     out = tmp_path / "b"
     killed = _Recording(make_backend("hf", tiny_model, tiny_tokenizer), fail_on_sample=2)
     with pytest.raises(KeyboardInterrupt):
-        rewrite_corpus(tiny_model, tiny_tokenizer, data, cfg, out_dir=out, backend=killed)
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000.jsonl"]  # no temp files left
-    resumed, resumed_stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, cfg, out_dir=out)
+        _rewritten(tiny_model, tiny_tokenizer, data, cfg, out_dir=out, backend=killed)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.json"]  # no temp files left
+    resumed, resumed_stats = rewrite_corpus(tiny_model, tiny_tokenizer, data, cfg, out_dir=out)
     assert resumed.to_list() == whole.to_list() and resumed_stats == stats
     assert len(set(resumed["id"])) == len(data)
     assert json.loads((out / "stats.json").read_text()) == stats
     saved = [json.loads(line) for line in (out / "rewritten.jsonl").read_text().splitlines()]
     assert saved == whole.to_list()
     # A finished run restarted again only reads its shards back.
-    assert rewrite_corpus(tiny_model, tiny_tokenizer, data, cfg, out_dir=out,
-                          backend=_Recording(None, fail_on_sample=1)).to_list() == whole.to_list()
+    assert _rewritten(tiny_model, tiny_tokenizer, data, cfg, out_dir=out,
+                      backend=_Recording(None, fail_on_sample=1)).to_list() == whole.to_list()
     with pytest.raises(InputsChanged, match=r"config.seed: was 5, now 6"):
-        rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(seed=6), out_dir=out)
+        _rewritten(tiny_model, tiny_tokenizer, data, _config(seed=6), out_dir=out)
 
 
 def test_rows_do_not_depend_on_batching(tiny_model, tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(rw, "is_correct", _accept_some)
     data = _corpus(5)
-    a = rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(shard_size=5))
-    b = rewrite_corpus(tiny_model, tiny_tokenizer, data.select([4, 3, 2, 1, 0]), _config(shard_size=2))
+    a = _rewritten(tiny_model, tiny_tokenizer, data, _config(shard_size=5))
+    b = _rewritten(tiny_model, tiny_tokenizer, data.select([4, 3, 2, 1, 0]), _config(shard_size=2))
     rows_b = {r["id"]: r for r in b}
     for row in a:
         other = rows_b[row["id"]]
@@ -167,12 +174,12 @@ def test_rows_do_not_depend_on_batching(tiny_model, tiny_tokenizer, monkeypatch)
 def test_fallback_original_and_drop(tiny_model, tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(rw, "is_correct", lambda text, ref, timeout=5.0: False)
     data = _corpus(3)
-    kept, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, _config(progress=True))
+    kept, stats = rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(progress=True))
     assert kept["source"] == ["original"] * 3 and kept["response"] == data["response"]
     assert kept["ddt_phi_mean"] == kept["ddt_original_phi_mean"]  # the same text scored twice
     assert {"model", "config_hash", "seed", "ddt_z", "ddt_original_n_tokens"} <= set(kept.column_names)
     assert stats["acceptance_rate"] == 0.0 and stats["phi_before"] == pytest.approx(stats["phi_after"])
-    dropped, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, _config(fallback="drop"))
+    dropped, stats = rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(fallback="drop"))
     assert len(dropped) == 0 and stats["dropped"] == 3 and stats["per_source"]["original"] == 3
     with pytest.raises(ValueError, match="fallback"):
         RewriteConfig(fallback="keep")
@@ -185,9 +192,9 @@ def test_stage_one_analysis_prefixes_the_hinted_stream(tiny_tokenizer):
     cfg = _config(score=False, k_self=1, m_hinted=1, sampling=SamplingConfig(temperature=0.0, max_new_tokens=30),
                   hinted=hinted)
     # Without stage 1 the hinted stream writes its analysis into the response.
-    assert rewrite_corpus(model, tok, _one_question(), cfg)[0]["response"] == "idea. My solution:\nso \\boxed{42}"
+    assert _rewritten(model, tok, _one_question(), cfg)[0]["response"] == "idea. My solution:\nso \\boxed{42}"
     # With it, the analysis (cut at the marker) sits in the hinted prompt; the response starts after it.
-    got = rewrite_corpus(model, tok, _one_question(), _config(**{**cfg.__dict__, "analysis": True}))[0]
+    got = _rewritten(model, tok, _one_question(), _config(**{**cfg.__dict__, "analysis": True}))[0]
     assert got["source"] == "hinted" and got["response"] == "so \\boxed{42}"
 
 
@@ -216,7 +223,7 @@ def test_stats_count_each_answer_by_outcome(tiny_tokenizer, tmp_path):
     model = _scripted_by_question(tok, texts)
     cfg = _config(k_self=2, m_hinted=3, score=False, sampling=SamplingConfig(temperature=0.0, max_new_tokens=40),
                   hinted=HintedDecodingConfig(temperature=0.0, beta=0.0, max_new_tokens=40))
-    ds, stats = rewrite_with_stats(model, tok, _corpus(4), cfg, out_dir=tmp_path)
+    ds, stats = rewrite_corpus(model, tok, _corpus(4), cfg, out_dir=tmp_path)
     assert ds["self_outcomes"] == [["right"] * 2, ["wrong"] * 2, ["no_answer"] * 2, ["cut"] * 2]
     assert ds["hinted_outcomes"] == [[], ["wrong"] * 3, ["no_answer"] * 3, ["cut"] * 3]
     assert stats["attempts"] == {
@@ -236,7 +243,7 @@ def test_a_right_answer_cut_at_the_limit_ends_at_its_final_answer_with_no_end_of
     writer = make_backend("hf", _scripted_by_question(tok, texts), tok)
     cfg = _config(k_self=1, m_hinted=0, sampling=SamplingConfig(temperature=0.0, max_new_tokens=24))
     # the scripted model writes, the tiny model scores
-    ds, stats = rewrite_with_stats(tiny_model, tok, _corpus(3), cfg, backend=writer)
+    ds, stats = rewrite_corpus(tiny_model, tok, _corpus(3), cfg, backend=writer)
     assert ds["response"] == ["0+0 is \\boxed{0}", "so \\boxed{2}", "#### 4"]
     assert ds["response_truncated"] == [True, False, True] and stats["truncated_kept"] == 2
     for row in ds:
@@ -248,9 +255,9 @@ def test_a_right_answer_cut_at_the_limit_ends_at_its_final_answer_with_no_end_of
 
 def test_pick_prefers_a_right_answer_that_ended_by_itself():
     texts = ["\\boxed{5} and on", "so \\boxed{5}.", "\\boxed{6}"]
-    assert rw._picks(texts, [True, False, False], ["right", "right", "wrong"]) == [("so \\boxed{5}.", False)]
-    assert rw._picks(texts, [True, True, False], ["right", "right", "wrong"]) == [("\\boxed{5}", True)]
-    assert rw._picks(texts, [False, False, False], ["wrong", "no_answer", "wrong"]) == []
+    assert pick_answers(texts, [True, False, False], ["right", "right", "wrong"]) == [("so \\boxed{5}.", False)]
+    assert pick_answers(texts, [True, True, False], ["right", "right", "wrong"]) == [("\\boxed{5}", True)]
+    assert pick_answers(texts, [False, False, False], ["wrong", "no_answer", "wrong"]) == []
 
 
 def test_picks_keeps_distinct_right_answers_ended_first():
@@ -258,9 +265,9 @@ def test_picks_keeps_distinct_right_answers_ended_first():
     cuts = [False, True, False, False, True, False]
     outcomes = ["right", "right", "right", "right", "right", "wrong"]
     # the two distinct ended answers, then the cut ones, which are equal once cut after the answer
-    assert rw._picks(texts, cuts, outcomes, 4) == [("a \\boxed{5}", False), ("b \\boxed{5}", False),
+    assert pick_answers(texts, cuts, outcomes, 4) == [("a \\boxed{5}", False), ("b \\boxed{5}", False),
                                                     ("\\boxed{5}", True)]
-    assert rw._picks(texts, cuts, outcomes, 2) == [("a \\boxed{5}", False), ("b \\boxed{5}", False)]
+    assert pick_answers(texts, cuts, outcomes, 2) == [("a \\boxed{5}", False), ("b \\boxed{5}", False)]
 
 
 @pytest.mark.parametrize("text", [
@@ -270,7 +277,7 @@ def test_picks_keeps_distinct_right_answers_ended_first():
 def test_answer_end_keeps_the_answer_the_checker_reads(text):
     from onpolicy_sft.grading import extract_answer
 
-    end = rw.answer_end(text)
+    end = answer_end(text)
     assert (end is None) == (extract_answer(text) is None)
     if end is not None:
         assert extract_answer(text[:end]) == extract_answer(text)
@@ -285,19 +292,19 @@ def test_resume_with_another_model_or_while_running_is_refused(tiny_tokenizer, t
     monkeypatch.setattr(rw, "is_correct", _accept_some)
     data, cfg = _corpus(3), _config(score=False)
     first = make_tiny_model(tiny_tokenizer, seed=0)
-    rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)
+    _rewritten(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)
     other = make_tiny_model(tiny_tokenizer, seed=1)
     other.name_or_path = first.name_or_path  # same name, other weights: still refused
     with pytest.raises(InputsChanged, match="model_weights: was"):
-        rewrite_corpus(other, tiny_tokenizer, data, cfg, out_dir=tmp_path)
+        _rewritten(other, tiny_tokenizer, data, cfg, out_dir=tmp_path)
     with pytest.raises(InputsChanged, match="data: was"):
-        rewrite_corpus(first, tiny_tokenizer, _corpus(4).select([0, 1, 3]), cfg, out_dir=tmp_path)
+        _rewritten(first, tiny_tokenizer, _corpus(4).select([0, 1, 3]), cfg, out_dir=tmp_path)
     holder = lock_holder(tmp_path, "loop")
     with pytest.raises(DirectoryLocked, match=rf"\(loop, pid {holder.pid}\)"):
-        rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)
+        _rewritten(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)
     holder.kill()
     holder.wait()
-    assert rewrite_corpus(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)["id"] == data["id"]
+    assert _rewritten(first, tiny_tokenizer, data, cfg, out_dir=tmp_path)["id"] == data["id"]
 
 
 def _run_rewrite_procs(launcher, out_dir, result, *extra, check=True):
@@ -332,7 +339,7 @@ def test_two_processes_equal_one_and_resume_after_a_process_dies(tmp_path):
     killed = run(TORCHRUN_2, "killed", "killed.json", "--fail-rank", "1", "--fail-on-sample", "2", check=False)
     assert killed.returncode != 0 and not (tmp_path / "killed.json").exists()
     written = sorted(p.name for p in (tmp_path / "killed" / "shards").iterdir())
-    assert "shard-00001.jsonl" in written and "shard-00003.jsonl" not in written
+    assert "00001.json" in written and "00003.json" not in written
     run(TORCHRUN_2, "killed", "resumed.json")
     assert json.loads((tmp_path / "resumed.json").read_text())["rows"] == one["rows"]
 
@@ -367,7 +374,7 @@ def test_two_processes_each_with_their_own_vllm_engine_equal_one(tmp_path):
 def test_answer_end_is_linear_on_many_unterminated_boxes():
     # 8000 unterminated boxes and then a real one: a scan to the end per box would take minutes
     text = "\\boxed{" * 8000 + " \\boxed{5} tail"
-    assert text[: rw.answer_end(text)].endswith("\\boxed{5}")
+    assert text[: answer_end(text)].endswith("\\boxed{5}")
 
 
 class _CountingPrompts:
@@ -395,9 +402,9 @@ def test_triage_rewrites_exactly_the_rows_the_test_flags(tiny_model, tiny_tokeni
     accepted = {i for i, v in zip(data["id"], values) if v >= level}
     assert len(accepted) == 3
     backend = _CountingPrompts(make_backend("hf", tiny_model, tiny_tokenizer))
-    cfg = _config(triage=rw.TriageConfig(by=by, level=level))
-    ds, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, cfg, backend=backend)
-    full = {r["id"]: r for r in rewrite_corpus(tiny_model, tiny_tokenizer, data, _config())}
+    cfg = _config(triage=TriageConfig(by=by, level=level))
+    ds, stats = rewrite_corpus(tiny_model, tiny_tokenizer, data, cfg, backend=backend)
+    full = {r["id"]: r for r in _rewritten(tiny_model, tiny_tokenizer, data, _config())}
     assert ds["id"] == data["id"] and backend.sampled == 3  # only the flagged rows were answered
     for row, original in zip(ds, data):
         if row["id"] in accepted:
@@ -416,8 +423,8 @@ def test_triage_rewrites_exactly_the_rows_the_test_flags(tiny_model, tiny_tokeni
 def test_keep_verified_gives_distinct_verified_rows_per_question(tiny_model, tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(rw, "is_correct", _accept_some)
     data = _corpus(6)
-    one = {r["id"]: r for r in rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(k_self=4, score=False))}
-    ds, stats = rewrite_with_stats(tiny_model, tiny_tokenizer, data, _config(k_self=4, keep_verified=3, score=False))
+    one = {r["id"]: r for r in _rewritten(tiny_model, tiny_tokenizer, data, _config(k_self=4, score=False))}
+    ds, stats = rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(k_self=4, keep_verified=3, score=False))
     by_question: dict[str, list[dict]] = {}
     for row in ds:
         by_question.setdefault(row["id"].split("#")[0], []).append(row)
@@ -433,8 +440,8 @@ def test_keep_verified_gives_distinct_verified_rows_per_question(tiny_model, tin
             assert all(r["verified"] and _accept_some(r["response"], "") for r in rows) and len(rows) <= right
         else:
             assert len(rows) == 1
-    assert stats["per_source"] == {s: ds["source"].count(s) for s in rw.SOURCES}
-    assert stats["questions_per_source"] == {s: [r["source"] for r in one.values()].count(s) for s in rw.SOURCES}
+    assert stats["per_source"] == {s: ds["source"].count(s) for s in SOURCES}
+    assert stats["questions_per_source"] == {s: [r["source"] for r in one.values()].count(s) for s in SOURCES}
     assert stats["rows"] == 6 and stats["training_rows"] == len(ds)
 
 
@@ -462,10 +469,10 @@ def test_adaptive_sampling_keeps_the_answers_of_the_full_draw_with_fewer_samples
     # enough rows, with answers varied enough, that some questions stop after keep draws
     model, data = _chatty(tiny_tokenizer, eos_boost=2.0), _corpus(24)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
-    full = rewrite_corpus(model, tiny_tokenizer, data, _config(k_self=4, keep_verified=keep, score=False,
-                                                                sampling=sampling))
+    full = _rewritten(model, tiny_tokenizer, data, _config(k_self=4, keep_verified=keep, score=False,
+                                                            sampling=sampling))
     cfg = _config(k_self=4, keep_verified=keep, adaptive=True, score=False, sampling=sampling)
-    adaptive = rewrite_corpus(model, tiny_tokenizer, data, cfg)
+    adaptive = _rewritten(model, tiny_tokenizer, data, cfg)
     assert adaptive["response"] == full["response"] and adaptive["source"] == full["source"]
     assert adaptive["id"] == full["id"] and adaptive["hinted_outcomes"] == full["hinted_outcomes"]
     for a, f in zip(adaptive["self_outcomes"], full["self_outcomes"]):
@@ -473,8 +480,8 @@ def test_adaptive_sampling_keeps_the_answers_of_the_full_draw_with_fewer_samples
     assert min(adaptive["attempts"]) == keep and sum(adaptive["attempts"]) < sum(full["attempts"])
     assert max(len(o) for o in adaptive["self_outcomes"]) == 4  # and a hard question got the whole budget
     # the same corpus in other shards, another order, and one row per forward
-    other = rewrite_corpus(model, tiny_tokenizer, data.select(list(range(len(data)))[::-1]),
-                           dataclasses.replace(cfg, shard_size=1),
-                           backend=make_backend("hf", model, tiny_tokenizer, batch_rows=1))
+    other = _rewritten(model, tiny_tokenizer, data.select(list(range(len(data)))[::-1]),
+                       dataclasses.replace(cfg, shard_size=1),
+                       backend=make_backend("hf", model, tiny_tokenizer, batch_rows=1))
     rows = {r["id"]: r for r in other}
     assert _without([rows[i] for i in adaptive["id"]], "config_hash") == _without(adaptive.to_list(), "config_hash")

@@ -2,7 +2,7 @@
 
 Samples the loop's self-answers (k per problem, temperature 1, the loop's token limit) and one
 greedy answer for problems of each operation count at the ``easy`` level's numbers, and sorts
-every answer into right / wrong / no answer / cut at the limit (decoding.rewrite.outcome). The
+every answer into right / wrong / no answer / cut at the limit (onpolicy_sft.rewrite.outcome). The
 ``train`` split's level mix was chosen from this table (results/arith_calibration.md).
 
     flock /tmp/heavy.lock .venv/bin/python experiments/benchmarks/arith_calibration.py --n 48 --k 2
@@ -22,10 +22,10 @@ import torch
 
 from decoding import SamplingConfig, make_backend
 from decoding.rules import eos_ids
-from decoding.rewrite import outcome
 from onpolicy_sft.arith import LEVELS, _problem, to_row
 from onpolicy_sft.encoding import encode_prompt
 from onpolicy_sft.models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
+from onpolicy_sft.rewrite import outcome
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -21,10 +21,11 @@ import torch
 from datasets import Dataset
 
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend
-from decoding.rewrite import RewriteConfig, TriageConfig, rewrite_with_stats
 from decoding.templates import student_prompt_ids
 from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.models import EMBEDDED_MODEL, load_model
+from onpolicy_sft.rewrite import rewrite_corpus
+from onpolicy_sft.rewrite_config import RewriteConfig, TriageConfig
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,7 +44,7 @@ def mixed_corpus(backend, tokenizer, n: int, max_new_tokens: int) -> Dataset:
 
 def timed(model, tokenizer, backend, corpus, config) -> dict:
     start = time.perf_counter()
-    rows, stats = rewrite_with_stats(model, tokenizer, corpus, config, backend=backend)
+    rows, stats = rewrite_corpus(model, tokenizer, corpus, config, backend=backend)
     return {"seconds": time.perf_counter() - start, "stats": stats, "sources": rows["source"]}
 
 

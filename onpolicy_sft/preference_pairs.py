@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import datasets
@@ -33,10 +34,10 @@ from decoding.rules import eos_ids
 from onpolicy_sft.encoding import collate, encode_row_prompt
 from onpolicy_sft.schema import EXEMPLARS
 from onpolicy_sft.training_rows import tokenize_for_training
-from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.evaluate import row_seeds
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.objectives.adapters import sequence_logps
+from onpolicy_sft.run import map_shares
 from onpolicy_sft.rundir import save_into, write_text
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ logger = logging.getLogger(__name__)
 NO_PAIR_CHOICES = ("demonstration", "drop")
 COLUMNS = ["id", "prompt", "system", "exemplars", "chosen", "rejected", "chosen_truncated", "rejected_truncated", "answer",
            "pair_source", "n_correct"]
+
+
+def _with_defaults(row: dict, row_id: str) -> dict:
+    return {**row, "id": row_id, "system": row.get("system") or "", "exemplars": row.get("exemplars") or []}
 
 
 def _pair(row: dict, samples: list[list[int]], tokenizer, stops: set[int], max_new_tokens: int, no_pair: str):
@@ -107,33 +112,24 @@ def build_pairs(
     sampling = dataclasses.replace(sampling, n=k, seed=seed)
 
     n = len(dataset)
-    state = process_state()
-    rows = my_share(range(n), state)
     ids = dataset["id"] if "id" in dataset.column_names else [str(i) for i in range(n)]
-    prompts = [encode_row_prompt(tokenizer, dataset[i]) for i in rows]
-    own_backend = backend is None and bool(rows)
-    if own_backend:
-        backend = make_backend("hf", model, tokenizer)
-    try:
-        samples = backend.sample(prompts, sampling, seeds=row_seeds(seed, rows, n, k)) if rows else []
-        stops = eos_ids(model, tokenizer)
-    finally:
-        if own_backend:
-            backend.close()
-    mine = []
-    for i, completions in zip(rows, samples):
-        row = dataset[i]
-        row = {**row, "id": ids[i], "system": row.get("system") or "", "exemplars": row.get("exemplars") or []}
-        mine.append((i, _pair(row, completions, tokenizer, stops, sampling.max_new_tokens, no_pair)))
-    results = gather_in_order(mine, n, "preference pairs", state)
 
+    def share(rows: list[int]) -> list[tuple]:
+        prompts = [encode_row_prompt(tokenizer, dataset[i]) for i in rows]
+        with nullcontext(backend) if backend is not None else make_backend("hf", model, tokenizer) as serving:
+            samples = serving.sample(prompts, sampling, seeds=row_seeds(seed, rows, n, k))
+        stops = eos_ids(model, tokenizer)
+        return [_pair(_with_defaults(dataset[i], ids[i]), completions, tokenizer, stops, sampling.max_new_tokens,
+                      no_pair) for i, completions in zip(rows, samples)]
+
+    mapped = map_shares(share, n, "preference pairs")
+    results = mapped.results
     counts = {"prompts": n, "samples": sum(c[0] for _, _, c in results), "correct_samples": sum(c[1] for _, _, c in results),
               "mixed": 0, "all_incorrect": 0, "all_correct": 0}
     for _, case, _ in results:
         counts[case] += 1
     pairs = [pair for pair, _, _ in results if pair is not None]
-    counts.update(kept=len(pairs), dropped=n - len(pairs), processes=state.num_processes,
-                  rows_per_process=shares_per_process(n, state))
+    counts.update(kept=len(pairs), dropped=n - len(pairs), **mapped.record())
     logger.info("preference pairs: %s", counts)
     if not pairs:
         return datasets.Dataset.from_dict({c: [] for c in COLUMNS}).cast_column("exemplars", EXEMPLARS), counts
