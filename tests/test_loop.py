@@ -136,7 +136,7 @@ STAGE_FUNCTIONS = {
     "rewrite": ("onpolicy_sft.loop", "rewrite_with_stats"),
     "ddt": ("onpolicy_sft.ddt_report", "write_report"),
     "train": ("onpolicy_sft.loop", "train"),
-    "eval": ("onpolicy_sft.stages", "forgetting"),
+    "eval": ("onpolicy_sft.evaluate", "forgetting"),
 }
 
 

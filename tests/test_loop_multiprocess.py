@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.rewrite import RewriteConfig
-from onpolicy_sft.compare import CompareConfig, PairsConfig
+from onpolicy_sft.compare_config import CompareConfig, PairsConfig
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
                                  TrainConfig, save_config)
 from tiny import SHORT_EXEMPLAR

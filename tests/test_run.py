@@ -114,3 +114,16 @@ def test_map_shards_tally_counts_every_unit(capsys):
 
     map_shards(lambda u: u, ["a", "b", "a"], "letters", tally=lambda r: {r: 1}, postfix=postfix, progress=True)
     assert seen == {"a": 2, "b": 1}
+
+
+def test_save_dataset_writes_on_the_main_process_and_nothing_without_a_directory(tmp_path):
+    import datasets
+
+    from onpolicy_sft.run import save_dataset
+
+    rows = datasets.Dataset.from_list([{"prompt": "a", "response": "b"}])
+    save_dataset(RunDir(tmp_path, "stage"), "round_1/corpus/dataset", rows)
+    assert datasets.load_from_disk(str(tmp_path / "round_1" / "corpus" / "dataset"))["prompt"] == ["a"]
+    assert [p.name for p in (tmp_path / "round_1" / "corpus").iterdir()] == ["dataset"]  # no staging left
+    save_dataset(RunDir(None, "stage"), "dataset", rows)
+    assert not (tmp_path / "dataset").exists()
