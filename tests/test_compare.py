@@ -1,4 +1,5 @@
-"""The comparison runner end to end on a tiny model (one seed), its resumption per cell, configs and CLI."""
+"""The comparison runner end to end on a tiny model (one seed), its resumption per cell, its refusal of
+changed inputs, configs and CLI."""
 
 from __future__ import annotations
 
