@@ -4,12 +4,15 @@ A mistake a user can make (bad data, a bad config value, a missing model or file
 directory in use or holding another run) ends the command with one ``error: …`` line that names
 the file, line or field, and a non-zero exit; ``--verbose`` adds the traceback and shows the
 libraries' log output, which otherwise goes to the run's log file (loop, compare) or nowhere.
+
+A command takes its output directory (``run.RunDir``: the one lock, named after the subcommand, and
+a check that it is writable) before it reads, loads or writes anything, so a refused command leaves
+the directory as it was; the library function's own lock on the same directory is then shared.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import traceback
@@ -19,6 +22,7 @@ from decoding import BackendUnavailable
 from onpolicy_sft import compare, ddt, ddt_report, models
 from onpolicy_sft import loop as loop_recipe
 from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.compare_config import CompareConfig
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.exemplars import with_exemplars
 from onpolicy_sft.config import ObjectiveConfig, load_config, run_rewrite_config
@@ -27,13 +31,15 @@ from onpolicy_sft.evaluate import evaluate, forgetting
 from onpolicy_sft.loaders import parse_columns, read_demonstrations, read_preferences
 from onpolicy_sft.models import EMBEDDED_MODEL, ModelUnavailableError, load_model, load_tokenizer, resolve_model_path
 from onpolicy_sft.objectives import build
+from onpolicy_sft.console import route_logs, say
 from onpolicy_sft.preference_pairs import cached_reference_logps
 from onpolicy_sft.preview import preview, token_statistics
 from onpolicy_sft.rewrite import rewrite_corpus
-from onpolicy_sft.run import process_state
-from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, RunLock, check_writable, replace_with, write_json
+from onpolicy_sft.run import RunDir, process_state
+from onpolicy_sft.run_data import load_data
+from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, replace_with, write_json
+from onpolicy_sft.serving import open_backend
 from onpolicy_sft.sources import save_dataset
-from onpolicy_sft.stages import load_data, on_main, open_backend, route_logs, say
 from onpolicy_sft.train import train
 from onpolicy_sft.training_rows import has_cached_ref_logps
 
@@ -68,16 +74,6 @@ def _load_config(args, cls=None):
     if getattr(args, "on_error", None):
         config.data.on_error = args.on_error
     return config
-
-
-@contextlib.contextmanager
-def _holding(directory, stage: str):
-    """The output directory's one lock (rundir.RunLock), named after this stage, taken before the
-    command reads, loads or writes anything: a refused command leaves the directory as it was. The
-    library function's own lock on the same directory is then shared with this one."""
-    with contextlib.ExitStack() as held:
-        on_main(lambda: held.enter_context(RunLock(directory, stage)))
-        yield
 
 
 def _read_data(source: str, *, split: str, columns: dict, on_error: str, preferences: bool = False,
@@ -196,7 +192,7 @@ def add_train(sub) -> None:
 
 def run_train(args) -> int:
     config = _load_config(args)
-    with _holding(args.out, "train"):
+    with RunDir(args.out, "train"):
         return _train(args, config)
 
 
@@ -239,15 +235,15 @@ def add_eval(sub) -> None:
 
 def run_eval(args) -> int:
     config = _load_config(args)
-    with _holding(args.out, "eval") if args.out else contextlib.nullcontext():
-        return _eval(args, config)
+    with RunDir(args.out, "eval") as run:
+        return _eval(args, config, run)
 
 
-def _eval(args, config) -> int:
+def _eval(args, config, run: RunDir) -> int:
     load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
     inputs = load_data(config.data)
     model, tokenizer = load_model(args.model or config.model.name, **load)
-    out = Path(args.out) if args.out else None
+    out = run.path
     backend, note = open_backend(config.backend, model, tokenizer, config.backend_options,
                                  trust_remote_code=config.model.trust_remote_code)
     if note:
@@ -259,8 +255,7 @@ def _eval(args, config) -> int:
         base, _ = load_model(args.base, **load)
         metrics["forgetting"] = forgetting(base, model, tokenizer, inputs.general,
                                            max_new_tokens=config.eval.forgetting_max_new_tokens)
-    if out:
-        write_json(out / "metrics.json", metrics)
+    run.write_json("metrics.json", metrics)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -276,7 +271,7 @@ def add_loop(sub) -> None:
 
 def run_loop(args) -> int:
     config = _load_config(args)
-    with _holding(config.out_dir, "loop"):
+    with RunDir(config.out_dir, "loop"):
         route_logs(Path(config.out_dir) / "run.log", args.verbose)
         loop_recipe.print_summary(loop_recipe.run_loop(config))
     return 0
@@ -315,9 +310,8 @@ def _demonstrations(source: str, split: str, limit: int | None, columns: dict, o
 
 def run_score(args) -> int:
     columns = parse_columns(args.columns)
-    out = check_writable(args.out)  # before any work: a scoring run that cannot write its result is lost
-    with _holding(out, "score"):
-        return _score(args, out, columns, args.on_error or "raise")
+    with RunDir(args.out, "score") as run:
+        return _score(args, run.path, columns, args.on_error or "raise")
 
 
 def _score(args, out: Path, columns: dict, on_error: str) -> int:
@@ -359,8 +353,8 @@ def add_compare(sub) -> None:
 
 
 def run_compare(args) -> int:
-    config = _load_config(args, cls=compare.CompareConfig)
-    with _holding(config.out_dir, "compare"):
+    config = _load_config(args, cls=CompareConfig)
+    with RunDir(config.out_dir, "compare"):
         route_logs(Path(config.out_dir) / "run.log", args.verbose)
         summary = compare.run_comparison(config)
     if not process_state().is_main_process:  # every process returns the summary; one prints it
@@ -424,7 +418,7 @@ def run_rewrite(args) -> int:
     switches = [f"rewrite.{name}=true" for name in ("analysis", "adaptive") if getattr(args, name)]
     args.overrides = args.overrides + flags + switches
     config = _load_config(args)
-    with _holding(args.out, "rewrite"):
+    with RunDir(args.out, "rewrite"):
         return _rewrite(args, config)
 
 

@@ -13,24 +13,30 @@ same prompts and the same samples; the seeds vary the training run (data order) 
 seed of evaluation. Each (method, seed) cell writes ``cells/<method>/seed_<s>/result.json`` when
 it finishes; running the comparison again skips finished cells and finished corpus stages.
 
-Layout of out_dir: config.yaml, manifest.json (corpus stages and their wall times),
+A rerun whose inputs (config without display fields, data, base model; ``compare_inputs``) differ
+from the first run's is refused, naming what differs; one directory serves one comparison at a time.
+
+Layout of out_dir: config.yaml, fingerprint.json, manifest.json (corpus stages and their wall times),
 base/{general_responses.json, eval/metrics.json, eval/<split>/results.jsonl}, corpora/{original,hinted,pairs}/,
 cells/<method>/seed_<s>/{result.json, eval/<split>/results.jsonl}, results.json, results.md, compare.png.
 The results.jsonl files keep every greedy answer, so a score can be traced to the text behind it.
 
+Each stage and each step of a cell is a plain function of what the comparison shares
+(``Comparison``), run in order by ``build_corpora`` and ``run_cell``.
+
 Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) every process runs every stage and
 cell, the stages splitting their rows across the processes; the main process alone takes the lock,
-decides what is finished and writes (onpolicy_sft/stages.py), and every process returns its summary.
+decides what is finished and writes (onpolicy_sft/run.py), and every process returns its summary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,104 +44,33 @@ import datasets
 
 from decoding.config import SamplingConfig
 from onpolicy_sft import ddt
-from onpolicy_sft.config import (DataConfig, check_seed, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run,
-                                 load_config, objective_hparams, run_rewrite_config)
-from onpolicy_sft.config_io import from_dict, save_config, to_dict
-from onpolicy_sft.evaluate import mean_and_se
+from onpolicy_sft.compare_config import METHODS, CompareConfig
+from onpolicy_sft.config import ObjectiveConfig, TrainConfig, run_rewrite_config
+from onpolicy_sft.config_io import save_config, to_dict
+from onpolicy_sft.evaluate import evaluate_model, general_responses, mean_and_se
+from onpolicy_sft.fingerprint import config_fingerprint, model_identity
 from onpolicy_sft.grading import extract_answer
+from onpolicy_sft.manifest import Manifest
 from onpolicy_sft.models import load_model, resolve_model_path
 from onpolicy_sft.objectives import build
 from onpolicy_sft.preference_pairs import add_reference_logps, build_pairs
+from onpolicy_sft.report import markdown_table, num, pm, pyplot, source_counts
 from onpolicy_sft.rewrite import rewrite_corpus
-from onpolicy_sft.rewrite_config import RewriteConfig
-from onpolicy_sft.rundir import RunLock, check_writable, read_json, replace_with, save_into, write_json, write_text
-from onpolicy_sft.run import process_state
-from onpolicy_sft.stages import (Manifest, evaluate_model, general_responses, in_step, load_data, main_decides,
-                                 markdown_table, num, on_main, open_backend, pm, pyplot, source_counts, training_rows)
+from onpolicy_sft.run import RunDir, in_step, main_decides, on_main, process_state, save_dataset
+from onpolicy_sft.run_data import RunData, load_data, training_rows
+from onpolicy_sft.rundir import read_json, replace_with, write_json, write_text
+from onpolicy_sft.serving import open_backend
 from onpolicy_sft.train import DONE_FILE, train
 
 logger = logging.getLogger(__name__)
 
-# method -> (objective name, training corpus)
-METHODS: dict[str, tuple[str, str] | None] = {
-    "base": None,
-    "sft": ("sft", "original"),
-    "dft": ("dft", "original"),
-    "target_sft": ("target_sft", "original"),
-    "idft": ("idft", "original"),
-    "hd_sft": ("sft", "hinted"),
-    "hd_idft": ("idft", "hinted"),
-    "dpo": ("dpo", "pairs"),
-    "simpo": ("simpo", "pairs"),
-}
-
-
-@dataclass
-class PairsConfig:
-    """DPO@k / SimPO@k pair building (onpolicy_sft.preference_pairs.build_pairs)."""
-
-    k: int = 4
-    no_pair: str = "demonstration"  # or "drop"
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-
-
-@dataclass
-class CompareConfig:
-    """The comparison; ``backend``/``backend_options`` as in ``LoopConfig``. ``hparams`` gives a
-    method's objective hyperparameters and ``train_overrides`` the ``train`` fields that differ for
-    it; both are checked (and numbers typed) when the config loads."""
-
-    out_dir: str = "runs/compare_cpu"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    backend: str = "hf"  # generation backend of every stage ("hf" | "vllm"; vllm falls back to hf)
-    backend_options: dict[str, Any] = field(default_factory=dict)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)  # the shared budget
-    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> objective hyperparameters
-    # method -> TrainConfig fields that differ for it; Target-SFT's teacher is the frozen base model
-    train_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {"target_sft": {"teacher": "base"}})
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    keep_checkpoints: bool = False  # False: delete each cell's weights once it is evaluated
-
-    def __post_init__(self):
-        unknown = sorted(set(self.methods) - set(METHODS))
-        if unknown:
-            raise ValueError(f"methods: unknown method(s) {unknown}; valid methods: {list(METHODS)}")
-        if not self.seeds:
-            raise ValueError("seeds: list at least one seed")
-        for seed in self.seeds:
-            check_seed(seed, "seeds")  # each becomes train.seed of its cells, checked only then otherwise
-        for where, table in (("hparams", self.hparams), ("train_overrides", self.train_overrides)):
-            bad = sorted(set(table) - {m for m, spec in METHODS.items() if spec})
-            if bad:
-                raise ValueError(f"{where}: unknown method(s) {bad}; valid methods: {list(METHODS)[1:]}")
-        for method, values in self.hparams.items():
-            try:
-                self.hparams[method] = objective_hparams(METHODS[method][0], values)
-            except ValueError as err:
-                raise ValueError(f"hparams.{method}: {err}") from None
-        for method, values in self.train_overrides.items():
-            if "objective" in values:
-                raise ValueError(f"train_overrides.{method}.objective: the method names its objective; "
-                                 f"set its hyperparameters under hparams.{method}")
-            merged = from_dict(TrainConfig, {**_shallow(self.train), **values}, where=f"train_overrides.{method}")
-            self.train_overrides[method] = {key: getattr(merged, key) for key in values}
-        check_run(self)
-
-
-def _shallow(config) -> dict:
-    return {f.name: to_dict(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
-            else getattr(config, f.name) for f in dataclasses.fields(config)}
-
-
-def load_compare_config(path=None, overrides: list[str] | None = None) -> CompareConfig:
-    return load_config(path, overrides, cls=CompareConfig)
+# Fields that change no finished stage's or cell's result: a resume may change them (more seeds or
+# methods, the display). The base model's evaluation seed, the first seed, is an input of its own.
+DISPLAY = ("out_dir", "seeds", "methods", "keep_checkpoints", "train.progress", "train.trackers", "train.log_every",
+           "rewrite.progress", "rewrite.model_name")
+CORPORA = Path("corpora")
+GENERAL = Path("base") / "general_responses.json"
+TRAIN_SECONDS = "train_seconds.json"
 
 
 def _mean_phi(dataset) -> float:
@@ -148,133 +83,215 @@ def _train_config(config: CompareConfig, method: str, seed: int) -> TrainConfig:
     return dataclasses.replace(config.train, seed=seed, objective=objective, **config.train_overrides.get(method, {}))
 
 
+@dataclass
+class Comparison:
+    """What every stage and cell of a comparison reads: its config, output directory and record, the
+    data, the base model and the one backend."""
+
+    config: CompareConfig
+    run: RunDir
+    manifest: Manifest
+    data: RunData
+    base_path: str
+    base: Any
+    tokenizer: Any
+    backend: Any
+
+    @property
+    def load(self) -> dict:
+        return _load_settings(self.config)
+
+
+def _load_settings(config: CompareConfig) -> dict:
+    return dict(dtype=config.model.dtype, device=process_state().device,
+                trust_remote_code=config.model.trust_remote_code)
+
+
 def run_comparison(config: CompareConfig) -> dict:
     """Run (or resume) every (method, seed) cell; returns the summary (rows, markdown table, paths)."""
-    out = check_writable(config.out_dir)
-    state = process_state()
-    with contextlib.ExitStack() as held:
-        on_main(lambda: held.enter_context(RunLock(out, "comparison")))
-        data = load_data(config.data)
-        on_main(lambda: save_config(config, out / "config.yaml"))
-        manifest = Manifest(out / "manifest.json")
-        base_path = resolve_model_path(config.model.name)
-        load = dict(dtype=config.model.dtype, device=state.device, trust_remote_code=config.model.trust_remote_code)
-        base, tokenizer = load_model(base_path, **load)
-        backend, note = open_backend(config.backend, base, tokenizer, config.backend_options,
-                                     trust_remote_code=config.model.trust_remote_code)
-        manifest.data.update(backend=backend.name, backend_note=note, data_notes=data.notes)
-        manifest.save()
-        corpora = out / "corpora"
-        general_file = out / "base" / "general_responses.json"
-        needed = {METHODS[m][1] for m in config.methods if METHODS[m] is not None}
-
-        def evaluation(model, seed: int, where: Path) -> dict:
-            return evaluate_model(model, tokenizer, data.evals, dataclasses.replace(config.eval, seed=seed),
-                                  backend=backend, base=base, general_file=general_file, out_dir=where)
-
-        def original_corpus():
-            scored = ddt.score(base, tokenizer, data.train, progress=False)
-            if state.is_main_process:
-                save_into(corpora, lambda d: scored.save_to_disk(str(d / "original")))
-            return {"rows": len(scored), "phi_mean": _mean_phi(scored)}
-
-        def hinted_corpus():
-            corpus, stats = rewrite_corpus(base, tokenizer, data.train, run_rewrite_config(config),
-                                           out_dir=corpora / "hinted_shards", backend=backend)
-            if "ddt_phi_mean" not in corpus.column_names:
-                corpus = ddt.score(base, tokenizer, corpus, progress=False)
-            if state.is_main_process:
-                save_into(corpora, lambda d: corpus.save_to_disk(str(d / "hinted")))
-            return {"rows": len(corpus), "phi_mean": _mean_phi(corpus), "sources": source_counts(corpus), "stats": stats}
-
-        def pair_corpus():
-            p = config.pairs
-            sampling = SamplingConfig(temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
-            start = time.perf_counter()
-            pairs, counts = build_pairs(base, tokenizer, data.train, k=p.k, backend=backend, sampling=sampling,
-                                        no_pair=p.no_pair, seed=config.data.seed)
-            if len(pairs) == 0:
-                raise ValueError(f"no preference pairs could be built ({counts}); raise pairs.k or use no_pair=demonstration")
-            sample_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            pairs = add_reference_logps(base, tokenizer, pairs, max_length=config.train.max_length)
-            ref_seconds = time.perf_counter() - start
-            phi = {}
-            for side in ("chosen", "rejected"):
-                scored = ddt.score(base, tokenizer, pairs.select_columns(["prompt", "system", side, f"{side}_truncated"]),
-                                   progress=False, response_column=side)
-                phi[side] = _mean_phi(scored)
-            if state.is_main_process:
-                save_into(corpora, lambda d: pairs.save_to_disk(str(d / "pairs")))
-            return {"rows": len(pairs), "counts": counts, "phi_mean": phi["chosen"], "phi_rejected": phi["rejected"],
-                    "sample_seconds": round(sample_seconds, 2), "ref_logps_seconds": round(ref_seconds, 2)}
-
-        def base_eval():
-            evaluation(base, config.seeds[0], out / "base" / "eval")
-
+    with RunDir(config.out_dir, "comparison") as run:
+        comparison = start(config, run)
         try:
-            manifest.run("base/general", lambda: general_responses(
-                general_file, base, tokenizer, data.general, max_new_tokens=config.eval.forgetting_max_new_tokens,
-                backend=backend))
-            if "base" in config.methods:
-                manifest.run("base/eval", base_eval)
-            manifest.run("corpus/original", original_corpus)
-            if "hinted" in needed:
-                manifest.run("corpus/hinted", hinted_corpus)
-            if "pairs" in needed:
-                manifest.run("corpus/pairs", pair_corpus)
+            build_corpora(comparison)
             for method in config.methods:
-                if METHODS[method] is None:
-                    continue
-                corpus = datasets.load_from_disk(str(corpora / METHODS[method][1]))
-                if METHODS[method][1] != "pairs":
-                    corpus = training_rows(corpus)
-                for seed in config.seeds:
-                    _run_cell(config, method, seed, out / "cells" / method / f"seed_{seed}", base_path, tokenizer,
-                              corpus, backend, evaluation)
+                if METHODS[method] is not None:
+                    run_method(comparison, method)
         finally:
-            backend.close()
+            comparison.backend.close()
         # One summary, written by the main process and returned by every process.
-        return main_decides(summarize(out, config) if state.is_main_process else None)
+        return on_main(partial(summarize, run.path, config))
 
 
-def _run_cell(config, method, seed, cell: Path, base_path, tokenizer, corpus, backend, evaluation) -> None:
-    """Train and evaluate one (method, seed) cell; under N processes the main process decides what
-    is finished, writes, and is waited for at the end, so the next cell reads complete files."""
-    main = process_state().is_main_process
-    if main_decides((cell / "result.json").exists()):
+def start(config: CompareConfig, run: RunDir) -> Comparison:
+    """The data, the base model, the fingerprint (a resume with other inputs is refused before
+    anything is written), config.yaml, the record and the backend."""
+    data = load_data(config.data)
+    base_path = resolve_model_path(config.model.name)
+    base, tokenizer = load_model(base_path, **_load_settings(config))
+    run.check_inputs(compare_inputs(config, data, base_path))
+    on_main(partial(save_config, config, run.file("config.yaml")))
+    manifest = Manifest(run.file("manifest.json"))
+    backend, note = open_backend(config.backend, base, tokenizer, config.backend_options,
+                                 trust_remote_code=config.model.trust_remote_code)
+    manifest.data.update(backend=backend.name, backend_note=note, data_notes=data.notes)
+    manifest.save()
+    return Comparison(config, run, manifest, data, base_path, base, tokenizer, backend)
+
+
+def compare_inputs(config: CompareConfig, data: RunData, base_path: str) -> dict:
+    """What the comparison's results depend on: the config less ``DISPLAY``, the seed the base
+    model is evaluated with, the data and the base model."""
+    return {**config_fingerprint(config, DISPLAY), "base_eval_seed": config.seeds[0], "data": data.digest(),
+            **model_identity(base_path)}
+
+
+def build_corpora(comparison: Comparison) -> None:
+    """The base model's general answers and evaluation, and every training corpus a method needs."""
+    manifest, methods = comparison.manifest, comparison.config.methods
+    manifest.run("base/general", partial(general_answers, comparison))
+    if "base" in methods:
+        manifest.run("base/eval", partial(evaluate_base, comparison))
+    manifest.run("corpus/original", partial(original_corpus, comparison))
+    needed = {METHODS[m][1] for m in methods if METHODS[m] is not None}
+    if "hinted" in needed:
+        manifest.run("corpus/hinted", partial(hinted_corpus, comparison))
+    if "pairs" in needed:
+        manifest.run("corpus/pairs", partial(pair_corpus, comparison))
+
+
+def run_method(comparison: Comparison, method: str) -> None:
+    """Every seed's cell of ``method``, on the method's corpus."""
+    corpus = datasets.load_from_disk(str(comparison.run.file(CORPORA / METHODS[method][1])))
+    if METHODS[method][1] != "pairs":
+        corpus = training_rows(corpus)
+    for seed in comparison.config.seeds:
+        run_cell(comparison, method, seed, corpus)
+
+
+# ---------------------------------------------------------------------------------------------
+# The base model and the corpora
+
+
+def general_answers(comparison: Comparison) -> None:
+    """The base model's greedy answers to the general prompts: the text forgetting is measured on."""
+    c = comparison
+    general_responses(c.run.file(GENERAL), c.base, c.tokenizer, c.data.general,
+                      max_new_tokens=c.config.eval.forgetting_max_new_tokens, backend=c.backend)
+
+
+def evaluation(comparison: Comparison, model, seed: int, folder: Path) -> dict:
+    """``model`` evaluated with sampling seed ``seed``, every answer and the metrics in ``folder``."""
+    c = comparison
+    return evaluate_model(model, c.tokenizer, c.data.evals, dataclasses.replace(c.config.eval, seed=seed),
+                          backend=c.backend, base=c.base, general_file=c.run.file(GENERAL), out_dir=c.run.file(folder))
+
+
+def evaluate_base(comparison: Comparison) -> None:
+    """The base model, evaluated once (with the first seed)."""
+    evaluation(comparison, comparison.base, comparison.config.seeds[0], Path("base") / "eval")
+
+
+def original_corpus(comparison: Comparison) -> dict:
+    """The original demonstrations, DDT-scored under the base model."""
+    c = comparison
+    scored = ddt.score(c.base, c.tokenizer, c.data.train, progress=False)
+    save_dataset(c.run, CORPORA / "original", scored)
+    return {"rows": len(scored), "phi_mean": _mean_phi(scored)}
+
+
+def hinted_corpus(comparison: Comparison) -> dict:
+    """The base model's Hinted-Decoding rewrite of the demonstrations, DDT-scored."""
+    c = comparison
+    corpus, stats = rewrite_corpus(c.base, c.tokenizer, c.data.train, run_rewrite_config(c.config),
+                                   out_dir=c.run.file(CORPORA / "hinted_shards"), backend=c.backend)
+    if "ddt_phi_mean" not in corpus.column_names:
+        corpus = ddt.score(c.base, c.tokenizer, corpus, progress=False)
+    save_dataset(c.run, CORPORA / "hinted", corpus)
+    return {"rows": len(corpus), "phi_mean": _mean_phi(corpus), "sources": source_counts(corpus), "stats": stats}
+
+
+def pair_corpus(comparison: Comparison) -> dict:
+    """Preference pairs from k base-model samples per prompt, with the reference log-probs cached and
+    both sides DDT-scored for the report."""
+    c, p = comparison, comparison.config.pairs
+    sampling = SamplingConfig(temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
+    start = time.perf_counter()
+    pairs, counts = build_pairs(c.base, c.tokenizer, c.data.train, k=p.k, backend=c.backend, sampling=sampling,
+                                no_pair=p.no_pair, seed=c.config.data.seed)
+    if len(pairs) == 0:
+        raise ValueError(f"no preference pairs could be built ({counts}); raise pairs.k or use no_pair=demonstration")
+    sample_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    pairs = add_reference_logps(c.base, c.tokenizer, pairs, max_length=c.config.train.max_length)
+    ref_seconds = time.perf_counter() - start
+    phi = {}
+    for side in ("chosen", "rejected"):
+        scored = ddt.score(c.base, c.tokenizer, pairs.select_columns(["prompt", "system", side, f"{side}_truncated"]),
+                           progress=False, response_column=side)
+        phi[side] = _mean_phi(scored)
+    save_dataset(c.run, CORPORA / "pairs", pairs)
+    return {"rows": len(pairs), "counts": counts, "phi_mean": phi["chosen"], "phi_rejected": phi["rejected"],
+            "sample_seconds": round(sample_seconds, 2), "ref_logps_seconds": round(ref_seconds, 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cells
+
+
+def run_cell(comparison: Comparison, method: str, seed: int, corpus) -> None:
+    """Train and evaluate one (method, seed) cell unless it finished; under N processes the main
+    process decides what is finished and writes, and is waited for after each step, so the next
+    step reads complete files."""
+    cell = Path("cells") / method / f"seed_{seed}"
+    if comparison.run.exists(cell / "result.json"):
         logger.info("%s seed %d: finished earlier, skipping", method, seed)
         return
-    load = dict(dtype=config.model.dtype, device=process_state().device, trust_remote_code=config.model.trust_remote_code)
-    checkpoint = cell / "checkpoint"
-    timing_file = cell / "train_seconds.json"
-    trained = main_decides((checkpoint / DONE_FILE).exists() and timing_file.exists()
-                           and any(checkpoint.glob("*.safetensors")))
-    if not trained:
-        logger.info("%s seed %d: training on %d rows", method, seed, len(corpus))
-        train_config = _train_config(config, method, seed)
-        trainee, _ = load_model(base_path, **load)
-        start = time.perf_counter()
-        train(trainee, tokenizer, corpus, train_config, out_dir=checkpoint,
-              teacher=_teacher(train_config, base_path, load))
-        seconds = time.perf_counter() - start
-        if main:
-            write_json(timing_file, {"seconds": seconds})
-        del trainee
-        in_step()
-    tuned, _ = load_model(str(checkpoint), **load)
-    backend.update_weights(tuned)
+    if not _trained(comparison.run, cell):
+        train_cell(comparison, method, seed, corpus, cell)
+    evaluate_cell(comparison, method, seed, corpus, cell)
+
+
+def _trained(run: RunDir, cell: Path) -> bool:
+    """Whether the cell's training finished with its weights and its time still there."""
+    checkpoint = run.file(cell / "checkpoint")
+    return main_decides((checkpoint / DONE_FILE).exists() and run.file(cell / TRAIN_SECONDS).exists()
+                        and any(checkpoint.glob("*.safetensors")))
+
+
+def train_cell(comparison: Comparison, method: str, seed: int, corpus, cell: Path) -> None:
+    """The base model trained with the method's objective and the cell's seed; its time recorded."""
+    c = comparison
+    logger.info("%s seed %d: training on %d rows", method, seed, len(corpus))
+    train_config = _train_config(c.config, method, seed)
+    trainee, _ = load_model(c.base_path, **c.load)
     start = time.perf_counter()
-    metrics = evaluation(tuned, seed, cell / "eval")
-    if main:
-        result = {"method": method, "seed": seed, "metrics": metrics, "train_rows": len(corpus),
-                  "train_seconds": read_json(timing_file)["seconds"], "eval_seconds": time.perf_counter() - start,
-                  "processes": process_state().num_processes}
-        write_json(cell / "result.json", result)
-        if not config.keep_checkpoints:
-            for weights in checkpoint.glob("*.safetensors"):
-                weights.unlink()
+    train(trainee, c.tokenizer, corpus, train_config, out_dir=c.run.file(cell / "checkpoint"),
+          teacher=_teacher(train_config, c.base_path, c.load))
+    c.run.write_json(cell / TRAIN_SECONDS, {"seconds": time.perf_counter() - start})
     in_step()
+
+
+def evaluate_cell(comparison: Comparison, method: str, seed: int, corpus, cell: Path) -> None:
+    """The trained cell evaluated, its result written (which marks it finished) and, unless the
+    config keeps them, its weights deleted."""
+    c = comparison
+    checkpoint = c.run.file(cell / "checkpoint")
+    tuned, _ = load_model(str(checkpoint), **c.load)
+    c.backend.update_weights(tuned)
+    start = time.perf_counter()
+    metrics = evaluation(c, tuned, seed, cell / "eval")
+    c.run.write_json(cell / "result.json", {
+        "method": method, "seed": seed, "metrics": metrics, "train_rows": len(corpus),
+        "train_seconds": c.run.read_json(cell / TRAIN_SECONDS)["seconds"], "eval_seconds": time.perf_counter() - start,
+        "processes": process_state().num_processes})
+    if not c.config.keep_checkpoints:
+        on_main(partial(_drop_weights, checkpoint))
+    in_step()
+
+
+def _drop_weights(checkpoint: Path) -> None:
+    for weights in checkpoint.glob("*.safetensors"):
+        weights.unlink()
 
 
 def _teacher(train_config: TrainConfig, base_path: str, load: dict):

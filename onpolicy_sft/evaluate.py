@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from decoding import make_backend
 from decoding.config import SamplingConfig
@@ -28,9 +29,11 @@ from onpolicy_sft.encoding import collate, encode_prompt, encode_row_prompt
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.models import decoder_hidden_states, lm_head_weight
 from onpolicy_sft.ops import IGNORE_INDEX, Source, softmax_chunks
-from onpolicy_sft.run import RunDir, map_shards, map_shares
+from onpolicy_sft.run import RunDir, is_main, map_shards, map_shares
+from onpolicy_sft.rundir import read_json, write_json
 
 logger = logging.getLogger(__name__)
+
 
 def row_seeds(seed: int, rows: list[int], total: int, n: int) -> list[int]:
     """The first stream seed of each of ``rows`` (indices into all ``total`` prompts), ``n`` samples a
@@ -224,3 +227,36 @@ def forgetting(
     prompt_mean, se = mean_and_se(per_prompt)
     return {"kl": sum(total for total, _ in per_row) / max(1, count), "kl_prompt_mean": prompt_mean, "kl_se": se,
             "n_prompts": len(per_prompt), "n_tokens": count, **mapped.record()}
+
+
+
+# ---------------------------------------------------------------------------------------------
+# A model of a recipe evaluated
+
+
+def general_responses(path: Path, base, tokenizer, prompts: list[str], *, max_new_tokens: int, backend) -> None:
+    """The base model's greedy answers to the general prompts: the text forgetting is measured on."""
+    responses = base_responses(base, tokenizer, prompts, max_new_tokens=max_new_tokens, backend=backend)
+    if is_main():
+        write_json(path, {"prompts": prompts, "responses": responses})
+
+
+def evaluate_model(model, tokenizer, evals: dict, config: EvalConfig, *, backend, base, general_file: Path,
+                   out_dir: Path | None = None, progress: bool = True) -> dict:
+    """Accuracy on every evaluation set and forgetting against ``base`` (on its saved general answers);
+    with ``out_dir``, every answer and metrics.json are written there (by the main process)."""
+    metrics = {}
+    main = is_main()
+    with tqdm(total=len(evals) + 1, desc="evaluate", unit="set", disable=not (progress and main), leave=False) as bar:
+        for name, ds in evals.items():
+            bar.set_postfix_str(name)
+            metrics[name] = evaluate(model, tokenizer, ds, config, backend=backend,
+                                     out_dir=out_dir / name if out_dir else None)
+            bar.update()
+        bar.set_postfix_str("forgetting")
+        saved = read_json(general_file)
+        metrics["forgetting"] = forgetting(base, model, tokenizer, saved["prompts"], responses=saved["responses"])
+        bar.update()
+    if out_dir is not None and main:
+        write_json(out_dir / "metrics.json", metrics)
+    return metrics

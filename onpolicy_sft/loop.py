@@ -28,18 +28,23 @@ for the whole loop: it sleeps while a model trains (vLLM's sleep mode frees the 
 there is none) and is woken with the next stage's weights in place (``Backend.wake_up``), which
 experiments/benchmarks/vllm_weight_swap.py measured to be far cheaper than a new engine.
 
+Each stage is a plain function of what the loop shares (``Loop``) and of an arm's round (``Arm``);
+``run_rounds`` and ``run_arm`` run them in order through the record (``manifest.Manifest``).
+
 Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) every process runs every stage with
 its own model and backend on its own device, each stage splitting its rows across the processes,
 and every process returns what one process would have; only the main process takes the lock and
-writes (onpolicy_sft/stages.py). manifest.json records how many processes ran each stage.
+writes (onpolicy_sft/run.py). manifest.json records how many processes ran each stage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -47,15 +52,19 @@ import torch
 from onpolicy_sft import ddt, ddt_report
 from onpolicy_sft.config import LoopConfig, run_rewrite_config
 from onpolicy_sft.config_io import save_config, to_dict
-from onpolicy_sft.run import process_state
+from onpolicy_sft.console import say
+from onpolicy_sft.evaluate import evaluate_model, general_responses
+from onpolicy_sft.fingerprint import config_fingerprint, model_identity
+from onpolicy_sft.manifest import Manifest
 from onpolicy_sft.models import load_model, resolve_model_path
 from onpolicy_sft.rewrite import rewrite_corpus
 from onpolicy_sft.rewrite_config import without_added_defaults
-from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, read_json, save_into, write_json, write_text
-from onpolicy_sft.stages import (Manifest, Served, config_fingerprint, evaluate_model, general_responses,
-                                 load_data, main_decides, markdown_table, model_identity, num, on_main, open_backend,
-                                 SOURCES, phi_by_source, plot_histograms, plot_lines, pm, say, source_counts,
-                                 training_rows)
+from onpolicy_sft.report import (SOURCES, markdown_table, num, phi_by_source, plot_histograms, plot_lines, pm,
+                                 source_counts)
+from onpolicy_sft.run import RunDir, is_main, on_main, process_state, save_dataset
+from onpolicy_sft.run_data import RunData, load_data, training_rows
+from onpolicy_sft.rundir import read_json, write_json, write_text
+from onpolicy_sft.serving import Served, open_backend
 from onpolicy_sft.train import Blocks, train
 
 ARMS = ("onpolicy", "baseline")
@@ -64,141 +73,209 @@ STAGES = ("rewrite", "ddt", "train", "eval")
 # switched on, the display).
 DISPLAY = ("out_dir", "rounds", "eval_base", "baseline.enabled", "train.progress", "train.trackers", "train.log_every",
            "rewrite.progress", "rewrite.model_name")
+GENERAL = Path("base") / "general_responses.json"
+
+
+@dataclass
+class Loop:
+    """What every stage of a loop reads: its config, output directory and record, the data, the
+    starting model M_0 and the one backend with the weights it serves."""
+
+    config: LoopConfig
+    run: RunDir
+    manifest: Manifest
+    data: RunData
+    base_path: str
+    base: Any
+    tokenizer: Any
+    backend: Any
+    served: Served
+
+    @property
+    def load(self) -> dict:
+        return _load_settings(self.config)
+
+
+@dataclass
+class Arm:
+    """One arm's round: its model M_{r−1} (``model``, saved at ``path``) and where the round goes."""
+
+    round: int
+    name: str
+    model: Any
+    path: str
+
+    @property
+    def stage(self) -> str:
+        return f"round_{self.round}/{self.name}"
+
+    @property
+    def folder(self) -> Path:
+        """The round's folder, relative to the output directory."""
+        return Path(self.stage)
+
+    @property
+    def weights(self) -> str:
+        """Which weights M_{r−1} is to the backend: M_0, or the arm's previous round."""
+        return "base" if self.round == 1 else f"{self.name}/{self.round - 1}"
+
+
+def _load_settings(config: LoopConfig) -> dict:
+    return dict(dtype=config.model.dtype, device=process_state().device,
+                trust_remote_code=config.model.trust_remote_code)
 
 
 def run_loop(config: LoopConfig) -> dict:
     """Run (or resume) the loop and its baseline; returns the summary (rows per round and arm, table)."""
-    out = check_writable(config.out_dir)
-    state = process_state()
-    with contextlib.ExitStack() as held:
-        on_main(lambda: held.enter_context(RunLock(out, "loop")))
-        data = load_data(config.data)
-        base_path = resolve_model_path(config.model.name)
-        # Loaded before the fingerprint is recorded, so a missing model is not recorded as the run's.
-        base, tokenizer = load_model(base_path, dtype=config.model.dtype, device=state.device,
-                                     trust_remote_code=config.model.trust_remote_code)
-        # Rewrite settings added later count only when set, so runs recorded before them still resume.
-        settings = without_added_defaults(config_fingerprint(config, DISPLAY), prefix="rewrite.")
-        if not config.online.enabled:  # off, it is no input: runs recorded before online mode still resume
-            settings = {k: v for k, v in settings.items() if not k.startswith("online.")}
-        inputs = {**settings, "data": data.digest(), **model_identity(base_path)}
-
-        def record_inputs():
-            check_fingerprint(out / "fingerprint.json", inputs, "loop")
-            save_config(config, out / "config.yaml")
-
-        on_main(record_inputs)
-        manifest = Manifest(out / "manifest.json")
-        manifest.data.update(config=to_dict(config), data_notes=data.notes)
-        for note in data.notes:
-            say(note)
-        _run(config, out, manifest, data, base_path, base, tokenizer)
+    with RunDir(config.out_dir, "loop") as run:
+        loop = start(config, run)
+        try:
+            run_rounds(loop)
+        finally:
+            loop.backend.close()
         # One summary, written by the main process and returned by every process.
-        return main_decides(summarize_loop(out, config, manifest) if state.is_main_process else None)
+        return on_main(partial(summarize_loop, run.path, config, loop.manifest))
 
 
-def _run(config: LoopConfig, out: Path, manifest: Manifest, data, base_path: str, base, tokenizer) -> None:
-    state = process_state()
-    load = dict(dtype=config.model.dtype, device=state.device, trust_remote_code=config.model.trust_remote_code)
+def start(config: LoopConfig, run: RunDir) -> Loop:
+    """The data, M_0, the fingerprint (a resume with other inputs is refused before anything is
+    written), config.yaml, the record and the backend."""
+    data = load_data(config.data)
+    base_path = resolve_model_path(config.model.name)
+    # Loaded before the fingerprint is recorded, so a missing model is not recorded as the run's.
+    base, tokenizer = load_model(base_path, **_load_settings(config))
+    run.check_inputs(loop_inputs(config, data, base_path))
+    on_main(partial(save_config, config, run.file("config.yaml")))
+    manifest = Manifest(run.file("manifest.json"))
+    manifest.data.update(config=to_dict(config), data_notes=data.notes)
+    for note in data.notes:
+        say(note)
     backend, note = open_backend(config.backend, base, tokenizer, config.backend_options,
                                  trust_remote_code=config.model.trust_remote_code)
     manifest.data.update(backend=backend.name, backend_note=note)
     manifest.save()
-    served = Served(backend, "base", manifest)
-    general_file = out / "base" / "general_responses.json"
+    return Loop(config, run, manifest, data, base_path, base, tokenizer, backend, Served(backend, "base", manifest))
+
+
+def loop_inputs(config: LoopConfig, data: RunData, base_path: str) -> dict:
+    """What the loop's results depend on: the config less ``DISPLAY``, the data and M_0."""
+    # Rewrite settings added later count only when set, so runs recorded before them still resume.
+    settings = without_added_defaults(config_fingerprint(config, DISPLAY), prefix="rewrite.")
+    if not config.online.enabled:  # off, it is no input: runs recorded before online mode still resume
+        settings = {k: v for k, v in settings.items() if not k.startswith("online.")}
+    return {**settings, "data": data.digest(), **model_identity(base_path)}
+
+
+def run_rounds(loop: Loop) -> None:
+    """M_0's general answers (and its evaluation), then round after round every arm, each from its
+    own model of the round before."""
+    manifest, config = loop.manifest, loop.config
+    manifest.run("base/general", partial(general_answers, loop))
+    if config.eval_base:
+        manifest.run("round_0/eval", partial(evaluate_stage, loop, "base", loop.base, Path("round_0") / "eval"))
     arms = ARMS if config.baseline.enabled else ARMS[:1]
-    objectives = {"onpolicy": config.train.objective, "baseline": config.baseline.objective}
-
-    def evaluation(key: str, model, folder: Path):
-        def run():
-            served.ensure(key, model, str(folder))
-            evaluate_model(model, tokenizer, data.evals, config.eval, backend=backend, base=base,
-                           general_file=general_file, out_dir=folder)
-        return run
-
-    try:
-        manifest.run("base/general", lambda: general_responses(
-            general_file, base, tokenizer, data.general, max_new_tokens=config.eval.forgetting_max_new_tokens,
-            backend=backend))
-        if config.eval_base:
-            manifest.run("round_0/eval", evaluation("base", base, out / "round_0" / "eval"))
-        current = {arm: (base, base_path) for arm in arms}
-        for r in range(1, config.rounds + 1):
-            for arm in arms:
-                model, path = current[arm]
-                folder = out / f"round_{r}" / arm
-                corpus_dir, ddt_dir, ckpt_dir = folder / "corpus", folder / "ddt", folder / "checkpoint"
-                name = f"round_{r}/{arm}"
-
-                def rewrite():
-                    served.ensure("base" if r == 1 else f"{arm}/{r - 1}", model, f"{name}/rewrite")
-                    corpus, stats = rewrite_corpus(model, tokenizer, data.train, run_rewrite_config(config),
-                                                   out_dir=corpus_dir, backend=backend)
-                    if len(corpus) == 0:
-                        raise RuntimeError(f"round {r}: the rewrite kept no rows (fallback 'drop' and nothing verified)")
-                    if state.is_main_process:
-                        save_into(corpus_dir, lambda d: corpus.save_to_disk(str(d / "dataset")))
-                    return {"rows": len(corpus), "sources": source_counts(corpus), "stats": stats}
-
-                def score():
-                    if arm == "onpolicy":
-                        corpus = datasets.load_from_disk(str(corpus_dir / "dataset"))
-                        scored = corpus if "ddt_phi_mean" in corpus.column_names else ddt.score(
-                            model, tokenizer, corpus, progress=False)
-                        original = _original_scores(model, tokenizer, data.train, scored)
-                        corpora = {"rewritten": scored, "original": original}
-                    else:
-                        scored = ddt.score(model, tokenizer, data.train)
-                        corpora = {"original": scored}
-                    summary = {label: ddt.summarize(ds) for label, ds in corpora.items()}
-                    if state.is_main_process:
-                        save_into(ddt_dir, lambda d: scored.save_to_disk(str(d / "dataset")))
-                        ddt_report.write_report(ddt_dir, corpora)
-                        write_json(ddt_dir / "summary.json", summary)
-                    return {"training_corpus": phi_by_source(scored),
-                            "phi_original": summary["original"]["phi_mean"]}
-
-                def fit():
-                    served.sleep()
-                    trainee, _ = load_model(path, **load)
-                    corpus = training_rows(datasets.load_from_disk(str(ddt_dir / "dataset")))
-                    train_config = dataclasses.replace(config.train, objective=objectives[arm])
-                    train(trainee, tokenizer, corpus, train_config, out_dir=ckpt_dir)
-                    return {"from": str(path), "objective": objectives[arm].name, "rows": len(corpus)}
-
-                if arm == "onpolicy" and config.online.enabled:
-                    # Online: the rewrite happens inside training, block by block; the blocks then make
-                    # the round's corpus, scored and reported as an offline round's.
-                    manifest.run(f"{name}/train", lambda: train_online(
-                        config, path, load, tokenizer, data.train, served, backend, folder))
-                    manifest.run(f"{name}/rewrite", lambda: collect_blocks(folder / "corpus"))
-                    manifest.run(f"{name}/ddt", score)
-                else:
-                    if arm == "onpolicy":
-                        manifest.run(f"{name}/rewrite", rewrite)
-                    manifest.run(f"{name}/ddt", score)
-                    manifest.run(f"{name}/train", fit)
-                tuned, _ = load_model(str(ckpt_dir), **load)
-                manifest.run(f"{name}/eval", evaluation(f"{arm}/{r}", tuned, folder / "eval"))
-                current[arm] = (tuned, str(ckpt_dir))
-    finally:
-        backend.close()
+    current = {arm: (loop.base, loop.base_path) for arm in arms}
+    for r in range(1, config.rounds + 1):
+        for name in arms:
+            current[name] = run_arm(loop, Arm(r, name, *current[name]))
 
 
-def train_online(config: LoopConfig, path: str, load: dict, tokenizer, corpus, served: Served, backend,
-                 folder: Path) -> dict:
-    """The on-policy arm's training in online mode (``OnlineConfig``): from the checkpoint at
-    ``path``, one run over the round's steps and schedule whose every block of steps_per_rewrite
-    steps trains on rows that the weights of the block's first step rewrote (``BlockRewriter``)."""
-    served.sleep()
-    trainee, _ = load_model(path, **load)
-    rewriter = BlockRewriter(corpus, config, tokenizer, served, backend, folder / "corpus" / "blocks")
-    blocks = Blocks(steps=config.online.steps_per_rewrite, rows=rewriter,
+def run_arm(loop: Loop, arm: Arm) -> tuple[Any, str]:
+    """One arm's round, stage by stage; returns its trained model M_r and where it is saved."""
+    manifest = loop.manifest
+    if arm.name == "onpolicy" and loop.config.online.enabled:
+        # Online: the rewrite happens inside training, block by block; the blocks then make the
+        # round's corpus, scored and reported as an offline round's.
+        manifest.run(f"{arm.stage}/train", partial(train_online, loop, arm))
+        manifest.run(f"{arm.stage}/rewrite", partial(collect_blocks, loop.run, arm.folder / "corpus"))
+        manifest.run(f"{arm.stage}/ddt", partial(score, loop, arm))
+    else:
+        if arm.name == "onpolicy":
+            manifest.run(f"{arm.stage}/rewrite", partial(rewrite, loop, arm))
+        manifest.run(f"{arm.stage}/ddt", partial(score, loop, arm))
+        manifest.run(f"{arm.stage}/train", partial(fit, loop, arm))
+    checkpoint = loop.run.file(arm.folder / "checkpoint")
+    tuned, _ = load_model(str(checkpoint), **loop.load)
+    evaluation = partial(evaluate_stage, loop, f"{arm.name}/{arm.round}", tuned, arm.folder / "eval")
+    manifest.run(f"{arm.stage}/eval", evaluation)
+    return tuned, str(checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+def general_answers(loop: Loop) -> None:
+    """M_0's greedy answers to the general prompts: the text forgetting is measured on."""
+    general_responses(loop.run.file(GENERAL), loop.base, loop.tokenizer, loop.data.general,
+                      max_new_tokens=loop.config.eval.forgetting_max_new_tokens, backend=loop.backend)
+
+
+def evaluate_stage(loop: Loop, weights: str, model, folder: Path) -> None:
+    """``model`` (to the backend: ``weights``) evaluated, every answer and the metrics in ``folder``."""
+    out_dir = loop.run.file(folder)
+    loop.served.ensure(weights, model, str(out_dir))
+    evaluate_model(model, loop.tokenizer, loop.data.evals, loop.config.eval, backend=loop.backend, base=loop.base,
+                   general_file=loop.run.file(GENERAL), out_dir=out_dir)
+
+
+def rewrite(loop: Loop, arm: Arm) -> dict:
+    """The on-policy arm's corpus: M_{r−1} rewrites the original demonstrations with Hinted Decoding."""
+    corpus_dir = arm.folder / "corpus"
+    loop.served.ensure(arm.weights, arm.model, f"{arm.stage}/rewrite")
+    corpus, stats = rewrite_corpus(arm.model, loop.tokenizer, loop.data.train, run_rewrite_config(loop.config),
+                                   out_dir=loop.run.file(corpus_dir), backend=loop.backend)
+    if len(corpus) == 0:
+        raise RuntimeError(f"round {arm.round}: the rewrite kept no rows (fallback 'drop' and nothing verified)")
+    save_dataset(loop.run, corpus_dir / "dataset", corpus)
+    return {"rows": len(corpus), "sources": source_counts(corpus), "stats": stats}
+
+
+def score(loop: Loop, arm: Arm) -> dict:
+    """The arm's training corpus DDT-scored under M_{r−1}: the on-policy arm's rewrite beside the
+    original demonstrations, the baseline's original demonstrations; with the report."""
+    model, tokenizer = arm.model, loop.tokenizer
+    if arm.name == "onpolicy":
+        corpus = datasets.load_from_disk(str(loop.run.file(arm.folder / "corpus" / "dataset")))
+        scored = corpus if "ddt_phi_mean" in corpus.column_names else ddt.score(
+            model, tokenizer, corpus, progress=False)
+        corpora = {"rewritten": scored, "original": _original_scores(model, tokenizer, loop.data.train, scored)}
+    else:
+        scored = ddt.score(model, tokenizer, loop.data.train)
+        corpora = {"original": scored}
+    summary = {label: ddt.summarize(ds) for label, ds in corpora.items()}
+    ddt_dir = arm.folder / "ddt"
+    save_dataset(loop.run, ddt_dir / "dataset", scored)
+    on_main(partial(ddt_report.write_report, loop.run.file(ddt_dir), corpora))
+    loop.run.write_json(ddt_dir / "summary.json", summary)
+    return {"training_corpus": phi_by_source(scored), "phi_original": summary["original"]["phi_mean"]}
+
+
+def fit(loop: Loop, arm: Arm) -> dict:
+    """M_{r−1} trained into M_r on the scored corpus, with the arm's objective and the shared settings."""
+    loop.served.sleep()
+    trainee, _ = load_model(arm.path, **loop.load)
+    corpus = training_rows(datasets.load_from_disk(str(loop.run.file(arm.folder / "ddt" / "dataset"))))
+    objective = loop.config.train.objective if arm.name == "onpolicy" else loop.config.baseline.objective
+    train(trainee, loop.tokenizer, corpus, dataclasses.replace(loop.config.train, objective=objective),
+          out_dir=loop.run.file(arm.folder / "checkpoint"))
+    return {"from": str(arm.path), "objective": objective.name, "rows": len(corpus)}
+
+
+def train_online(loop: Loop, arm: Arm) -> dict:
+    """The on-policy arm's training in online mode (``OnlineConfig``): from M_{r−1}, one run over the
+    round's steps and schedule whose every block of steps_per_rewrite steps trains on rows that the
+    weights of the block's first step rewrote (``BlockRewriter``)."""
+    config, corpus = loop.config, loop.data.train
+    loop.served.sleep()
+    trainee, _ = load_model(arm.path, **loop.load)
+    blocks = Blocks(steps=config.online.steps_per_rewrite, rows=BlockRewriter(loop, arm.folder / "corpus" / "blocks"),
                     settings={"online.rows_per_rewrite": config.online.rows_per_rewrite,
                               "rewrite": run_rewrite_config(config).fingerprint()})
     # ``corpus`` sizes the run as an offline round on it would be: the same steps and schedule.
-    train(trainee, tokenizer, training_rows(corpus), config.train, out_dir=folder / "checkpoint", blocks=blocks)
-    return {"from": str(path), "objective": config.train.objective.name, "rows": len(corpus),
+    train(trainee, loop.tokenizer, training_rows(corpus), config.train,
+          out_dir=loop.run.file(arm.folder / "checkpoint"), blocks=blocks)
+    return {"from": str(arm.path), "objective": config.train.objective.name, "rows": len(corpus),
             "online": dataclasses.asdict(config.online)}
 
 
@@ -209,19 +286,18 @@ class BlockRewriter:
     seconds of the weight sync and of the rewrite) and read back on a resume, since the weights of a
     resumed run may be past the block's first step. Nothing else is written while training runs."""
 
-    def __init__(self, corpus, config: LoopConfig, tokenizer, served: Served, backend, folder: Path):
-        self.corpus, self.config, self.tokenizer = corpus, config, tokenizer
-        self.served, self.backend, self.folder = served, backend, folder
+    def __init__(self, loop: Loop, folder: Path):
+        self.loop, self.folder = loop, folder
 
     def rows_of(self, index: int) -> list[int]:
-        n = len(self.corpus)
-        size = min(self.config.online.rows_per_rewrite, n)
+        n = len(self.loop.data.train)
+        size = min(self.loop.config.online.rows_per_rewrite, n)
         return [(index * size + i) % n for i in range(size)]
 
     def __call__(self, index: int, model):
-        block_dir = self.folder / f"block_{index:04d}"
-        if main_decides((block_dir / "dataset").exists()):
-            return training_rows(datasets.load_from_disk(str(block_dir / "dataset")))
+        run, block = self.loop.run, self.folder / f"block_{index:04d}"
+        if run.exists(block / "dataset"):
+            return training_rows(datasets.load_from_disk(str(run.file(block / "dataset"))))
         model.eval()  # no dropout in the rewrite; training goes on in training mode
         try:
             # Its own RNG streams: training draws the same whether a block is rewritten or read back.
@@ -231,30 +307,29 @@ class BlockRewriter:
             model.train()
         if len(corpus) == 0:
             raise RuntimeError(f"online block {index}: the rewrite kept no rows (fallback 'drop' and nothing verified)")
-        if process_state().is_main_process:
-            write_json(block_dir / "stats.json", stats)
-            save_into(block_dir, lambda d: corpus.save_to_disk(str(d / "dataset")))
+        run.write_json(block / "stats.json", stats)
+        save_dataset(run, block / "dataset", corpus)
         return training_rows(corpus)
 
     def _rewrite(self, index: int, model):
+        loop, where = self.loop, self.loop.run.file(self.folder)
         start = time.perf_counter()
-        self.served.ensure(f"online/{self.folder}/{index}", model, f"{self.folder}/block_{index}")
+        loop.served.ensure(f"online/{where}/{index}", model, f"{where}/block_{index}")
         synced = time.perf_counter()
-        corpus, stats = rewrite_corpus(model, self.tokenizer, self.corpus.select(self.rows_of(index)),
-                                       run_rewrite_config(self.config), backend=self.backend)
-        self.served.sleep()  # the accelerator goes back to the trainer
+        corpus, stats = rewrite_corpus(model, loop.tokenizer, loop.data.train.select(self.rows_of(index)),
+                                       run_rewrite_config(loop.config), backend=loop.backend)
+        loop.served.sleep()  # the accelerator goes back to the trainer
         stats["seconds_sync"], stats["seconds_rewrite"] = synced - start, time.perf_counter() - synced
         return corpus, stats
 
 
-def collect_blocks(corpus_dir: Path) -> dict:
+def collect_blocks(run: RunDir, corpus_dir: Path) -> dict:
     """The round's corpus in online mode: every block's rows in order, saved as an offline round's
     corpus; with the sources and the mean seconds per block of the weight sync and of the rewrite."""
-    folders = sorted((corpus_dir / "blocks").glob("block_*"))
+    folders = sorted(run.file(corpus_dir / "blocks").glob("block_*"))
     corpus = datasets.concatenate_datasets([datasets.load_from_disk(str(f / "dataset")) for f in folders])
     stats = [read_json(f / "stats.json") for f in folders]
-    if process_state().is_main_process:
-        save_into(corpus_dir, lambda d: corpus.save_to_disk(str(d / "dataset")))
+    save_dataset(run, corpus_dir / "dataset", corpus)
     online = {"blocks": len(folders), "rows_per_block": [s["rows"] for s in stats]}
     for key in ("seconds_sync", "seconds_rewrite"):
         online[f"mean_{key}"] = sum(s[key] for s in stats) / len(stats)
@@ -374,7 +449,7 @@ def _plot_phi(out: Path, config: LoopConfig, path: Path) -> Path | None:
 
 def print_summary(summary: dict) -> None:
     """The end of a run on the console: notes, the table, where everything is."""
-    if not process_state().is_main_process:
+    if not is_main():
         return
     if summary.get("backend_note"):
         say(summary["backend_note"])

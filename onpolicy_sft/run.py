@@ -34,7 +34,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, read_json, write_json, write_text
+from onpolicy_sft.rundir import RunLock, check_fingerprint, check_writable, read_json, save_into, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -280,3 +280,12 @@ def _show_round(bar, totals: Counter, done: list, state: PartialState, postfix: 
         totals.update(counts)
     if totals:
         bar.set_postfix(postfix(totals))
+
+
+def save_dataset(run: RunDir, name: str | Path, dataset) -> None:
+    """``dataset`` saved (``save_to_disk``) as ``name`` in ``run``'s directory by the main process,
+    staged in a new folder and moved into place (``rundir.save_into``), so no link planted there is
+    followed; nothing without a directory."""
+    if run.path is not None and is_main():
+        target = run.path / name
+        save_into(target.parent, lambda staging: dataset.save_to_disk(str(staging / target.name)))

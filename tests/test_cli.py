@@ -18,8 +18,9 @@ import transformers.utils.logging as transformers_logging
 from onpolicy_sft.cli import main
 from onpolicy_sft.config import DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from onpolicy_sft.config_io import save_config
-from onpolicy_sft import stages
-from onpolicy_sft.stages import load_data, route_logs
+from onpolicy_sft import console as run_console
+from onpolicy_sft.console import native_output_to_log, route_logs
+from onpolicy_sft.run_data import load_data
 from tiny import SHORT_EXEMPLAR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,7 +198,7 @@ def restore_logging():
         handler.close()
     root.setLevel(before[1])
     logging.captureWarnings(False)
-    stages._quiet_log.clear()
+    run_console._quiet_log.clear()
 
 
 def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capfd, restore_logging):
@@ -220,7 +221,7 @@ def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capfd, rest
     assert not logging.getLogger("datasets").handlers and not logging.getLogger("transformers").handlers
     assert all(text not in console for _, text in chatter) and "deprecation" not in console
     assert "a warning of ours" in console and "an engine error" in console
-    with stages._native_output_to_log():  # what C++ code writes at vLLM's engine start
+    with native_output_to_log():  # what C++ code writes at vLLM's engine start
         os.write(2, b"Warning: NUMA binding from native code\n")
     assert "NUMA binding" not in capfd.readouterr().err
     log = (tmp_path / "run.log").read_text()

@@ -1,4 +1,5 @@
-"""The comparison runner end to end on a tiny model (one seed), its resumption per cell, configs and CLI."""
+"""The comparison runner end to end on a tiny model (one seed), its resumption per cell, its refusal of
+changed inputs, configs and CLI."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from onpolicy_sft import cli, compare
-from onpolicy_sft.compare import (METHODS, CompareConfig, PairsConfig, _answered, load_compare_config, run_comparison,
-                                  score_columns)
+from onpolicy_sft.compare import _answered, run_comparison, score_columns
+from onpolicy_sft.compare_config import METHODS, CompareConfig, PairsConfig
 from onpolicy_sft.grading import extract_answer
-from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from onpolicy_sft.config import DataConfig, EvalConfig, ModelConfig, TrainConfig, load_config
+from onpolicy_sft.rundir import InputsChanged
 from tiny import SHORT_EXEMPLAR
 
 REPO = Path(__file__).parent.parent
@@ -103,9 +105,26 @@ def test_comparison_resumes_per_cell(finished, tiny_dir, monkeypatch):
     assert [r["method"] for r in third["rows"]] == list(METHODS)
 
 
+def test_rerun_with_other_inputs_is_refused_naming_them(finished, tiny_dir, monkeypatch):
+    out, _ = finished
+    kept = {name: (out / name).read_text() for name in ("config.yaml", "manifest.json", "results.json")}
+    config = _config(tiny_dir, out)
+    config.train.lr = 1e-4
+    config.data.n_train = 3
+    with pytest.raises(InputsChanged, match=r"train\.lr: was 0\.001, now 0\.0001") as err:
+        run_comparison(config)
+    assert "data.n_train: was 4, now 3" in str(err.value)
+    assert {name: (out / name).read_text() for name in kept} == kept  # refused before writing anything
+
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("a finished cell was trained again"))
+    more = _config(tiny_dir, out)
+    more.train.progress = True  # display only: the same inputs, so the run resumes
+    assert run_comparison(more)["table"] == json.loads(kept["results.json"])["table"]
+
+
 @pytest.mark.parametrize("name", ["compare_cpu", "compare_gpu_qwen25math15b"])
 def test_configs_load_and_cover_every_method_with_three_seeds(name):
-    config = load_compare_config(REPO / "experiments" / "configs" / f"{name}.yaml")
+    config = load_config(REPO / "experiments" / "configs" / f"{name}.yaml", cls=CompareConfig)
     assert config.methods == list(METHODS) and len(config.seeds) >= 3
     assert set(config.hparams) <= set(METHODS)
     if name == "compare_cpu":
@@ -120,7 +139,7 @@ def test_unknown_methods_are_refused(tmp_path):
     with pytest.raises(ValueError, match="valid methods"):
         run_comparison(CompareConfig(out_dir=str(tmp_path), methods=["sft", "ppo"]))
     with pytest.raises(ValueError, match="unknown key"):
-        load_compare_config(None, ["pairs.kk=3"])
+        load_config(None, ["pairs.kk=3"], cls=CompareConfig)
 
 
 def test_cli_compare_is_wired(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from onpolicy_sft.compare import CompareConfig, load_compare_config
+from onpolicy_sft.compare_config import CompareConfig
 from onpolicy_sft.config import LoopConfig, load_config, run_rewrite_config
 from onpolicy_sft.config_io import ConfigError, apply_overrides, save_config, to_dict
 from onpolicy_sft.rewrite_config import RewriteConfig
@@ -113,9 +113,9 @@ def test_override_errors_name_the_override():
 
 
 def test_compare_train_overrides_and_hparams_are_typed(tmp_path):
-    config = load_compare_config(_write(tmp_path, (
+    config = load_config(_write(tmp_path, (
         "train_overrides:\n  sft: {lr: 1e-5, max_steps: 3}\n  target_sft: {teacher: base}\n"
-        "hparams:\n  dpo: {beta: '0.2'}\n")))
+        "hparams:\n  dpo: {beta: '0.2'}\n")), cls=CompareConfig)
     assert config.train_overrides["sft"] == {"lr": 1e-5, "max_steps": 3}
     assert isinstance(config.train_overrides["sft"]["lr"], float)
     assert config.hparams["dpo"] == {"beta": 0.2}
@@ -130,7 +130,7 @@ def test_compare_train_overrides_and_hparams_are_typed(tmp_path):
         ("backend: hf\nbackend_options: {max_num_seqs: 8}\n", "backend_options.max_num_seqs: an option of the vllm"),
     ]:
         with pytest.raises(ConfigError) as err:
-            load_compare_config(_write(tmp_path, text))
+            load_config(_write(tmp_path, text), cls=CompareConfig)
         assert message in str(err.value), (text, str(err.value))
 
 

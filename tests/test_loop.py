@@ -139,7 +139,7 @@ STAGE_FUNCTIONS = {
     "rewrite": ("onpolicy_sft.loop", "rewrite_corpus"),
     "ddt": ("onpolicy_sft.ddt_report", "write_report"),
     "train": ("onpolicy_sft.loop", "train"),
-    "eval": ("onpolicy_sft.stages", "forgetting"),
+    "eval": ("onpolicy_sft.evaluate", "forgetting"),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from decoding.config import HintedDecodingConfig, SamplingConfig
-from onpolicy_sft.compare import CompareConfig, PairsConfig
+from onpolicy_sft.compare_config import CompareConfig, PairsConfig
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
                                  TrainConfig)
 from onpolicy_sft.config_io import save_config

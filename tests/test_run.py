@@ -122,3 +122,16 @@ def test_check_inputs_names_the_saved_work_it_refuses(tmp_path):
     with pytest.raises(InputsChanged, match="holds a finished training run started with other inputs"):
         with RunDir(tmp_path, "training run") as run:
             run.check_inputs({"lr": 2.0}, what="finished training run")
+
+
+def test_save_dataset_writes_on_the_main_process_and_nothing_without_a_directory(tmp_path):
+    import datasets
+
+    from onpolicy_sft.run import save_dataset
+
+    rows = datasets.Dataset.from_list([{"prompt": "a", "response": "b"}])
+    save_dataset(RunDir(tmp_path, "stage"), "round_1/corpus/dataset", rows)
+    assert datasets.load_from_disk(str(tmp_path / "round_1" / "corpus" / "dataset"))["prompt"] == ["a"]
+    assert [p.name for p in (tmp_path / "round_1" / "corpus").iterdir()] == ["dataset"]  # no staging left
+    save_dataset(RunDir(None, "stage"), "dataset", rows)
+    assert not (tmp_path / "dataset").exists()
