@@ -155,6 +155,7 @@ def test_train_1x8_equals_4x2_float64(tiny_tokenizer, tmp_path):
     from tiny import make_tiny_model
 
     ds = _rows(tiny_tokenizer, 16)
+    start = {n: p.detach().clone() for n, p in make_tiny_model(tiny_tokenizer, seed=2, dtype=torch.float64).named_parameters()}
     results = []
     for micro in (8, 2):
         model = make_tiny_model(tiny_tokenizer, seed=2, dtype=torch.float64)
@@ -163,6 +164,9 @@ def test_train_1x8_equals_4x2_float64(tiny_tokenizer, tmp_path):
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-9, atol=1e-12, msg=name)
+    # Two runs that trained nothing would also agree: the weights must have left the start.
+    moved = [name for name in start if (results[0][name] - start[name]).abs().max() > 1e-6]
+    assert len(moved) == len(start), sorted(set(start) - set(moved))
 
 
 def test_checkpoint_round_trip_and_jsonl_log(tiny_tokenizer, tmp_path):
