@@ -22,9 +22,6 @@ from onpolicy_sft.loop import run_loop
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged
 from tiny import SHORT_EXEMPLAR
 
-REPO = Path(__file__).parent.parent
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
