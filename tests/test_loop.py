@@ -203,7 +203,7 @@ def test_a_second_loop_on_the_same_directory_is_refused(tiny_dir, tmp_path, lock
     assert not (tmp_path / "manifest.json").exists()
 
 
-def test_config_yaml_round_trip_and_overrides(tmp_path):
+def test_overrides_parse_as_yaml_survive_a_save_and_bad_ones_are_refused(tmp_path):
     config = apply_overrides(LoopConfig(), ["train.lr=1e-5", "train.objective.name=target_sft",
                                             "train.objective.hparams={eta: 0.3}", "rounds=3", "eval.pass_k=[1,4]"])
     path = save_config(config, tmp_path / "c.yaml")

@@ -169,7 +169,7 @@ def test_train_1x8_equals_4x2_float64(tiny_tokenizer, tmp_path):
     assert len(moved) == len(start), sorted(set(start) - set(moved))
 
 
-def test_checkpoint_round_trip_and_jsonl_log(tiny_tokenizer, tmp_path):
+def test_finished_training_saves_reloadable_weights_and_logs_every_step(tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
     from tiny import make_tiny_model
 
