@@ -272,9 +272,11 @@ def test_a_refused_loop_or_rewrite_names_the_holding_stage_and_writes_nothing(tm
 ])
 def test_a_bad_loop_value_stops_before_any_model_loads_naming_its_path(override, field, tmp_path, capsys, tiny_dir,
                                                                         monkeypatch):
-    from onpolicy_sft import loop
+    from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("a model loaded before the config was checked"))
+    # The class every model load goes through, whichever module imported load_model.
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a model loaded before the config was checked"))
     config_file = _config_file(tmp_path, tiny_dir)
     assert main(["loop", "--config", str(config_file), "--set", override]) == 2
     assert _error_line(capsys).startswith(f"error: --set {override}: {field}: must be")
@@ -282,12 +284,12 @@ def test_a_bad_loop_value_stops_before_any_model_loads_naming_its_path(override,
 
 
 def test_ctrl_c_is_one_line_that_says_the_resume_is_exact(tmp_path, capsys, tiny_dir, monkeypatch):
-    from onpolicy_sft import cli
+    import onpolicy_sft.train as training
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "train", interrupted)
+    monkeypatch.setattr(training, "step_gradients", interrupted)  # Ctrl-C in the middle of the first step
     config_file = _config_file(tmp_path, tiny_dir)
     assert main(["train", "--config", str(config_file), "--out", str(tmp_path / "ckpt")]) == 130
     assert _error_line(capsys) == ("error: interrupted; rerun the same command to resume train from its last saved "

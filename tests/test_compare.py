@@ -102,15 +102,17 @@ def test_comparison_writes_the_results_table_and_plot(finished):
 
 
 def test_comparison_resumes_per_cell(finished, tiny_dir, monkeypatch):
+    import onpolicy_sft.train as training
+
     out, summary = finished
     calls = []
-    real_train = compare.train
+    real_loop = training.train_loop
 
-    def counting_train(*args, **kwargs):
+    def counting_loop(*args, **kwargs):  # runs only when a cell trains, not when its finished weights load
         calls.append(kwargs["out_dir"])
-        return real_train(*args, **kwargs)
+        return real_loop(*args, **kwargs)
 
-    monkeypatch.setattr(compare, "train", counting_train)
+    monkeypatch.setattr(training, "train_loop", counting_loop)
     again = run_comparison(_config(tiny_dir, out))
     assert calls == [] and again["rows"] == summary["rows"]  # nothing rerun, the same table
 
