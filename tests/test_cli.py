@@ -234,34 +234,20 @@ def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capfd, rest
     assert all(text in (tmp_path / "verbose.log").read_text() for _, text in chatter)
 
 
-def _holder(directory: Path, stage: str):
-    import subprocess
-    import sys
-
-    code = ("import sys, time; from onpolicy_sft.rundir import RunLock\nwith RunLock(sys.argv[1], sys.argv[2]):\n"
-            "    print('held', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(directory), stage], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
-def test_a_refused_loop_or_rewrite_names_the_holding_stage_and_writes_nothing(tmp_path, capsys, tiny_dir):
+def test_a_refused_loop_or_rewrite_names_the_holding_stage_and_writes_nothing(tmp_path, capsys, tiny_dir,
+                                                                              lock_holder):
     config_file = _config_file(tmp_path, tiny_dir)
     run = tmp_path / "run"
     run.mkdir()
-    holder = _holder(run, "train")
-    try:
-        before = sorted(p.name for p in run.iterdir())
-        assert main(["loop", "--config", str(config_file)]) == 1
-        assert _error_line(capsys).startswith(f"error: {run} is in use by another stage (train, pid {holder.pid})")
-        assert main(["rewrite", "--config", str(config_file), "--out", str(run)]) == 1
-        assert f"(train, pid {holder.pid})" in _error_line(capsys)
-        assert main(["eval", "--config", str(config_file), "--out", str(run)]) == 1
-        assert f"(train, pid {holder.pid})" in _error_line(capsys)
-        assert sorted(p.name for p in run.iterdir()) == before  # no run.log, nothing at all
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(run, "train")
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["loop", "--config", str(config_file)]) == 1
+    assert _error_line(capsys).startswith(f"error: {run} is in use by another stage (train, pid {holder.pid})")
+    assert main(["rewrite", "--config", str(config_file), "--out", str(run)]) == 1
+    assert f"(train, pid {holder.pid})" in _error_line(capsys)
+    assert main(["eval", "--config", str(config_file), "--out", str(run)]) == 1
+    assert f"(train, pid {holder.pid})" in _error_line(capsys)
+    assert sorted(p.name for p in run.iterdir()) == before  # no run.log, nothing at all
 
 
 @pytest.mark.parametrize("override, field", [

@@ -441,19 +441,12 @@ def test_a_run_killed_before_saving_state_starts_afresh_with_new_inputs(tiny_tok
     assert _steps_logged(tmp_path) == [1, 2]
 
 
-def test_second_run_on_a_locked_directory_is_refused(tiny_tokenizer, tmp_path):
+def test_second_run_on_a_locked_directory_is_refused(tiny_tokenizer, tmp_path, lock_holder):
     from onpolicy_sft.rundir import DirectoryLocked
 
-    hold = "import sys, time; from onpolicy_sft.rundir import RunLock\nwith RunLock(sys.argv[1], 'score'):\n" \
-           "    print('held', flush=True); time.sleep(60)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(DirectoryLocked, match=rf"in use by another stage \(score, pid {holder.pid}\)"):
-            _short_run(tiny_tokenizer, tmp_path)
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(tmp_path, "score")
+    with pytest.raises(DirectoryLocked, match=rf"in use by another stage \(score, pid {holder.pid}\)"):
+        _short_run(tiny_tokenizer, tmp_path)
     assert not (tmp_path / "logs").exists()
 
 
