@@ -144,7 +144,7 @@ def test_unknown_methods_are_refused(tmp_path):
         load_compare_config(None, ["pairs.kk=3"])
 
 
-def test_cli_compare_is_wired(tmp_path, monkeypatch):
+def test_cli_compare_runs_the_comparison_with_the_files_settings_and_overrides(tmp_path, monkeypatch):
     seen = {}
 
     def fake_run(config):

@@ -261,7 +261,7 @@ def test_cli_loop_on_a_finished_run_reruns_nothing_and_prints_the_table(finished
     assert (out / "run.log").exists()
 
 
-def test_cli_train_then_eval(tiny_dir, tmp_path, capsys):
+def test_cli_train_writes_a_finished_checkpoint_that_cli_eval_scores(tiny_dir, tmp_path, capsys):
     config_file = save_config(_loop_config(tiny_dir, tmp_path / "unused"), tmp_path / "c.yaml")
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--config", str(config_file), "--out", str(ckpt), "--set", "data.n_train=4"]) == 0
