@@ -21,7 +21,7 @@ def _special_texts(tokenizer) -> list[str]:
 
 
 def _ids(out) -> list[int]:
-    # transformers 5 returns a BatchEncoding from apply_chat_template; older versions a plain list
+    # apply_chat_template returns a BatchEncoding in newer transformers, a plain list in older ones
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 

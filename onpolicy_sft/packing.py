@@ -38,7 +38,7 @@ def packed_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
 
     Equal to ``models.decoder_hidden_states(model, input_ids, attention_mask)`` at every real
     position (padding positions are 0 here); the attention implementation must honour packed
-    position ids (sdpa, eager, flash_attention_2 do in transformers 5).
+    position ids (sdpa, eager and flash_attention_2 do).
     """
     ids, positions, index = pack(input_ids, attention_mask)
     body = model.get_decoder()

@@ -236,34 +236,20 @@ def test_library_output_goes_to_the_run_log_unless_verbose(tmp_path, capfd, rest
     assert all(text in (tmp_path / "verbose.log").read_text() for _, text in chatter)
 
 
-def _holder(directory: Path, stage: str):
-    import subprocess
-    import sys
-
-    code = ("import sys, time; from onpolicy_sft.rundir import RunLock\nwith RunLock(sys.argv[1], sys.argv[2]):\n"
-            "    print('held', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(directory), stage], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
-def test_a_refused_loop_or_rewrite_names_the_holding_stage_and_writes_nothing(tmp_path, capsys, tiny_dir):
+def test_a_refused_loop_or_rewrite_names_the_holding_stage_and_writes_nothing(tmp_path, capsys, tiny_dir,
+                                                                              lock_holder):
     config_file = _config_file(tmp_path, tiny_dir)
     run = tmp_path / "run"
     run.mkdir()
-    holder = _holder(run, "train")
-    try:
-        before = sorted(p.name for p in run.iterdir())
-        assert main(["loop", "--config", str(config_file)]) == 1
-        assert _error_line(capsys).startswith(f"error: {run} is in use by another stage (train, pid {holder.pid})")
-        assert main(["rewrite", "--config", str(config_file), "--out", str(run)]) == 1
-        assert f"(train, pid {holder.pid})" in _error_line(capsys)
-        assert main(["eval", "--config", str(config_file), "--out", str(run)]) == 1
-        assert f"(train, pid {holder.pid})" in _error_line(capsys)
-        assert sorted(p.name for p in run.iterdir()) == before  # no run.log, nothing at all
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(run, "train")
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["loop", "--config", str(config_file)]) == 1
+    assert _error_line(capsys).startswith(f"error: {run} is in use by another stage (train, pid {holder.pid})")
+    assert main(["rewrite", "--config", str(config_file), "--out", str(run)]) == 1
+    assert f"(train, pid {holder.pid})" in _error_line(capsys)
+    assert main(["eval", "--config", str(config_file), "--out", str(run)]) == 1
+    assert f"(train, pid {holder.pid})" in _error_line(capsys)
+    assert sorted(p.name for p in run.iterdir()) == before  # no run.log, nothing at all
 
 
 @pytest.mark.parametrize("override, field", [
@@ -274,9 +260,11 @@ def test_a_refused_loop_or_rewrite_names_the_holding_stage_and_writes_nothing(tm
 ])
 def test_a_bad_loop_value_stops_before_any_model_loads_naming_its_path(override, field, tmp_path, capsys, tiny_dir,
                                                                         monkeypatch):
-    from onpolicy_sft import loop
+    from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("a model loaded before the config was checked"))
+    # The class every model load goes through, whichever module imported load_model.
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a model loaded before the config was checked"))
     config_file = _config_file(tmp_path, tiny_dir)
     assert main(["loop", "--config", str(config_file), "--set", override]) == 2
     assert _error_line(capsys).startswith(f"error: --set {override}: {field}: must be")
@@ -284,12 +272,12 @@ def test_a_bad_loop_value_stops_before_any_model_loads_naming_its_path(override,
 
 
 def test_ctrl_c_is_one_line_that_says_the_resume_is_exact(tmp_path, capsys, tiny_dir, monkeypatch):
-    from onpolicy_sft import cli
+    import onpolicy_sft.train as training
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "train", interrupted)
+    monkeypatch.setattr(training, "step_gradients", interrupted)  # Ctrl-C in the middle of the first step
     config_file = _config_file(tmp_path, tiny_dir)
     assert main(["train", "--config", str(config_file), "--out", str(tmp_path / "ckpt")]) == 130
     assert _error_line(capsys) == ("error: interrupted; rerun the same command to resume train from its last saved "

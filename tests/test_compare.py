@@ -40,9 +40,13 @@ def finished(tiny_dir, tmp_path_factory):
     return out, run_comparison(_config(tiny_dir, out))
 
 
-def test_comparison_end_to_end(finished):
-    out, summary = finished
-    rows = {row["method"]: row for row in summary["rows"]}
+def _by_method(summary) -> dict:
+    return {row["method"]: row for row in summary["rows"]}
+
+
+def test_comparison_has_one_row_per_method_and_only_trained_methods_moved(finished):
+    _, summary = finished
+    rows = _by_method(summary)
     assert list(rows) == list(METHODS)
     for method, row in rows.items():
         for split in ("test", "test_hard"):
@@ -53,6 +57,13 @@ def test_comparison_end_to_end(finished):
         assert row["seeds"] == 1 and row["corpus"] == METHODS[method][1]
         assert row["forgetting_kl"] > 0.0  # every method moved the weights
         assert math.isfinite(row["phi_corpus"]) and row["train_seconds"] > 0.0
+
+
+def test_each_cells_scores_are_those_of_its_answer_files_and_its_weights_are_not_kept(finished):
+    out, summary = finished
+    for method, row in _by_method(summary).items():
+        if method == "base":
+            continue
         cell = out / "cells" / method / "seed_0"
         result = json.loads((cell / "result.json").read_text())
         assert result["train_rows"] >= 1 and not list((cell / "checkpoint").glob("*.safetensors"))
@@ -67,7 +78,11 @@ def test_comparison_end_to_end(finished):
         assert row["answered"] == pytest.approx(sum(stated) / 4)
         assert row["answer_tokens"] == pytest.approx(
             sum(result["metrics"][s]["mean_response_tokens"] for s in ("test", "test_hard")) / 2)
-    # corpora: DPO/SimPO train on the same prompts as the demonstration methods
+
+
+def test_preference_methods_train_on_pairs_from_the_same_prompts_and_are_charged_their_sampling(finished):
+    out, summary = finished
+    rows = _by_method(summary)
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["stages"]["corpus/pairs"]["counts"]
     assert counts["prompts"] == 4 and counts["kept"] + counts["dropped"] == 4
@@ -77,6 +92,10 @@ def test_comparison_end_to_end(finished):
     assert rows["dpo"]["corpus_seconds"] == pytest.approx(pairs_stage["sample_seconds"] + pairs_stage["ref_logps_seconds"])
     assert rows["simpo"]["corpus_seconds"] == pytest.approx(pairs_stage["sample_seconds"])
     assert rows["sft"]["corpus_seconds"] == 0.0
+
+
+def test_comparison_writes_the_results_table_and_plot(finished):
+    out, _ = finished
     for name in ("results.json", "results.md", "compare.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
@@ -85,15 +104,17 @@ def test_comparison_end_to_end(finished):
 
 
 def test_comparison_resumes_per_cell(finished, tiny_dir, monkeypatch):
+    import onpolicy_sft.train as training
+
     out, summary = finished
     calls = []
-    real_train = compare.train
+    real_loop = training.train_loop
 
-    def counting_train(*args, **kwargs):
+    def counting_loop(*args, **kwargs):  # runs only when a cell trains, not when its finished weights load
         calls.append(kwargs["out_dir"])
-        return real_train(*args, **kwargs)
+        return real_loop(*args, **kwargs)
 
-    monkeypatch.setattr(compare, "train", counting_train)
+    monkeypatch.setattr(training, "train_loop", counting_loop)
     again = run_comparison(_config(tiny_dir, out))
     assert calls == [] and again["rows"] == summary["rows"]  # nothing rerun, the same table
 
@@ -142,7 +163,7 @@ def test_unknown_methods_are_refused(tmp_path):
         load_config(None, ["pairs.kk=3"], cls=CompareConfig)
 
 
-def test_cli_compare_is_wired(tmp_path, monkeypatch):
+def test_cli_compare_runs_the_comparison_with_the_files_settings_and_overrides(tmp_path, monkeypatch):
     seen = {}
 
     def fake_run(config):

@@ -7,11 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from onpolicy_sft.compare_config import CompareConfig
+from onpolicy_sft.compare_config import METHODS, CompareConfig
 from onpolicy_sft.config import LoopConfig, load_config, run_rewrite_config
 from onpolicy_sft.config_io import ConfigError, apply_overrides, save_config, to_dict
 from onpolicy_sft.rewrite_config import RewriteConfig
+
+CONFIGS = Path(__file__).parent.parent / "experiments" / "configs"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -139,3 +142,65 @@ def test_python_callers_may_pass_the_rewrite_as_a_mapping():
     assert isinstance(config.rewrite, RewriteConfig) and config.rewrite.hinted.beta == 2.0
     assert CompareConfig(rewrite={"m_hinted": 0}).rewrite.m_hinted == 0
 
+
+def _load_compare(path):
+    return load_config(path, cls=CompareConfig)
+
+
+# Each example config, its loader, and what it is for: the facts a misread file would get wrong.
+EXAMPLE_CONFIGS = {
+    "cpu_default.yaml": (load_config, {"rounds": 2, "backend": "vllm", "train.objective.name": "idft",
+                                       "baseline.objective.name": "sft", "model.name": "smollm2-135m-instruct"}),
+    "gpu_qwen25math15b_idft.yaml": (load_config, {"backend": "vllm", "train.objective.name": "idft",
+                                                  "model.name": "Qwen/Qwen2.5-Math-1.5B", "model.dtype": "bfloat16"}),
+    "gpu_qwen25math15b_target_sft.yaml": (load_config, {"backend": "vllm", "train.objective.name": "target_sft",
+                                                        "train.teacher": "base", "model.dtype": "bfloat16"}),
+    "compare_cpu.yaml": (_load_compare, {"backend": "hf", "methods": list(METHODS), "seeds": [0, 1, 2],
+                                               "model.name": "smollm2-135m-instruct"}),
+    "compare_gpu_qwen25math15b.yaml": (_load_compare, {"backend": "vllm", "methods": list(METHODS),
+                                                             "seeds": [0, 1, 2], "pairs.k": 16}),
+}
+ACCELERATE_CONFIGS = {"accelerate_fsdp_8gpu.yaml"}  # accelerate's own format, not ours
+
+
+def _at(config, path: str):
+    for key in path.split("."):
+        config = config[key] if isinstance(config, dict) else getattr(config, key)
+    return config
+
+
+def _default_at(config, path: str):
+    try:
+        return _at(config, path)
+    except (KeyError, AttributeError):
+        return None  # a key the defaults leave out (a backend option, an objective's hyperparameter)
+
+
+def _leaves(written: dict, prefix: str = ""):
+    """The dotted path and value of every setting a YAML mapping writes."""
+    for key, value in written.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, path)
+        else:
+            yield path, value
+
+
+def test_every_example_config_is_checked():
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == set(EXAMPLE_CONFIGS) | ACCELERATE_CONFIGS
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_CONFIGS))
+def test_example_configs_load_every_value_they_write(name):
+    """Each setting of the file, read independently with plain YAML, is the value the loaded config
+    holds: a key the loader skipped or a default used in its place would differ somewhere."""
+    loader, facts = EXAMPLE_CONFIGS[name]
+    config = loader(CONFIGS / name)
+    written = dict(_leaves(yaml.safe_load((CONFIGS / name).read_text())))
+    for path, value in written.items():
+        loaded = _at(config, path)
+        assert (list(loaded) if isinstance(loaded, tuple) else loaded) == value, path
+    defaults = LoopConfig() if loader is load_config else CompareConfig()
+    assert any(_default_at(defaults, path) != value for path, value in written.items())  # the file is not all defaults
+    for path, value in facts.items():
+        assert path in written and _at(config, path) == value, path

@@ -114,7 +114,7 @@ def _length_ds(tok):
     return datasets.Dataset.from_list(rows), len(encode_prompt(tok, "q"))
 
 
-def test_tokenize_with_report_truncate_counts_and_logs(tiny_tokenizer, caplog):
+def test_overlong_rows_are_cut_to_max_length_counted_and_logged(tiny_tokenizer, caplog):
     ds, n_prompt = _length_ds(tiny_tokenizer)
     max_length = n_prompt + 12  # the 1- and 10-char rows fit (+ eos), the 40-char one does not
     with caplog.at_level(logging.INFO, logger="onpolicy_sft.training_rows"):
@@ -126,7 +126,7 @@ def test_tokenize_with_report_truncate_counts_and_logs(tiny_tokenizer, caplog):
     assert set(out.column_names) >= {"prompt", "response", "input_ids", "labels"}
 
 
-def test_tokenize_with_report_skip_and_prompt_too_long(tiny_tokenizer, caplog):
+def test_overlong_rows_are_skipped_when_asked_and_prompts_filling_max_length_always(tiny_tokenizer, caplog):
     ds, n_prompt = _length_ds(tiny_tokenizer)
     with caplog.at_level(logging.INFO, logger="onpolicy_sft.training_rows"):
         out, report = tokenize_with_report(ds, tiny_tokenizer, max_length=n_prompt + 12, overlong="skip")
@@ -164,7 +164,7 @@ def test_prompt_response_jsonl_normalised_with_stable_and_given_ids():
     assert read_demonstrations(FIX / "prompt_response.jsonl", require_answer=False)[0]["id"] == ds["id"]
 
 
-def test_json_completion_and_wrapped_list():
+def test_json_with_a_completion_field_or_a_wrapped_list_loads_the_same_rows():
     ds = read_demonstrations(FIX / "completion.json", require_answer=False)[0]
     assert ds["prompt"] == ["Say hi.", "What is 9-4?"] and ds["response"] == ["Hi!", "9-4=5"]
     assert ds["answer"] == ["", "5"]
@@ -172,7 +172,7 @@ def test_json_completion_and_wrapped_list():
     assert wrapped["id"] == ds["id"][:1]  # same content, same id
 
 
-def test_chat_messages_system_and_last_assistant():
+def test_a_chat_row_gives_its_system_message_and_last_assistant_turn():
     rows = read_demonstrations(FIX / "chat.jsonl", require_answer=False)[0].to_list()
     assert rows[0]["system"] == "You are kind." and rows[0]["prompt"] == "Hello?"
     assert rows[0]["response"] == "Hello there."
@@ -222,7 +222,7 @@ def test_math_answer_from_last_boxed_with_nested_braces():
     assert rows[0]["prompt"] == "Compute $1/2 + 0$." and rows[0]["response"].startswith("We get")
 
 
-def test_csv_with_column_mapping_and_quoted_cells():
+def test_csv_columns_map_to_fields_and_quoted_commas_survive():
     ds = read_demonstrations(FIX / "instruction_output.csv", columns={"prompt": "instruction", "response": "output"},
                              require_answer=False)[0]
     assert ds["prompt"] == ["What is 3+4?", "Say yes."] and ds["response"] == ["3+4=7\n#### 7", "Yes."]
@@ -254,7 +254,7 @@ def test_duplicate_rows_get_distinct_stable_ids():
     assert len(set(ids)) == 3 and ids[1] == ids[0] + "-1"
 
 
-def test_preferences_strings_and_message_lists():
+def test_preference_files_load_as_prompt_chosen_rejected_and_need_a_rejected_answer():
     rows = read_preferences(FIX / "preferences.jsonl")[0].to_list()
     assert rows[0]["chosen"] == "2+2=4\n#### 4" and rows[0]["rejected"] == "5" and rows[0]["answer"] == "4"
     assert (rows[1]["prompt"], rows[1]["chosen"], rows[1]["rejected"]) == ("Hi?", "Hello!", "Go away.")
@@ -269,7 +269,7 @@ def test_missing_file_and_unreachable_hub_give_clear_errors():
         read_demonstrations("no-such-owner/no-such-dataset")
 
 
-def test_trl_conversational_prompt_completion():
+def test_trl_prompt_completion_conversations_load_like_one_chat():
     rows = [{"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 2+2?"}],
              "completion": [{"role": "assistant", "content": "2+2=\\boxed{4}"}]},
             {"prompt": [{"role": "user", "content": "What is 3+3?"}],
@@ -290,25 +290,29 @@ def test_trl_conversational_prompt_completion():
     assert e.value.field == "prompt"
 
 
-def test_trl_implicit_prompt_preferences():
-    user = {"role": "user", "content": "What is 2+2?"}
-    system = {"role": "system", "content": "Be terse."}
-    rows = [{"chosen": [system, user, {"role": "assistant", "content": "\\boxed{4}"}],
-             "rejected": [system, user, {"role": "assistant", "content": "\\boxed{5}"}]}]
-    got = read_preferences(rows)[0].to_list()
+TRL_USER = {"role": "user", "content": "What is 2+2?"}
+TRL_SYSTEM = {"role": "system", "content": "Be terse."}
+TRL_IMPLICIT_PAIR = {"chosen": [TRL_SYSTEM, TRL_USER, {"role": "assistant", "content": "\\boxed{4}"}],
+                     "rejected": [TRL_SYSTEM, TRL_USER, {"role": "assistant", "content": "\\boxed{5}"}]}
+
+
+def test_trl_implicit_prompt_pairs_read_like_the_explicit_prompt_spelling():
+    got = read_preferences([TRL_IMPLICIT_PAIR])[0].to_list()
     assert [(r["system"], r["prompt"], r["chosen"], r["rejected"], r["answer"]) for r in got] == [
         ("Be terse.", "What is 2+2?", "\\boxed{4}", "\\boxed{5}", "4")]
-    # TRL's explicit-prompt spelling of the same pair is the same row
-    explicit = [{"prompt": [system, user], "chosen": [{"role": "assistant", "content": "\\boxed{4}"}],
+    explicit = [{"prompt": [TRL_SYSTEM, TRL_USER], "chosen": [{"role": "assistant", "content": "\\boxed{4}"}],
                  "rejected": [{"role": "assistant", "content": "\\boxed{5}"}]}]
     assert read_preferences(explicit)[0].to_list() == got
+
+
+def test_trl_implicit_prompt_pairs_with_different_conversations_are_refused_or_skipped():
     other = {"role": "user", "content": "What is 3+3?"}
-    bad = [{"chosen": [user, {"role": "assistant", "content": "4"}],
+    bad = [{"chosen": [TRL_USER, {"role": "assistant", "content": "4"}],
             "rejected": [other, {"role": "assistant", "content": "6"}]}]
     with pytest.raises(DataError, match="different prompts") as e:
         read_preferences(bad)
     assert e.value.field == "rejected"
-    ds, report = read_preferences(bad + rows, on_error="skip")
+    ds, report = read_preferences(bad + [TRL_IMPLICIT_PAIR], on_error="skip")
     assert len(ds) == 1 and dict(report.skipped) == {"malformed": 1}
 
 
@@ -408,7 +412,7 @@ def test_preview_shortens_long_fields_keeping_start_and_end():
     assert shorten("abc", 3) == "abc"
 
 
-def test_parse_columns():
+def test_columns_option_maps_roles_to_fields_and_refuses_malformed_or_unknown_roles():
     assert parse_columns(["prompt=instruction", "response = output"]) == {"prompt": "instruction",
                                                                           "response": "output"}
     for bad in (["prompt"], ["prompt="], ["=x"], ["promt=x"]):
@@ -466,7 +470,7 @@ def test_bad_csv_rows_located_by_line():
     assert any("line 5" in m and "'prompt'" in m for m in report.messages)
 
 
-def test_on_error_value_checked():
+def test_an_unknown_on_error_value_is_refused():
     with pytest.raises(ValueError, match="on_error"):
         read_demonstrations(FIX / "gsm8k.jsonl", on_error="ignore")
 

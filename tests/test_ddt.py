@@ -248,7 +248,7 @@ def _scored(phi_mean, n_tokens, z, frac_below_1=None):
     })
 
 
-def test_summarize():
+def test_summary_weights_token_statistics_by_length_and_pools_z_by_stouffer():
     scored = _scored([0.1, -0.5, -2.0, 0.0], [10, 30, 20, 40], [0.5, -3.0, -1.0, 0.0], [0.0, 0.5, 0.25, 0.0])
     s = ddt.summarize(scored)
     assert s["n"] == 4 and s["n_tokens"] == 100
@@ -263,7 +263,7 @@ def test_summarize():
     json.dumps(s)
 
 
-def test_write_report(tmp_path):
+def test_report_has_a_column_per_corpus_and_embeds_both_plots(tmp_path):
     rng = np.random.default_rng(0)
     original = _scored(rng.normal(-0.6, 0.2, 50).tolist(), [30] * 50, rng.normal(-6, 2, 50).tolist())
     rewritten = _scored(rng.normal(-0.03, 0.05, 40).tolist(), [30] * 40, rng.normal(0, 1, 40).tolist())
@@ -277,7 +277,7 @@ def test_write_report(tmp_path):
         assert (path.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_score(tmp_path, tiny_tokenizer, capsys):
+def test_cli_score_writes_both_corpora_scored_with_summary_and_report(tmp_path, tiny_tokenizer, capsys):
     model_dir = tmp_path / "tiny"
     peaked_model(tiny_tokenizer).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)

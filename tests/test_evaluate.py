@@ -37,7 +37,7 @@ def test_pass_at_k_is_stable_for_large_n_and_rejects_bad_input():
         pass_at_k(4, 1, 5)
 
 
-def test_mean_and_se():
+def test_standard_error_uses_the_sample_variance():
     mean, se = mean_and_se([1.0, 0.0, 1.0, 1.0])
     assert mean == 0.75
     assert se == pytest.approx(math.sqrt(0.25 / 4))  # sample variance 1/4, n = 4

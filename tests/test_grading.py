@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("", None),
     (None, None),
 ])
-def test_extract_answer(text, want):
+def test_the_final_answer_is_the_last_complete_box_else_the_gsm8k_marker(text, want):
     assert extract_answer(text) == want
 
 
@@ -54,7 +54,7 @@ def test_extract_answer(text, want):
     ("\\boxed{42}", "Solution ... \\boxed{42}", True),  # a reference given as a full solution
     ("\\boxed{7}", "calc 3+4=7\n#### 7", True),
 ])
-def test_is_correct_simple(text, reference, want):
+def test_numeric_answers_match_through_separators_units_fractions_and_full_solutions(text, reference, want):
     assert is_correct(text, reference) is want
 
 
@@ -65,7 +65,7 @@ def test_is_correct_simple(text, reference, want):
     ("\\boxed{x^2+1}", "(x+1)^2", False),
     ("\\boxed{\\{1,2\\}}", "\\{2,1\\}", True),
 ])
-def test_is_correct_symbolic(text, reference, want):
+def test_symbolically_equal_answers_are_correct(text, reference, want):
     assert is_correct(text, reference) is want
 
 

@@ -23,9 +23,6 @@ from onpolicy_sft.rewrite_config import RewriteConfig
 from onpolicy_sft.rundir import DirectoryLocked, InputsChanged
 from tiny import SHORT_EXEMPLAR
 
-REPO = Path(__file__).parent.parent
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -53,8 +50,12 @@ def finished(tiny_dir, tmp_path_factory):
     return out, run_loop(_loop_config(tiny_dir, out))
 
 
-def test_loop_two_rounds_end_to_end(finished, tiny_dir):
-    out, summary = finished
+def _rows(summary) -> dict:
+    return {(row["round"], row["arm"]): row for row in summary["rounds"]}
+
+
+def test_loop_runs_every_stage_of_both_arms_once_and_keeps_each_checkpoint(finished):
+    out, _ = finished
     manifest = json.loads((out / "manifest.json").read_text())
     expected = {"base/general", "round_0/eval"}
     expected |= {f"round_{r}/onpolicy/{s}" for r in (1, 2) for s in ("rewrite", "ddt", "train", "eval")}
@@ -66,33 +67,58 @@ def test_loop_two_rounds_end_to_end(finished, tiny_dir):
             assert (out / f"round_{r}" / "onpolicy" / sub).is_dir()
         for arm in ("onpolicy", "baseline"):
             assert (out / f"round_{r}" / arm / "checkpoint" / "model.safetensors").exists()
-    rows = {(row["round"], row["arm"]): row for row in summary["rounds"]}
+    assert manifest["stages"]["round_1/baseline/train"]["objective"] == "sft"
+    assert manifest["stages"]["round_1/onpolicy/train"]["objective"] == "sft"  # the test config trains both with sft
+
+
+def test_summary_has_the_base_then_both_arms_per_round_and_only_trained_models_moved(finished):
+    _, summary = finished
+    rows = _rows(summary)
     assert list(rows) == [(0, "base"), (1, "onpolicy"), (1, "baseline"), (2, "onpolicy"), (2, "baseline")]
     assert rows[0, "base"]["forgetting_kl"] == pytest.approx(0.0, abs=1e-6)  # the base model against itself
     for key, row in rows.items():
         if key[0] > 0:
             assert row["forgetting_kl"] > 0  # training moved the model away from the base
             assert {"acc_test", "acc_test_hard", "phi_mean", "seconds_train", "seconds_eval"} <= set(row)
-    # the mean φ of the table is the mean of the scored training corpus's per-response means
+
+
+def test_summary_phi_is_the_mean_over_the_scored_corpus_overall_and_per_source(finished):
+    out, summary = finished
     scored = datasets.load_from_disk(str(out / "round_1" / "onpolicy" / "ddt" / "dataset"))
-    r1 = rows[1, "onpolicy"]
+    r1 = _rows(summary)[1, "onpolicy"]
     assert r1["phi_mean"] == pytest.approx(sum(scored["ddt_phi_mean"]) / len(scored))
-    # the run's exemplar turns reach the rewritten, scored and trained corpus
-    assert scored["exemplars"] == [SHORT_EXEMPLAR] * len(scored)
     assert sum(r1["sources"].values()) == 8
     for source in ("self", "hinted", "original"):
         values = [abs(p) for p, s in zip(scored["ddt_phi_mean"], scored["source"]) if s == source]
         assert r1[f"abs_phi_{source}"] == (pytest.approx(sum(values) / len(values)) if values else None)
-    # the baseline trains on the original demonstrations only
-    assert rows[1, "baseline"]["sources"] == {"self": 0, "hinted": 0, "original": 8}
+
+
+def test_the_runs_exemplar_turns_reach_the_trained_corpus(finished):
+    out, _ = finished
+    scored = datasets.load_from_disk(str(out / "round_1" / "onpolicy" / "ddt" / "dataset"))
+    assert scored["exemplars"] == [SHORT_EXEMPLAR] * len(scored)
+
+
+def test_the_baseline_trains_on_the_original_demonstrations_only(finished):
+    out, summary = finished
+    assert _rows(summary)[1, "baseline"]["sources"] == {"self": 0, "hinted": 0, "original": 8}
     baseline_scored = datasets.load_from_disk(str(out / "round_1" / "baseline" / "ddt" / "dataset"))
     assert baseline_scored["response"] == arithmetic_splits(n_train=8, n_test=4, n_test_hard=4)["train"]["response"]
-    # both arms start from the same model, then each from its own checkpoint
+
+
+def test_both_arms_start_from_the_base_then_each_from_its_own_checkpoint(finished, tiny_dir):
+    out, summary = finished
+    rows = _rows(summary)
     assert rows[1, "onpolicy"]["train_from"] == rows[1, "baseline"]["train_from"] == str(tiny_dir)
     for arm in ("onpolicy", "baseline"):
         assert rows[2, arm]["train_from"] == str(out / "round_1" / arm / "checkpoint")
-    assert manifest["stages"]["round_1/baseline/train"]["objective"] == "sft"
-    assert manifest["stages"]["round_1/onpolicy/train"]["objective"] == "sft"  # the test config trains both with sft
+    # round 2 trains from round 1's checkpoint: its weights differ from round 1's
+    w1 = load_file(out / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors")
+    assert any(not torch.equal(w1[k], v) for k, v in _final_weights(out).items())
+
+
+def test_loop_writes_the_summary_table_plots_and_config(finished):
+    out, _ = finished
     for name in ("summary.png", "phi_hist.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "summary.md").read_text().splitlines()
@@ -101,9 +127,6 @@ def test_loop_two_rounds_end_to_end(finished, tiny_dir):
     assert len(table) == 2 + 5
     assert table[4].startswith("| 1 | baseline (sft, original) | 0/0/8 |")
     assert (out / "config.yaml").exists()
-    # round 2 trains from round 1's checkpoint: its weights differ from round 1's
-    w1 = load_file(out / "round_1" / "onpolicy" / "checkpoint" / "model.safetensors")
-    assert any(not torch.equal(w1[k], v) for k, v in _final_weights(out).items())
 
 
 def test_loop_with_triage_and_several_verified_answers_keeps_the_arms_budget_in_rows(tiny_dir, tmp_path, monkeypatch):
@@ -209,7 +232,7 @@ def test_a_second_loop_on_the_same_directory_is_refused(tiny_dir, tmp_path, lock
     assert not (tmp_path / "manifest.json").exists()
 
 
-def test_config_yaml_round_trip_and_overrides(tmp_path):
+def test_overrides_parse_as_yaml_survive_a_save_and_bad_ones_are_refused(tmp_path):
     config = apply_overrides(LoopConfig(), ["train.lr=1e-5", "train.objective.name=target_sft",
                                             "train.objective.hparams={eta: 0.3}", "rounds=3", "eval.pass_k=[1,4]"])
     path = save_config(config, tmp_path / "c.yaml")
@@ -224,26 +247,24 @@ def test_config_yaml_round_trip_and_overrides(tmp_path):
         apply_overrides(config, ["rounds"])
 
 
-LOOP_CONFIGS = ["cpu_default.yaml", "gpu_qwen25math15b_idft.yaml", "gpu_qwen25math15b_target_sft.yaml"]
-
-
-@pytest.mark.parametrize("name", LOOP_CONFIGS)
-def test_example_configs_load(name):
-    config = load_config(REPO / "experiments" / "configs" / name)
-    assert config.rounds >= 1 and config.train.lr > 0
-
-
-def test_cli_loop_prints_the_table(tiny_dir, tmp_path, capsys):
-    config_file = save_config(_loop_config(tiny_dir, tmp_path / "run"), tmp_path / "loop.yaml")
-    assert main(["loop", "--config", str(config_file), "--set", "rounds=1", "--set", "eval_base=false"]) == 0
+def test_cli_loop_on_a_finished_run_reruns_nothing_and_prints_the_table(finished, tiny_dir, tmp_path, capsys):
+    """The CLI's loop from a config file is the Python loop: it finds the shared run finished under
+    the same inputs (other inputs would be refused), runs no stage again, and prints the table."""
+    out, summary = finished
+    stages_before = json.loads((out / "manifest.json").read_text())["stages"]
+    config_file = save_config(_loop_config(tiny_dir, out), tmp_path / "loop.yaml")
+    assert main(["loop", "--config", str(config_file)]) == 0
     printed = capsys.readouterr().out
     assert "| round | arm |" in printed and "| 1 | on-policy (sft, rewritten) |" in printed
-    assert "| 1 | baseline (sft, original) |" in printed
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"][0]["round"] == 1
-    assert (tmp_path / "run" / "run.log").exists()
+    assert "| 2 | baseline (sft, original) |" in printed
+    assert json.loads((out / "manifest.json").read_text())["stages"] == stages_before
+    again = json.loads((out / "summary.json").read_text())["rounds"]
+    assert [(r["round"], r["arm"], r["acc_test"]) for r in again] == [
+        (r["round"], r["arm"], r["acc_test"]) for r in summary["rounds"]]
+    assert (out / "run.log").exists()
 
 
-def test_cli_train_then_eval(tiny_dir, tmp_path, capsys):
+def test_cli_train_writes_a_finished_checkpoint_that_cli_eval_scores(tiny_dir, tmp_path, capsys):
     config_file = save_config(_loop_config(tiny_dir, tmp_path / "unused"), tmp_path / "c.yaml")
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--config", str(config_file), "--out", str(ckpt), "--set", "data.n_train=4"]) == 0

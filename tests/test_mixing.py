@@ -42,7 +42,7 @@ def test_mix_logprobs_matches_formula(beta):
         assert lam[-1] == 1.0  # a uniform hinted row hands over to the student entirely
 
 
-def test_mix_logprobs_float32_and_bad_shapes():
+def test_mix_logprobs_computes_in_float32_and_refuses_mismatched_shapes():
     h, s = torch.randn(2, 11), torch.randn(2, 11)
     mixed, lam = mix_logprobs(h.half(), s.half(), 3.0)
     assert mixed.dtype == torch.float32 and lam.shape == (2,)
@@ -83,16 +83,19 @@ def _u(seeds, step):
     return torch.from_numpy(uniforms(stream_keys(seeds), step))
 
 
-def test_draw_distribution_and_greedy():
+def test_draws_follow_the_distribution_and_never_pick_a_zero_probability_token():
     # One stream's successive steps, all drawn at once.
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0.0]], dtype=torch.float64)).expand(4000, -1)
     u = torch.from_numpy(uniforms(stream_keys([0] * 4000), np.arange(4000)))
     counts = torch.bincount(draw(logits, 1.0, u), minlength=4).double()
     assert counts[3] == 0
     torch.testing.assert_close(counts / 4000, torch.tensor([0.1, 0.6, 0.3, 0.0], dtype=torch.float64), atol=0.03, rtol=0)
-    assert draw(torch.tensor([[0.0, 2.0, 1.0]]), 0.0, None).item() == 1
     with pytest.raises(ValueError, match="one uniform per row"):
         draw(logits[:2], 1.0, u[:3])
+
+
+def test_a_draw_at_temperature_zero_is_the_argmax():
+    assert draw(torch.tensor([[0.0, 2.0, 1.0]]), 0.0, None).item() == 1
 
 
 def test_draw_rows_do_not_depend_on_batch():

@@ -386,14 +386,14 @@ def test_unknown_names_and_hyperparameters_raise():
         build("dpo").from_logits(torch.zeros(2, 2, V), torch.zeros(2, 2, dtype=torch.long))
 
 
-def test_needs_and_pairwise():
+def test_objectives_declare_the_inputs_they_need_and_whether_they_train_on_pairs():
     assert build("dpo").needs == {"ref_logps"} and build("dpo").pairwise and build("simpo").pairwise
     assert build("sft_kl").needs == build("asft").needs == {"ref"}
     assert build("distill").needs == build("hybrid_distill").needs == {"teacher"}
     assert build("target_sft").needs == frozenset() and not build("target_sft").pairwise
 
 
-def test_idft_schedule():
+def test_idft_schedule_is_zero_in_warmup_then_rises_linearly_and_needs_progress():
     assert schedule(0.0, 0.0, 0.0) == 1.0
     assert schedule(0.1, 0.2, 0.4) == 0.0
     assert schedule(0.4, 0.2, 0.4) == pytest.approx(0.5)
@@ -436,7 +436,7 @@ def test_target_sft_without_teacher_or_eta0_is_dft():
 
 
 @pytest.mark.parametrize("name", ["dpo", "simpo"])
-def test_pair_metrics(name):
+def test_pair_metrics_are_the_mean_reward_margin_and_the_share_ranked_right(name):
     d = make_batch()
     logits = d["hidden"] @ d["weight"].T
     _, metrics = build(name).from_logits(logits, d["labels"], **contexts(name, d, "logits"))

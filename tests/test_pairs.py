@@ -13,12 +13,7 @@ from decoding.pairs import KEY, PairBook, check_spec, pair_spec, probe_spec
 from decoding.reference import reference_two_stream
 from decoding.mixing import stream_seeds
 from decoding.rules import answer_markers, eos_ids, repetition_length
-from tiny import make_tiny_model
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[:, -1].float()
+from tiny import last_logits, make_tiny_model
 
 
 def run_engine(model, tok, hinted, student, cfg, *, seed=0, placeholders=True, extra=()):
@@ -39,7 +34,7 @@ def run_engine(model, tok, hinted, student, cfg, *, seed=0, placeholders=True, e
     rng.shuffle(slots)  # the two rows of a pair sit anywhere in the batch
     book.update([], [(k, requests[r]["spec"], requests[r]["shown"]) for k, r in enumerate(slots)], [])
     while slots:
-        logits = torch.cat([_logits(model, requests[r]["prompt"] + requests[r]["true"]) for r in slots])
+        logits = torch.cat([last_logits(model, requests[r]["prompt"] + requests[r]["true"]) for r in slots])
         tokens = book.apply(logits).argmax(-1).tolist()
         for r, token in zip(slots, tokens):
             requests[r]["true"].append(token)

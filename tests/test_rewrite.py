@@ -171,7 +171,7 @@ def test_rows_do_not_depend_on_batching(tiny_model, tiny_tokenizer, monkeypatch)
     assert row_seed(5, "q1", "self") != row_seed(5, "q2", "self") != row_seed(6, "q1", "self")
 
 
-def test_fallback_original_and_drop(tiny_model, tiny_tokenizer, monkeypatch):
+def test_rows_without_a_verified_rewrite_keep_their_original_by_default(tiny_model, tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(rw, "is_correct", lambda text, ref, timeout=5.0: False)
     data = _corpus(3)
     kept, stats = rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(progress=True))
@@ -179,7 +179,11 @@ def test_fallback_original_and_drop(tiny_model, tiny_tokenizer, monkeypatch):
     assert kept["ddt_phi_mean"] == kept["ddt_original_phi_mean"]  # the same text scored twice
     assert {"model", "config_hash", "seed", "ddt_z", "ddt_original_n_tokens"} <= set(kept.column_names)
     assert stats["acceptance_rate"] == 0.0 and stats["phi_before"] == pytest.approx(stats["phi_after"])
-    dropped, stats = rewrite_corpus(tiny_model, tiny_tokenizer, data, _config(fallback="drop"))
+
+
+def test_fallback_drop_leaves_out_rows_without_a_verified_rewrite(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(rw, "is_correct", lambda text, ref, timeout=5.0: False)
+    dropped, stats = rewrite_corpus(tiny_model, tiny_tokenizer, _corpus(3), _config(fallback="drop"))
     assert len(dropped) == 0 and stats["dropped"] == 3 and stats["per_source"]["original"] == 3
     with pytest.raises(ValueError, match="fallback"):
         RewriteConfig(fallback="keep")

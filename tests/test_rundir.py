@@ -10,25 +10,13 @@ import pytest
 from onpolicy_sft.rundir import (DirectoryLocked, InputsChanged, RunLock, check_fingerprint, read_json, replace_with,
                                  save_into, write_json, write_text)
 
-HOLD = ("import sys, time; from onpolicy_sft.rundir import RunLock\nwith RunLock(sys.argv[1], sys.argv[2]):\n"
-        "    print('held', flush=True); time.sleep(60)")
-
-
-def _holder(tmp_path, stage="run"):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), stage], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
-def test_second_run_is_refused_with_the_holders_pid_and_a_kill_releases_the_lock(tmp_path):
-    proc = _holder(tmp_path)
-    try:
-        with pytest.raises(DirectoryLocked, match=f"pid {proc.pid}"):
-            with RunLock(tmp_path):
-                pass
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+def test_second_run_is_refused_with_the_holders_pid_and_a_kill_releases_the_lock(tmp_path, lock_holder):
+    proc = lock_holder(tmp_path)
+    with pytest.raises(DirectoryLocked, match=f"pid {proc.pid}"):
+        with RunLock(tmp_path):
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     with RunLock(tmp_path):  # the kernel dropped the dead holder's lock: a resume goes ahead
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()} run"
 
@@ -50,28 +38,22 @@ def test_atomic_write_leaves_no_temporary_file_and_round_trips(tmp_path):
     assert read_json(tmp_path / "missing.json", default={}) == {}
 
 
-def test_one_lock_whatever_the_stage_and_the_refusal_names_the_holder(tmp_path):
-    proc = _holder(tmp_path, "train")
-    try:
-        for stage in ("score", "loop", "rewrite"):
-            with pytest.raises(DirectoryLocked, match=rf"in use by another stage \(train, pid {proc.pid}\).* this {stage} "):
-                with RunLock(tmp_path, stage):
-                    pass
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+def test_one_lock_whatever_the_stage_and_the_refusal_names_the_holder(tmp_path, lock_holder):
+    proc = lock_holder(tmp_path, "train")
+    for stage in ("score", "loop", "rewrite"):
+        with pytest.raises(DirectoryLocked, match=rf"in use by another stage \(train, pid {proc.pid}\).* this {stage} "):
+            with RunLock(tmp_path, stage):
+                pass
 
 
-def test_the_process_holding_the_lock_may_take_it_again_and_releases_it_at_the_outer_exit(tmp_path):
+def test_the_process_holding_the_lock_may_take_it_again_and_releases_it_at_the_outer_exit(tmp_path, lock_holder):
     with RunLock(tmp_path, "loop"):
         with RunLock(tmp_path / ".." / tmp_path.name, "train"):  # the same directory, spelled another way
             pass
-        proc = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(60)", "pass"), str(tmp_path), "x"],
-                              capture_output=True, text=True)
+        take = "import sys; from onpolicy_sft.rundir import RunLock\nwith RunLock(sys.argv[1], 'x'):\n    pass"
+        proc = subprocess.run([sys.executable, "-c", take, str(tmp_path)], capture_output=True, text=True)
         assert "DirectoryLocked" in proc.stderr and "(loop, pid" in proc.stderr
-    proc = _holder(tmp_path)  # released: another process takes it
-    proc.kill()
-    proc.wait()
+    lock_holder(tmp_path)  # released: another process takes it
 
 
 def test_planted_symlinks_are_replaced_never_written_through(tmp_path):

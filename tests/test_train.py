@@ -157,6 +157,7 @@ def test_train_1x8_equals_4x2_float64(tiny_tokenizer, tmp_path):
     from tiny import make_tiny_model
 
     ds = _rows(tiny_tokenizer, 16)
+    start = {n: p.detach().clone() for n, p in make_tiny_model(tiny_tokenizer, seed=2, dtype=torch.float64).named_parameters()}
     results = []
     for micro in (8, 2):
         model = make_tiny_model(tiny_tokenizer, seed=2, dtype=torch.float64)
@@ -165,9 +166,12 @@ def test_train_1x8_equals_4x2_float64(tiny_tokenizer, tmp_path):
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-9, atol=1e-12, msg=name)
+    # Two runs that trained nothing would also agree: the weights must have left the start.
+    moved = [name for name in start if (results[0][name] - start[name]).abs().max() > 1e-6]
+    assert len(moved) == len(start), sorted(set(start) - set(moved))
 
 
-def test_checkpoint_round_trip_and_jsonl_log(tiny_tokenizer, tmp_path):
+def test_finished_training_saves_reloadable_weights_and_logs_every_step(tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
     from tiny import make_tiny_model
 
@@ -440,19 +444,12 @@ def test_a_run_killed_before_saving_state_starts_afresh_with_new_inputs(tiny_tok
     assert _steps_logged(tmp_path) == [1, 2]
 
 
-def test_second_run_on_a_locked_directory_is_refused(tiny_tokenizer, tmp_path):
+def test_second_run_on_a_locked_directory_is_refused(tiny_tokenizer, tmp_path, lock_holder):
     from onpolicy_sft.rundir import DirectoryLocked
 
-    hold = "import sys, time; from onpolicy_sft.rundir import RunLock\nwith RunLock(sys.argv[1], 'score'):\n" \
-           "    print('held', flush=True); time.sleep(60)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(DirectoryLocked, match=rf"in use by another stage \(score, pid {holder.pid}\)"):
-            _short_run(tiny_tokenizer, tmp_path)
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(tmp_path, "score")
+    with pytest.raises(DirectoryLocked, match=rf"in use by another stage \(score, pid {holder.pid}\)"):
+        _short_run(tiny_tokenizer, tmp_path)
     assert not (tmp_path / "logs").exists()
 
 

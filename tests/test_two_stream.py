@@ -66,13 +66,16 @@ def test_greedy_is_argmax_of_mixture_and_deterministic(tiny_model, tiny_tokenize
     assert got == two_stream_generate(tiny_model, hinted, student, other)  # top-p and seed do not matter at τ = 0
 
 
-def test_input_errors(tiny_model, pairs):
+def test_unpaired_or_empty_prompts_are_refused(tiny_model, pairs):
     hinted, student = pairs
     cfg = HintedDecodingConfig(max_new_tokens=2)
     with pytest.raises(ValueError, match="2 hinted prompts but 1 student"):
         two_stream_generate(tiny_model, hinted[:2], student[:1], cfg)
     with pytest.raises(ValueError, match="student prompt 0 is empty"):
         two_stream_generate(tiny_model, hinted[:1], [[]], cfg)
+
+
+def test_unknown_backends_and_an_empty_nucleus_are_refused(tiny_model):
     with pytest.raises(ValueError, match="backend"):
         HintedDecodingConfig(backend="tgi")
     with pytest.raises(ValueError, match="top_p"):
@@ -171,7 +174,7 @@ def test_first_token_from_hinted_stream(tiny_tokenizer, run):
 
 
 @pytest.mark.parametrize("run", BOTH)
-def test_repetition_stop(tiny_tokenizer, run):
+def test_a_window_repeated_repeat_count_times_stops_generation(tiny_tokenizer, run):
     tok = tiny_tokenizer
     cycle = "abc" * 100
     model, hinted, student = _scripted(tok, cycle, cycle)
@@ -196,7 +199,7 @@ def test_eos_ends_only_its_own_row(tiny_tokenizer, run):
     assert tok.decode(capped[0]) == "a"
 
 
-def test_sample_stop_strings(tiny_tokenizer):
+def test_sampling_ends_at_a_stop_string_which_needs_a_tokenizer(tiny_tokenizer):
     tok = tiny_tokenizer
     model, _, student = _scripted(tok, "", "hello world. more")
     cfg = SamplingConfig(n=2, temperature=0.0, max_new_tokens=30, stop=["."])

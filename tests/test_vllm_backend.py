@@ -84,7 +84,7 @@ def test_greedy_sample_equals_hf_and_reference(vllm_tiny, tiny_tokenizer, pairs,
     assert got == reference_sample(model, pairs[1], cfg, tiny_tokenizer)
 
 
-def test_sampling_shapes_and_seeds(vllm_tiny, pairs):
+def test_vllm_sampling_gives_n_distinct_samples_repeatable_by_seed(vllm_tiny, pairs):
     backend, _ = vllm_tiny
     cfg = SamplingConfig(n=3, temperature=1.0, max_new_tokens=8, seed=1)
     got = backend.sample(pairs[1], cfg)

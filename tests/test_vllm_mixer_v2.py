@@ -14,15 +14,10 @@ from decoding.mixing import stream_seeds
 from decoding.pairs import KEY, pair_spec
 from decoding.reference import reference_two_stream
 from decoding.rules import answer_markers, eos_ids, repetition_length
-from tiny import make_tiny_model
+from tiny import last_logits, make_tiny_model
 
 pytestmark = pytest.mark.vllm
 v2 = pytest.importorskip("decoding.vllm_mixer_v2", exc_type=ImportError)
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[:, -1].float()
 
 
 def test_v2_adapter_equals_reference(tiny_tokenizer, tmp_path):
@@ -59,7 +54,7 @@ def test_v2_adapter_equals_reference(tiny_tokenizer, tmp_path):
     while live:
         order = list(live)
         rng.shuffle(order)  # MRv2 reorders rows every step
-        logits = torch.cat([_logits(model, live[slot]["ids"]) for slot in order])
+        logits = torch.cat([last_logits(model, live[slot]["ids"]) for slot in order])
         ctx = SimpleNamespace(idx_mapping_np=np.array(order), seq_lens_upper_bound_np=np.array([len(live[s]["ids"]) for s in order]))
         tokens = mixer.apply(logits, ctx).argmax(-1).tolist()
         for slot, token in zip(order, tokens):

@@ -60,6 +60,12 @@ def make_tiny_model(tokenizer, seed: int = 0, *, hidden: int = 64, layers: int =
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def last_logits(model, ids: list[int]) -> torch.Tensor:
+    """The float32 next-token logits ``[1, V]`` after ``ids``, without a cache: what an engine step sees."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[:, -1].float()
+
+
 # One short exemplar turn for runs on the tiny character-level tokenizer, whose rows the arithmetic
 # set's default pair would fill past the test configs' max_length.
 SHORT_EXEMPLAR = [{"prompt": "1+1?", "response": "1 + 1 = 2\nThe answer is \\boxed{2}."}]
