@@ -112,17 +112,17 @@ class RunDir:
         if self.path is not None:
             self._lock = RunLock(self.path, self.what)
             on_main(self._take)
-            if self._inputs is not None:
-                self.check_inputs(self._inputs)
+            try:
+                if self._inputs is not None:
+                    self.check_inputs(self._inputs)
+            except BaseException:  # a refused stage never reaches __exit__: let the lock go here
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def _take(self) -> None:
+        check_writable(self.path)  # first, so that an unusable path is named as such, not as a lock failure
         self._lock.__enter__()
-        try:
-            check_writable(self.path)
-        except BaseException:
-            self._lock.__exit__(None, None, None)
-            raise
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None and is_main():

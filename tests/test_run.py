@@ -135,3 +135,12 @@ def test_save_dataset_writes_on_the_main_process_and_nothing_without_a_directory
     assert [p.name for p in (tmp_path / "round_1" / "corpus").iterdir()] == ["dataset"]  # no staging left
     save_dataset(RunDir(None, "stage"), "dataset", rows)
     assert not (tmp_path / "dataset").exists()
+
+
+def test_a_refused_run_dir_lets_its_lock_go(tmp_path, lock_holder):
+    with RunDir(tmp_path, "stage", {"lr": 1.0}):
+        pass
+    with pytest.raises(InputsChanged):
+        with RunDir(tmp_path, "stage", {"lr": 2.0}):
+            pass
+    lock_holder(tmp_path)  # another process can take the lock: the refusal did not keep it
