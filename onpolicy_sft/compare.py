@@ -60,7 +60,8 @@ from onpolicy_sft.run import RunDir, in_step, main_decides, on_main, process_sta
 from onpolicy_sft.run_data import RunData, load_data, training_rows
 from onpolicy_sft.rundir import read_json, replace_with, write_json, write_text
 from onpolicy_sft.serving import open_backend
-from onpolicy_sft.train import DONE_FILE, train
+from onpolicy_sft.train import train
+from onpolicy_sft.train_state import DONE_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -65,7 +65,8 @@ from onpolicy_sft.run import RunDir, is_main, on_main, process_state, save_datas
 from onpolicy_sft.run_data import RunData, load_data, training_rows
 from onpolicy_sft.rundir import read_json, write_json, write_text
 from onpolicy_sft.serving import Served, open_backend
-from onpolicy_sft.train import Blocks, train
+from onpolicy_sft.train import train
+from onpolicy_sft.train_data import Blocks
 
 ARMS = ("onpolicy", "baseline")
 STAGES = ("rewrite", "ddt", "train", "eval")
