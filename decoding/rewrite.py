@@ -69,12 +69,12 @@ from onpolicy_sft import ddt
 from onpolicy_sft.data import EXEMPLARS
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state
 from onpolicy_sft.grading import extract_answer, is_correct
+from onpolicy_sft.hint_template import HintTemplate, cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
 from onpolicy_sft.models import weights_digest
 from onpolicy_sft.rundir import RunLock, check_fingerprint, digest, write_json, write_text
 
-from .config import HintedDecodingConfig, SamplingConfig
 from .rules import eos_ids
-from .templates import HintTemplate, cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
+from .sampling import HintedDecodingConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import datasets
 
-from decoding.config import SamplingConfig
 from decoding.rewrite import RewriteConfig, rewrite_with_stats
+from decoding.sampling import SamplingConfig
 from onpolicy_sft import ddt
 from onpolicy_sft.config import (DataConfig, check_seed, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig, check_run_backend,
                                  from_dict, load_config, objective_hparams, save_config, to_dict)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from decoding import make_backend
-from decoding.config import SamplingConfig
 from decoding.mixing import stream_seeds
+from decoding.sampling import SamplingConfig
 from onpolicy_sft import rundir
 from onpolicy_sft.config import EvalConfig
 from onpolicy_sft.data import collate, encode_prompt, encode_row_prompt

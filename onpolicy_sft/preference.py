@@ -28,8 +28,8 @@ import datasets
 import torch
 
 from decoding import make_backend
-from decoding.config import SamplingConfig
 from decoding.rules import eos_ids
+from decoding.sampling import SamplingConfig
 from onpolicy_sft.data import EXEMPLARS, collate, encode_row_prompt, tokenize_for_objective
 from onpolicy_sft.distributed import gather_in_order, my_share, process_state, shares_per_process
 from onpolicy_sft.evaluate import row_seeds
@@ -82,7 +82,7 @@ def build_pairs(
 
     ``dataset`` has columns prompt and answer (and response, the demonstration, when
     ``no_pair == "demonstration"``; optional id and system). ``sampling`` is a
-    ``decoding.config.SamplingConfig`` for everything but n and seed, which are always ``k``
+    ``decoding.sampling.SamplingConfig`` for everything but n and seed, which are always ``k``
     and ``seed``; by default temperature 1, top-p 1, 256 new tokens. ``backend`` must serve
     ``model``'s weights (in this process); without one an hf backend is made for this call.
     Under launched processes the prompts are split between them (each sample's stream is

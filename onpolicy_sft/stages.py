@@ -43,6 +43,7 @@ from onpolicy_sft.distributed import process_state
 from onpolicy_sft.evaluate import base_responses, evaluate, forgetting
 from onpolicy_sft.exemplars import resolve as resolve_exemplars
 from onpolicy_sft.exemplars import with_exemplars
+from onpolicy_sft.models import load_model
 from onpolicy_sft.rundir import read_json, replace_with, write_json
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,9 @@ def open_backend(name: str, model, tokenizer, options: dict, *, trust_remote_cod
         except BackendUnavailable as err:
             note = f"vLLM is not available here ({err}); using the hf backend for all generation"
             log.warning(note)
+            if isinstance(model, (str, Path)):  # the checkpoint the engine was to read: hf generates in memory
+                model, loaded = load_model(str(model))
+                tokenizer = tokenizer or loaded
             return make_backend("hf", model, tokenizer), note
     return make_backend(name, model, tokenizer, **options), None
 

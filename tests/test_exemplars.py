@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.hf import HFBackend
 from decoding.rewrite import RewriteConfig, rewrite_with_stats
-from decoding.templates import HintTemplate, hinted_prompt_ids
+from decoding.sampling import HintedDecodingConfig, SamplingConfig
 from onpolicy_sft import arith
 from onpolicy_sft.config import ConfigError, DataConfig, LoopConfig, load_config, save_config
 from onpolicy_sft.data import encode_prompt, encode_row, encode_text, tokenize_for_training
 from onpolicy_sft.evaluate import EvalConfig, evaluate
 from onpolicy_sft.exemplars import resolve, with_exemplars
+from onpolicy_sft.hint_template import HintTemplate, hinted_prompt_ids
 from onpolicy_sft.ops import IGNORE_INDEX
 from onpolicy_sft.preference import build_pairs
 from onpolicy_sft.rundir import InputsChanged

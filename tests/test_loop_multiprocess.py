@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.rewrite import RewriteConfig
+from decoding.sampling import HintedDecodingConfig, SamplingConfig
 from onpolicy_sft.compare import CompareConfig, PairsConfig
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
                                  TrainConfig, save_config)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from decoding.backend import Backend
-from decoding.config import SamplingConfig
 from decoding.reference import reference_sample
+from decoding.sampling import SamplingConfig
 from onpolicy_sft import cli, ddt, preference
 from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig, save_config
 from onpolicy_sft.data import DataError, encode_example, encode_prompt, load_preferences, tokenize_for_objective

@@ -22,8 +22,8 @@ from datasets import Dataset
 
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend
 from decoding.rewrite import RewriteConfig, TriageConfig, rewrite_with_stats
-from decoding.templates import student_prompt_ids
 from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.hint_template import student_prompt_ids
 from onpolicy_sft.models import EMBEDDED_MODEL, load_model
 
 RESULTS = Path(__file__).parent / "results"
