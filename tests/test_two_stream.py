@@ -80,6 +80,8 @@ def test_input_errors(tiny_model, pairs):
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="unknown decoding backend"):
         make_backend("tgi", tiny_model)
+    with pytest.raises(TypeError, match="in memory"):
+        make_backend("hf", "smollm2-135m-instruct")
 
 
 # ---- plain sampling --------------------------------------------------------------------
