@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from .backend import Backend, BackendUnavailable
-from .config import HintedDecodingConfig, SamplingConfig
 from .hf import HFBackend, hf_two_stream
 from .mixing import mix_logprobs
-from .templates import HintTemplate
+from .sampling import HintedDecodingConfig, SamplingConfig
 from .vllm_backend import VLLMBackend
-from onpolicy_sft.grading import extract_answer, is_correct
 
 __all__ = [
     "Backend",
-    "HintTemplate",
-    "extract_answer",
-    "is_correct",
     "BackendUnavailable",
     "HintedDecodingConfig",
     "SamplingConfig",
@@ -27,8 +22,9 @@ __all__ = [
 def make_backend(name: str, model, tokenizer=None, **options) -> Backend:
     """A generation backend: "hf" (transformers, in-memory model) or "vllm" (the vLLM engine).
 
-    `model` is an in-memory transformers model or a checkpoint path / model name. vLLM options
-    are listed in decoding.vllm_backend.VLLMBackend; only one vLLM engine can live per process.
+    `model` is an in-memory transformers model; "vllm" also takes a checkpoint directory or hub
+    id, which its engine reads itself. vLLM options are listed in
+    decoding.vllm_backend.VLLMBackend; only one vLLM engine can live per process.
     """
     if name == "hf":
         return HFBackend(model, tokenizer, **options)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from .config import HintedDecodingConfig, SamplingConfig
+from .sampling import HintedDecodingConfig, SamplingConfig
 
 
 class BackendUnavailable(RuntimeError):

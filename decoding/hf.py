@@ -6,14 +6,14 @@ student rows), so each lock-step costs a single forward pass of 2B one-token row
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from onpolicy_sft.models import load_model
-
 from .backend import Backend, check_prompts
-from .config import HintedDecodingConfig, SamplingConfig
 from .mixing import hinted_step, plain_step, stream_keys, stream_seeds, uniforms
 from .rules import RepetitionStop, TailWatch, answer_markers, eos_ids, forced_lambda
+from .sampling import HintedDecodingConfig, SamplingConfig
 
 
 class CachedBatch:
@@ -142,14 +142,14 @@ def hf_sample(model, prompt_ids: list[list[int]], config: SamplingConfig, tokeni
 
 
 class HFBackend(Backend):
-    """The transformers backend. Options: batch_rows (rows per forward in `sample`, default 32)."""
+    """The transformers backend, on a model in memory. Options: batch_rows (rows per forward in
+    `sample`, default 32)."""
 
     name = "hf"
 
     def __init__(self, model, tokenizer=None, *, batch_rows: int = 32):
-        if isinstance(model, str):
-            model, loaded = load_model(model)
-            tokenizer = tokenizer or loaded
+        if isinstance(model, (str, Path)):
+            raise TypeError(f"the hf backend generates with a model in memory, not a path ({model!r}): load it first")
         self.model, self.tokenizer, self.batch_rows = model, tokenizer, batch_rows
 
     def sample(self, prompt_ids, config, seeds=None):

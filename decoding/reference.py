@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .config import HintedDecodingConfig, SamplingConfig
 from .mixing import hinted_step, plain_step, stream_keys, stream_seeds, uniforms
 from .rules import RepetitionStop, answer_markers, eos_ids, forced_lambda, text_contains
+from .sampling import HintedDecodingConfig, SamplingConfig
 
 
 def _last_logits(model, ids: list[int]) -> torch.Tensor:

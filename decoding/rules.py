@@ -13,7 +13,10 @@ from collections import Counter, deque
 
 import numpy as np
 
-from onpolicy_sft.grading import ANSWER_MARKERS
+# Every form in which a response states its final answer, as the answer checker reads them
+# (onpolicy_sft.grading): the answer guard watches for these, so whatever is graded was written by
+# the student stream alone.
+ANSWER_MARKERS = ("\\boxed", "\\fbox", "####")
 
 
 def eos_ids(model, tokenizer=None) -> set[int]:
@@ -31,9 +34,9 @@ def eos_ids(model, tokenizer=None) -> set[int]:
 def answer_markers(answer_marker: str) -> tuple[str, ...]:
     """The strings the answer guard watches for, from HintedDecodingConfig.answer_marker.
 
-    "auto" is every final-answer form the checker reads (onpolicy_sft.grading.ANSWER_MARKERS), so
-    whatever is graded was written by the student stream alone; "" turns the guard off; any other
-    string is watched for in addition to those forms (never instead of them).
+    "auto" is every final-answer form the checker reads (ANSWER_MARKERS), so whatever is graded
+    was written by the student stream alone; "" turns the guard off; any other string is watched
+    for in addition to those forms (never instead of them).
     """
     if answer_marker == "":
         return ()

@@ -31,13 +31,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, GenerationConfig
 
-from onpolicy_sft.models import resolve_model_path, save_here
-
 from .backend import Backend, BackendUnavailable, check_prompts
-from .config import HintedDecodingConfig, SamplingConfig
 from .mixing import stream_seeds
 from .pairs import KEY, pair_spec, probe_spec
 from .rules import answer_markers, repetition_length
+from .sampling import HintedDecodingConfig, SamplingConfig
+from .weights import save_here
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +123,10 @@ def _import_vllm(model_runner: str = "v1"):
 
 
 def _prepare_checkpoint(model, tokenizer) -> tuple[str, str | None]:
-    """(checkpoint dir vLLM can read, temp dir to delete later or None)."""
+    """(checkpoint dir vLLM can read, temp dir to delete later or None) for `model`: a checkpoint
+    directory or hub id, or a model in memory (saved with `tokenizer` for the engine)."""
     if isinstance(model, (str, Path)):
-        path = Path(resolve_model_path(str(model)))
+        path = Path(model)
         config = (path / "config.json").read_text() if (path / "config.json").exists() else ""
         if '"quantization_config": null' not in config:
             return str(path), None

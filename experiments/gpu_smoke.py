@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend  # noqa: E402
 from decoding.hf import hf_sample, hf_two_stream  # noqa: E402
 from decoding.reference import reference_two_stream  # noqa: E402
-from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids  # noqa: E402
 from onpolicy_sft.arith import arithmetic_splits  # noqa: E402
+from onpolicy_sft.hint_template import HintTemplate, hinted_prompt_ids, student_prompt_ids  # noqa: E402
 from onpolicy_sft.models import load_model  # noqa: E402
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import datasets
 
-from decoding.config import SamplingConfig
+from decoding.sampling import SamplingConfig
 from onpolicy_sft import ddt
 from onpolicy_sft.compare_config import METHODS, CompareConfig
 from onpolicy_sft.config import ObjectiveConfig, TrainConfig, run_rewrite_config

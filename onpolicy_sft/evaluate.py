@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from decoding import make_backend
-from decoding.config import SamplingConfig
 from decoding.mixing import stream_seeds
+from decoding.sampling import SamplingConfig
 from onpolicy_sft.config import EvalConfig
 from onpolicy_sft.encoding import collate, encode_prompt, encode_row_prompt
 from onpolicy_sft.grading import is_correct

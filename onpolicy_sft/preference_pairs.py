@@ -29,8 +29,8 @@ import datasets
 import torch
 
 from decoding import make_backend
-from decoding.config import SamplingConfig
 from decoding.rules import eos_ids
+from decoding.sampling import SamplingConfig
 from onpolicy_sft.encoding import collate, encode_row_prompt
 from onpolicy_sft.schema import EXEMPLARS
 from onpolicy_sft.training_rows import tokenize_for_training
@@ -89,7 +89,7 @@ def build_pairs(
 
     ``dataset`` has columns prompt and answer (and response, the demonstration, when
     ``no_pair == "demonstration"``; optional id and system). ``sampling`` is a
-    ``decoding.config.SamplingConfig`` for everything but n and seed, which are always ``k``
+    ``decoding.sampling.SamplingConfig`` for everything but n and seed, which are always ``k``
     and ``seed``; by default temperature 1, top-p 1, 256 new tokens. ``backend`` must serve
     ``model``'s weights (in this process); without one an hf backend is made for this call.
     Under launched processes the prompts are split between them (each sample's stream is

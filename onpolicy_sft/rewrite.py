@@ -60,9 +60,9 @@ from contextlib import ExitStack
 from datasets import Dataset
 
 from decoding import make_backend
-from decoding.config import SamplingConfig
+from decoding.sampling import SamplingConfig
 from decoding.rules import eos_ids
-from decoding.templates import cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
+from onpolicy_sft.hint_template import cut_analysis, hinted_prompt_ids, student_prompt_ids, with_analysis
 from onpolicy_sft import ddt
 from onpolicy_sft.schema import EXEMPLARS
 from onpolicy_sft.grading import extract_answer, is_correct

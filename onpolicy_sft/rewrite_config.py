@@ -7,8 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from decoding.config import HintedDecodingConfig, SamplingConfig
-from decoding.templates import HintTemplate
+from decoding.sampling import HintedDecodingConfig, SamplingConfig
+from onpolicy_sft.hint_template import HintTemplate
 from onpolicy_sft import ddt
 from onpolicy_sft.rundir import digest
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from decoding import BackendUnavailable, make_backend
 from onpolicy_sft.console import native_output_to_log
 from onpolicy_sft.manifest import Manifest
+from onpolicy_sft.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,9 @@ def open_backend(name: str, model, tokenizer, options: dict, *, trust_remote_cod
         except BackendUnavailable as err:
             note = f"vLLM is not available here ({err}); using the hf backend for all generation"
             log.warning(note)
+            if isinstance(model, (str, Path)):  # the checkpoint the engine was to read: hf generates in memory
+                model, loaded = load_model(str(model))
+                tokenizer = tokenizer or loaded
             return make_backend("hf", model, tokenizer), note
     return make_backend(name, model, tokenizer, **options), None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from decoding.config import SamplingConfig
+from decoding.sampling import SamplingConfig
 from onpolicy_sft import ddt
 from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.config import EvalConfig

@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from decoding.config import HintedDecodingConfig, SamplingConfig
 from decoding.hf import HFBackend
-from decoding.templates import HintTemplate, hinted_prompt_ids
+from decoding.sampling import HintedDecodingConfig, SamplingConfig
 from onpolicy_sft import arith
 from onpolicy_sft.config import DataConfig, LoopConfig, load_config
 from onpolicy_sft.config_io import ConfigError, save_config
 from onpolicy_sft.encoding import encode_prompt, encode_row, encode_text
 from onpolicy_sft.evaluate import EvalConfig, evaluate
 from onpolicy_sft.exemplars import resolve, with_exemplars
+from onpolicy_sft.hint_template import HintTemplate, hinted_prompt_ids
 from onpolicy_sft.ops import IGNORE_INDEX
 from onpolicy_sft.preference_pairs import build_pairs
 from onpolicy_sft.rewrite import rewrite_corpus

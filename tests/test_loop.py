@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from decoding.config import HintedDecodingConfig, SamplingConfig
+from decoding.sampling import HintedDecodingConfig, SamplingConfig
 from onpolicy_sft.arith import arithmetic_splits
 from onpolicy_sft.cli import main
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,

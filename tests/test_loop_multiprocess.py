@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from decoding.config import HintedDecodingConfig, SamplingConfig
+from decoding.sampling import HintedDecodingConfig, SamplingConfig
 from onpolicy_sft.compare_config import CompareConfig, PairsConfig
 from onpolicy_sft.config import (DataConfig, EvalConfig, LoopConfig, ModelConfig, ObjectiveConfig, OnlineConfig,
                                  TrainConfig)

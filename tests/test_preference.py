@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from decoding.backend import Backend
-from decoding.config import SamplingConfig
 from decoding.reference import reference_sample
+from decoding.sampling import SamplingConfig
 from onpolicy_sft import cli, ddt, preference_pairs
 from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from onpolicy_sft.config_io import save_config

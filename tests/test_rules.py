@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from decoding import HintedDecodingConfig
-from decoding.rules import MarkerTokens, TailWatch, answer_markers, text_contains
-from onpolicy_sft.grading import ANSWER_MARKERS, extract_answer
+from decoding.rules import ANSWER_MARKERS, MarkerTokens, TailWatch, answer_markers, text_contains
+from onpolicy_sft.grading import extract_answer
 from onpolicy_sft.models import load_tokenizer
 
 STRINGS = [*ANSWER_MARKERS, "漢字", " Q", "\n\n", "é!"]

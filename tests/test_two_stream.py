@@ -9,8 +9,9 @@ import torch
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend, mix_logprobs, two_stream_generate
 from decoding.hf import hf_sample, hf_two_stream
 from decoding.reference import reference_sample, reference_two_stream
+from decoding.rules import ANSWER_MARKERS
 from onpolicy_sft import arith
-from onpolicy_sft.grading import ANSWER_MARKERS, extract_answer
+from onpolicy_sft.grading import extract_answer
 
 PROMPTS = [
     ("Hint: the answer is 42 because 6*7. Question: what is 6*7?", "Question: what is 6*7?"),
@@ -82,6 +83,8 @@ def test_unknown_backends_and_an_empty_nucleus_are_refused(tiny_model):
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="unknown decoding backend"):
         make_backend("tgi", tiny_model)
+    with pytest.raises(TypeError, match="in memory"):
+        make_backend("hf", "smollm2-135m-instruct")
 
 
 # ---- plain sampling --------------------------------------------------------------------
@@ -239,7 +242,7 @@ def test_no_answer_is_written_while_the_hinted_stream_leads(tiny_tokenizer, form
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_embedded_greedy_hf_equals_reference(embedded):
-    from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids
+    from onpolicy_sft.hint_template import HintTemplate, hinted_prompt_ids, student_prompt_ids
 
     model, tok = embedded
     questions = [("What is 12+30?", "12+30=42\n#### 42"), ("Tom has 5 apples and eats 2. How many are left?", "5-2=3\n#### 3")]

@@ -133,14 +133,14 @@ _EMBEDDED_SCRIPT = textwrap.dedent("""
     from decoding import HintedDecodingConfig, SamplingConfig, make_backend
     from decoding.hf import hf_sample, hf_two_stream
     from decoding.reference import reference_two_stream
-    from onpolicy_sft.models import load_model
+    from onpolicy_sft.models import load_model, resolve_model_path
     model, tok = load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
     enc = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
     hinted = [enc("Rewrite this solution in your own words. Question: What is 12+30? Solution: 12+30=42, so \\\\boxed{42}."),
               enc("Reference: the capital of France is Paris. Question: What is the capital of France?")]
     student = [enc("What is 12+30?"), enc("What is the capital of France?")]
     cfg = HintedDecodingConfig(temperature=0.0, max_new_tokens=24)
-    backend = make_backend("vllm", "smollm2-135m-instruct", tok, max_model_len=1024)
+    backend = make_backend("vllm", resolve_model_path("smollm2-135m-instruct"), tok, max_model_len=1024)
     scfg = SamplingConfig(temperature=0.0, max_new_tokens=24)
     print(json.dumps({
         "vllm": backend.two_stream(hinted, student, cfg, tok),

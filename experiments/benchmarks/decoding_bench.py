@@ -29,9 +29,9 @@ import torch
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend
 from decoding.hf import hf_sample, hf_two_stream
 from decoding.reference import reference_two_stream
-from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids
 from onpolicy_sft.arith import arithmetic_splits
-from onpolicy_sft.models import load_model
+from onpolicy_sft.hint_template import HintTemplate, hinted_prompt_ids, student_prompt_ids
+from onpolicy_sft.models import load_model, resolve_model_path
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -84,7 +84,7 @@ def bench_vllm(model_name: str, batch: int, length: int) -> dict:
     hinted, student = prompts(tok, batch)
     hd = HintedDecodingConfig(temperature=0.0, max_new_tokens=length, batch_size=batch)
     sc = SamplingConfig(temperature=0.0, max_new_tokens=length)
-    t_start, backend = timed(lambda: make_backend("vllm", model_name, tok, max_model_len=1024))
+    t_start, backend = timed(lambda: make_backend("vllm", resolve_model_path(model_name), tok, max_model_len=1024))
     t_v2, v2 = timed(lambda: backend.two_stream(hinted, student, hd, tok))
     t_v1, v1 = timed(lambda: backend.sample(student, sc))
     backend.close()

@@ -34,11 +34,10 @@ from decoding import hf  # noqa: E402
 from decoding.hf import hf_two_stream  # noqa: E402
 from decoding.mixing import draw, hinted_step, mix_logprobs, stream_keys, top_p_mask, uniforms  # noqa: E402
 from decoding.pairs import PairBook, pair_spec  # noqa: E402
-from decoding.rules import RepetitionStop, TailWatch, text_contains  # noqa: E402
-from decoding.templates import HintTemplate, hinted_prompt_ids, student_prompt_ids  # noqa: E402
+from decoding.rules import ANSWER_MARKERS, RepetitionStop, TailWatch, text_contains  # noqa: E402
 from onpolicy_sft.arith import arithmetic_splits  # noqa: E402
-from onpolicy_sft.grading import ANSWER_MARKERS  # noqa: E402
-from onpolicy_sft.models import load_tokenizer  # noqa: E402
+from onpolicy_sft.hint_template import HintTemplate, hinted_prompt_ids, student_prompt_ids  # noqa: E402
+from onpolicy_sft.models import load_tokenizer, resolve_model_path  # noqa: E402
 from tiny import make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -237,7 +236,7 @@ def bench_vllm_throughput(model_name: str, sizes: list[int], length: int) -> dic
     hinted = [hinted_prompt_ids(tok, HintTemplate(), r["prompt"], r["response"]) for r in rows_data]
     student = [student_prompt_ids(tok, r["prompt"]) for r in rows_data]
     spent = _timed_book()
-    backend = make_backend("vllm", model_name, tok, max_model_len=1024, max_num_seqs=2 * max(sizes))
+    backend = make_backend("vllm", resolve_model_path(model_name), tok, max_model_len=1024, max_num_seqs=2 * max(sizes))
     rows = []
     for b in sizes:
         hd = HintedDecodingConfig(temperature=0.3, max_new_tokens=length, batch_size=b)

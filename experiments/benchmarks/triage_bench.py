@@ -21,8 +21,8 @@ import torch
 from datasets import Dataset
 
 from decoding import HintedDecodingConfig, SamplingConfig, make_backend
-from decoding.templates import student_prompt_ids
 from onpolicy_sft.arith import arithmetic_splits
+from onpolicy_sft.hint_template import student_prompt_ids
 from onpolicy_sft.models import EMBEDDED_MODEL, load_model
 from onpolicy_sft.rewrite import rewrite_corpus
 from onpolicy_sft.rewrite_config import RewriteConfig, TriageConfig

@@ -26,7 +26,7 @@ PROMPTS = ["What is 17 + 25? Put the answer in \\boxed{}.", "Name a colour.", "W
 
 def main() -> None:
     from decoding import make_backend
-    from decoding.config import SamplingConfig
+    from decoding.sampling import SamplingConfig
     from decoding.hf import hf_sample
     from onpolicy_sft.encoding import encode_prompt
     from onpolicy_sft.models import load_model

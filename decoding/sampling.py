@@ -49,8 +49,8 @@ class HintedDecodingConfig:
     (top_p) is cut on the untempered mixture, then the temperature applies. The answer guard
     switches to the student stream alone once the generated text contains a final-answer marker
     (it needs a tokenizer): ``answer_marker`` "auto" watches every form the checker reads
-    (onpolicy_sft.grading.ANSWER_MARKERS), "" turns the guard off, and any other string is
-    watched for in addition to those forms (decoding.rules.answer_markers). Generation stops
+    (decoding.rules.ANSWER_MARKERS), "" turns the guard off, and any other string is watched
+    for in addition to those forms (decoding.rules.answer_markers). Generation stops
     when some ``repeat_window``-token window has occurred ``repeat_count`` times. ``batch_size``
     is the number of prompt pairs decoded at once.
     """
