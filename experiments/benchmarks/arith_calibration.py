@@ -11,7 +11,6 @@ every answer into right / wrong / no answer / cut at the limit (onpolicy_sft.rew
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import time
