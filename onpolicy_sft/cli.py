@@ -41,7 +41,7 @@ from onpolicy_sft.rundir import DirectoryLocked, InputsChanged, replace_with, wr
 from onpolicy_sft.serving import open_backend
 from onpolicy_sft.sources import save_dataset
 from onpolicy_sft.train import train
-from onpolicy_sft.training_rows import has_cached_ref_logps
+from onpolicy_sft.train_data import has_cached_ref_logps
 
 # What a user can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ModelUnavailableError, InputsChanged, DirectoryLocked, BackendUnavailable)

@@ -33,7 +33,7 @@ from decoding.rules import eos_ids
 from decoding.sampling import SamplingConfig
 from onpolicy_sft.encoding import collate, encode_row_prompt
 from onpolicy_sft.schema import EXEMPLARS
-from onpolicy_sft.training_rows import tokenize_for_training
+from onpolicy_sft.train_data import tokenize_for_training
 from onpolicy_sft.evaluate import row_seeds
 from onpolicy_sft.grading import is_correct
 from onpolicy_sft.objectives.adapters import sequence_logps

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from onpolicy_sft.config import TrainConfig, check_train
 from onpolicy_sft.config_io import to_dict
 from onpolicy_sft.fsdp import full_state, grad_norm_value, is_sharded, shard
-from onpolicy_sft.training_rows import has_cached_ref_logps
+from onpolicy_sft.train_data import has_cached_ref_logps
 from onpolicy_sft.lora import apply_lora, is_lora, save_lora
 from onpolicy_sft.models import load_model
 from onpolicy_sft.objectives import Objective, build

@@ -19,7 +19,7 @@ from onpolicy_sft.loaders import parse_columns, read_demonstrations, read_prefer
 from onpolicy_sft.preview import preview, shorten
 from onpolicy_sft.schema import stable_id
 from onpolicy_sft.sources import DataError
-from onpolicy_sft.training_rows import tokenize_with_report
+from onpolicy_sft.train_data import tokenize_with_report
 from onpolicy_sft.models import EMBEDDED_MODEL, load_tokenizer
 from onpolicy_sft.ops import IGNORE_INDEX
 
@@ -117,7 +117,7 @@ def _length_ds(tok):
 def test_overlong_rows_are_cut_to_max_length_counted_and_logged(tiny_tokenizer, caplog):
     ds, n_prompt = _length_ds(tiny_tokenizer)
     max_length = n_prompt + 12  # the 1- and 10-char rows fit (+ eos), the 40-char one does not
-    with caplog.at_level(logging.INFO, logger="onpolicy_sft.training_rows"):
+    with caplog.at_level(logging.INFO, logger="onpolicy_sft.train_data"):
         out, report = tokenize_with_report(ds, tiny_tokenizer, max_length=max_length, overlong="truncate")
     assert (report.rows, report.kept, report.truncated, report.skipped_overlong) == (3, 3, 1, 0)
     assert [len(x) for x in out["input_ids"]] == [n_prompt + 2, n_prompt + 11, max_length]
@@ -128,7 +128,7 @@ def test_overlong_rows_are_cut_to_max_length_counted_and_logged(tiny_tokenizer, 
 
 def test_overlong_rows_are_skipped_when_asked_and_prompts_filling_max_length_always(tiny_tokenizer, caplog):
     ds, n_prompt = _length_ds(tiny_tokenizer)
-    with caplog.at_level(logging.INFO, logger="onpolicy_sft.training_rows"):
+    with caplog.at_level(logging.INFO, logger="onpolicy_sft.train_data"):
         out, report = tokenize_with_report(ds, tiny_tokenizer, max_length=n_prompt + 12, overlong="skip")
     assert (report.kept, report.truncated, report.skipped_overlong) == (2, 0, 1)
     assert out["response"] == ["x", "x" * 10]

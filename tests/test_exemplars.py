@@ -21,7 +21,7 @@ from onpolicy_sft.preference_pairs import build_pairs
 from onpolicy_sft.rewrite import rewrite_corpus
 from onpolicy_sft.rewrite_config import RewriteConfig
 from onpolicy_sft.rundir import InputsChanged
-from onpolicy_sft.training_rows import tokenize_for_training
+from onpolicy_sft.train_data import tokenize_for_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

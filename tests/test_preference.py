@@ -17,7 +17,7 @@ from onpolicy_sft.config import LoopConfig, ModelConfig, ObjectiveConfig, TrainC
 from onpolicy_sft.config_io import save_config
 from onpolicy_sft.encoding import encode_example, encode_prompt
 from onpolicy_sft.loaders import read_preferences
-from onpolicy_sft.training_rows import tokenize_for_training
+from onpolicy_sft.train_data import tokenize_for_training
 from onpolicy_sft.models import load_model
 from onpolicy_sft.preference_pairs import add_reference_logps, build_pairs
 from onpolicy_sft.train import train

@@ -497,7 +497,7 @@ def test_row_changes_are_counted_warned_and_recorded(tiny_tokenizer, tmp_path, c
 
 def test_pairs_with_a_prompt_filling_max_length_are_skipped_and_counted(tiny_tokenizer):
     import datasets
-    from onpolicy_sft.training_rows import tokenize_for_training
+    from onpolicy_sft.train_data import tokenize_for_training
 
     pairs = datasets.Dataset.from_list([
         {"prompt": "q", "chosen": "good " * 30, "rejected": "bad"},
