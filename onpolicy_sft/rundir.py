@@ -1,8 +1,8 @@
-"""What every resumable stage does with its output directory: atomic writes, one run at a time,
-and a fingerprint of its inputs so that a resume with other inputs is refused, not mixed in.
+"""The file-level half of the run layer (``run.py``): atomic writes, the lock that makes a directory
+one run's at a time, and the check of a stage's inputs against those its saved work came from.
 
-A leaf module (standard library only), so every stage, in ``onpolicy_sft`` and ``decoding``
-alike, writes and guards its directory the same way.
+Standard library only. A stage takes its directory through ``run.RunDir``; code that already runs
+on the main process alone (a recipe's summary, a checkpoint's final files) writes with these directly.
 """
 
 from __future__ import annotations
