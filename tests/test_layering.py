@@ -35,3 +35,17 @@ def test_no_module_of_decoding_imports_onpolicy_sft():
             offending[name] = found
     assert not offending, f"decoding/ must not import onpolicy_sft (take what it needs as arguments): {offending}"
 
+
+
+def test_no_module_over_500_lines_and_no_function_over_60():
+    root = DECODING.parent
+    too_long = []
+    for path in sorted([*DECODING.rglob("*.py"), *(root / "onpolicy_sft").rglob("*.py")]):
+        source = path.read_text(encoding="utf-8")
+        where = path.relative_to(root).as_posix()
+        if source.count("\n") > 500:
+            too_long.append(f"{where}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                too_long.append(f"{where}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, "split these by idea:\n" + "\n".join(too_long)
