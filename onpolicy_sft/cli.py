@@ -210,7 +210,7 @@ def _train(args, config) -> int:
         dataset = _read_data(args.data, split=config.data.train_split, require_answer=False, **read)
     else:
         dataset = load_data(config.data).train
-    load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+    load = config.model.load_options()
     model, tokenizer = load_model(config.model.name, **load)
     if "ref_logps" in objective.needs and not has_cached_ref_logps(dataset):
         # The reference is the starting model unless the config names another.
@@ -240,7 +240,7 @@ def run_eval(args) -> int:
 
 
 def _eval(args, config, run: RunDir) -> int:
-    load = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
+    load = config.model.load_options()
     inputs = load_data(config.data)
     model, tokenizer = load_model(args.model or config.model.name, **load)
     out = run.path
@@ -427,8 +427,7 @@ def _rewrite(args, config) -> int:
     split = args.split or config.data.train_split
     dataset = _demonstrations(args.data or config.data.source, split, args.limit, config.data.columns,
                               config.data.on_error)
-    model, tokenizer = load_model(config.model.name, dtype=config.model.dtype,
-                                  trust_remote_code=config.model.trust_remote_code)
+    model, tokenizer = load_model(config.model.name, **config.model.load_options())
     # vLLM serves the checkpoint from disk; the transformers model stays for DDT scoring.
     source = resolve_model_path(config.model.name) if config.backend == "vllm" else model
     backend, note = open_backend(config.backend, source, tokenizer, config.backend_options,

@@ -100,12 +100,8 @@ class Comparison:
 
     @property
     def load(self) -> dict:
-        return _load_settings(self.config)
+        return self.config.model.load_options(process_state().device)
 
-
-def _load_settings(config: CompareConfig) -> dict:
-    return dict(dtype=config.model.dtype, device=process_state().device,
-                trust_remote_code=config.model.trust_remote_code)
 
 
 def run_comparison(config: CompareConfig) -> dict:
@@ -128,7 +124,7 @@ def start(config: CompareConfig, run: RunDir) -> Comparison:
     anything is written), config.yaml, the record and the backend."""
     data = load_data(config.data)
     base_path = resolve_model_path(config.model.name)
-    base, tokenizer = load_model(base_path, **_load_settings(config))
+    base, tokenizer = load_model(base_path, **config.model.load_options(process_state().device))
     run.check_inputs(compare_inputs(config, data, base_path))
     on_main(partial(save_config, config, run.file("config.yaml")))
     manifest = Manifest(run.file("manifest.json"))

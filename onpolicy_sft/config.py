@@ -62,6 +62,11 @@ class ModelConfig:
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
     trust_remote_code: bool = False
 
+    def load_options(self, device=None) -> dict:
+        """``models.load_model``'s keyword arguments for this model (on ``device`` where one is named)."""
+        options = {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
+        return options if device is None else {**options, "device": device}
+
 
 @dataclass
 class DataConfig:

@@ -94,7 +94,7 @@ class Loop:
 
     @property
     def load(self) -> dict:
-        return _load_settings(self.config)
+        return self.config.model.load_options(process_state().device)
 
 
 @dataclass
@@ -121,10 +121,6 @@ class Arm:
         return "base" if self.round == 1 else f"{self.name}/{self.round - 1}"
 
 
-def _load_settings(config: LoopConfig) -> dict:
-    return dict(dtype=config.model.dtype, device=process_state().device,
-                trust_remote_code=config.model.trust_remote_code)
-
 
 def run_loop(config: LoopConfig) -> dict:
     """Run (or resume) the loop and its baseline; returns the summary (rows per round and arm, table)."""
@@ -144,7 +140,7 @@ def start(config: LoopConfig, run: RunDir) -> Loop:
     data = load_data(config.data)
     base_path = resolve_model_path(config.model.name)
     # Loaded before the fingerprint is recorded, so a missing model is not recorded as the run's.
-    base, tokenizer = load_model(base_path, **_load_settings(config))
+    base, tokenizer = load_model(base_path, **config.model.load_options(process_state().device))
     run.check_inputs(loop_inputs(config, data, base_path))
     on_main(partial(save_config, config, run.file("config.yaml")))
     manifest = Manifest(run.file("manifest.json"))
