@@ -28,7 +28,7 @@ METHODS: dict[str, tuple[str, str] | None] = {
 
 @dataclass
 class PairsConfig:
-    """DPO@k / SimPO@k pair building (onpolicy_sft.preference.build_pairs)."""
+    """DPO@k / SimPO@k pair building (onpolicy_sft.preference_pairs.build_pairs)."""
 
     k: int = 4
     no_pair: str = "demonstration"  # or "drop"
